@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs everything jupyterhub-reaper needs on a fresh Debian 12 machine (as root), idempotently.
+#   scripts/setup.sh            the demo set: Python venv, JupyterHub, configurable-http-proxy
+#   scripts/setup.sh --test     also what the test suite needs: Slurm + munge, PostgreSQL, Chromium
+# The venv is made from Debian's /usr/bin/python3 in a world-readable place, because
+# single-user servers started as Slurm jobs run as the unix user and must import from it.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${REAPER_VENV:-/opt/jupyterhub-reaper/venv}"
+NODE_PREFIX="${REAPER_NODE_PREFIX:-/opt/jupyterhub-reaper/node}"
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+apt_pkgs=(python3-venv python3-dev nodejs npm)
+if (( want_test )); then
+  apt_pkgs+=(slurm-wlm munge postgresql chromium)
+fi
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if (( ${#missing[@]} )); then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  log "creating venv $VENV"
+  mkdir -p "$(dirname "$VENV")"
+  /usr/bin/python3 -m venv "$VENV"
+fi
+chmod 755 "$(dirname "$VENV")"
+extras="demo"
+(( want_test )) && extras="demo,test"
+log "pip install -e .[$extras]"
+"$VENV/bin/pip" install -q --upgrade pip >/dev/null
+"$VENV/bin/pip" install -q -e "$here[$extras]"
+
+if [[ ! -x "$NODE_PREFIX/node_modules/.bin/configurable-http-proxy" ]]; then
+  log "npm install configurable-http-proxy"
+  mkdir -p "$NODE_PREFIX"
+  npm install --silent --no-audit --no-fund --prefix "$NODE_PREFIX" configurable-http-proxy@5 >/dev/null 2>&1
+fi
+ln -sf "$NODE_PREFIX/node_modules/.bin/configurable-http-proxy" "$VENV/bin/configurable-http-proxy"
+chmod -R a+rX "$(dirname "$VENV")"
+log "ready: $VENV"
