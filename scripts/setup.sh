@@ -13,7 +13,9 @@ want_test=0
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-apt_pkgs=(python3-venv python3-dev nodejs npm)
+apt_pkgs=(python3-venv python3-dev)
+# Node.js may come from elsewhere (e.g. nodesource, which bundles npm): only ask Debian when absent.
+command -v npm >/dev/null 2>&1 || apt_pkgs+=(nodejs npm)
 if (( want_test )); then
   apt_pkgs+=(slurm-wlm munge postgresql chromium)
 fi
@@ -38,7 +40,7 @@ extras="demo"
 (( want_test )) && extras="demo,test"
 log "pip install -e .[$extras]"
 "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-"$VENV/bin/pip" install -q -e "$here[$extras]"
+"$VENV/bin/pip" install -q -e "$here[$extras]" 2>&1 | { grep -vE "^WARNING: Location|BuildBackendWarning|^ *!!|^ *\*+$|^ *corresp|^\s*$" || true; }
 
 if [[ ! -x "$NODE_PREFIX/node_modules/.bin/configurable-http-proxy" ]]; then
   log "npm install configurable-http-proxy"
