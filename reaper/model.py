@@ -162,13 +162,7 @@ class SentNotice:
     created_at: datetime
     delivered_at: datetime | None = None  # None while queued
     failed: bool = False  # failed permanently on every channel
-
-    @property
-    def settled_at(self) -> datetime | None:
-        """When this notice counts as delivered for the min_notice rule."""
-        if self.delivered_at is not None:
-            return self.delivered_at
-        return None
+    failed_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""Pure classification: hub data + probe -> Observation.
+
+The measured browser behaviour this relies on is in STACK.md ("What a real browser does"):
+
+* computing  = any kernel reports ``execution_state == "busy"``: the only signal, because every
+  timestamp stands still during a silent computation;
+* attached   = a kernel websocket is open (``connections > 0``: a notebook tab, possibly hidden), or
+  ``/api/status`` last_activity is fresh (a launcher, terminal or file tab polls every ~10 s);
+* detached   = no kernel connection, nothing busy, and ``/api/status`` last_activity stale. It became
+  detached at about the later of the kernel and status last_activity (nothing records the close
+  itself; Lab's last poll is at most ~10 s before it);
+* unreachable = the probe failed: hub data only, never a reason to stop.
+
+No I/O, no clock: ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from .model import HubServer, Observation, Probe, State, humanize
+
+# /api/status last_activity younger than this means a tab is open and polling (Lab polls every ~10 s
+# while visible; a hidden tab stops within ~35 s). Generous on purpose: a false "attached" only delays.
+FRESH_WITHIN = timedelta(seconds=90)
+# Tolerated clock skew between the hub, the single-user servers and us.
+CLOCK_SKEW = timedelta(seconds=30)
+
+
+def _latest(*times: datetime | None) -> datetime | None:
+    present = [t for t in times if t is not None]
+    return max(present) if present else None
+
+
+def classify(
+    server: HubServer,
+    probe: Probe | None,
+    now: datetime,
+    *,
+    fresh_within: timedelta = FRESH_WITHIN,
+) -> Observation:
+    """Classify one server. ``probe`` is None when the sweep chose not to probe (fresh hub activity)."""
+    if server.pending or not server.ready:
+        what = server.pending or "not ready"
+        return Observation(
+            server=server,
+            state=State.PENDING,
+            at=now,
+            last_activity=server.last_activity,
+            detail=f"{what} pending on the hub",
+        )
+
+    if probe is None:
+        # Not probed because the hub saw activity recently. Activity in the future or missing is
+        # treated as fresh: never harm on doubt.
+        la = server.last_activity
+        ago = humanize(now - la) if la and la <= now else "just now"
+        return Observation(
+            server=server,
+            state=State.ATTACHED,
+            at=now,
+            last_activity=min(la, now) if la else now,
+            detail=f"active on the hub {ago} ago (not probed)",
+            probed=False,
+        )
+
+    if not probe.ok:
+        la = server.last_activity
+        if la is None or la > now + CLOCK_SKEW:
+            la = now  # unknown or future: treat as active
+        return Observation(
+            server=server,
+            state=State.UNREACHABLE,
+            at=now,
+            last_activity=min(la, now),
+            detail=f"probe failed ({probe.error}); using the hub's last activity",
+            probed=True,
+        )
+
+    kernels = probe.kernels
+    busy = [k for k in kernels if k.execution_state == "busy"]
+    connections = sum(max(k.connections, 0) for k in kernels)
+    status_la = probe.status_last_activity
+    kernel_la = _latest(*(k.last_activity for k in kernels))
+    last = _latest(status_la, kernel_la, probe.terminals_last_activity)
+
+    # Timestamps in the future (clock skew) or missing: treat as fresh.
+    status_unknown = status_la is None or status_la > now + CLOCK_SKEW
+    status_fresh = status_unknown or (status_la is not None and now - status_la <= fresh_within)
+    if last is None or last > now:
+        last = now if last is None or last > now + CLOCK_SKEW else last
+    last = min(last, now)
+
+    counts = _kernel_summary(len(kernels), len(busy), connections, probe.terminals)
+    base = dict(
+        server=server,
+        at=now,
+        last_activity=last,
+        browser_connected=connections > 0,
+        busy_kernels=len(busy),
+        kernels=len(kernels),
+        terminals=probe.terminals,
+        probed=True,
+    )
+
+    if busy:
+        return Observation(state=State.COMPUTING, detail=f"{counts}; a kernel is busy", **base)  # type: ignore[arg-type]
+    if connections > 0:
+        detail = f"{counts}; browser connected"
+        if not status_fresh and status_la is not None:
+            detail += f", no activity for {humanize(now - status_la)} (a tab left open in the background?)"
+        return Observation(state=State.ATTACHED, detail=detail, **base)  # type: ignore[arg-type]
+    if status_fresh:
+        return Observation(
+            state=State.ATTACHED,
+            detail=f"{counts}; a tab is open (recent activity {humanize(now - last)} ago)",
+            **base,  # type: ignore[arg-type]
+        )
+    return Observation(
+        state=State.DETACHED,
+        detached_since=last,
+        detail=f"{counts}; no browser connected since {last:%Y-%m-%d %H:%M} UTC",
+        **base,  # type: ignore[arg-type]
+    )
+
+
+def _kernel_summary(kernels: int, busy: int, connections: int, terminals: int) -> str:
+    if kernels == 0:
+        text = "no kernel"
+    else:
+        idle = kernels - busy
+        parts = []
+        if busy:
+            parts.append(f"{busy} busy")
+        if idle:
+            parts.append(f"{idle} idle")
+        text = f"{kernels} kernel{'s' if kernels != 1 else ''} ({', '.join(parts)})"
+    text += f", {connections} connection{'s' if connections != 1 else ''}"
+    if terminals:
+        text += f", {terminals} terminal{'s' if terminals != 1 else ''}"
+    return text
+
+
+def needs_probe(server: HubServer, now: datetime, horizon: timedelta) -> bool:
+    """False when the hub saw activity more recently than ``horizon`` (the shortest time after which
+    any rule could warn): such a server cannot be due for a notice, so probing it is wasted work."""
+    if server.pending or not server.ready:
+        return False
+    la = server.last_activity
+    if la is None:
+        return True
+    if la > now + CLOCK_SKEW:
+        return False  # the future: treat as active
+    return now - la >= horizon

@@ -1,0 +1,527 @@
+"""config.yaml -> validated, typed settings.
+
+Errors name the file, the key path and the line, e.g.::
+
+    config.yaml:23: rules[1].detached.stop_after: stop_after (30m) must be later than warn_after (1h)
+
+Secrets never live in the file: a value ``${NAME}`` is replaced by the environment variable NAME,
+and keys that hold secrets (``*password``, ``*token``) refuse literal values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# --------------------------------------------------------------------------- durations
+
+_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*([smhdw]))+\s*$")
+_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """"90m", "2h", "1h30m", "7d", "45s", or a number of seconds -> timedelta (never negative)."""
+    if isinstance(value, timedelta):
+        td = value
+    elif isinstance(value, bool):
+        raise ValueError(f"expected a duration such as '90m', '2h' or '7d', got {value!r}")
+    elif isinstance(value, int | float):
+        td = timedelta(seconds=value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text.startswith("-"):
+            raise ValueError(f"a duration cannot be negative: {value!r}")
+        if not _DURATION_RE.match(text):
+            raise ValueError(
+                f"expected a duration such as '90m', '2h', '1h30m' or '7d' (units s, m, h, d, w), got {value!r}"
+            )
+        td = timedelta(seconds=sum(float(n) * _UNIT[u] for n, u in _PART_RE.findall(text)))
+    else:
+        raise ValueError(f"expected a duration such as '90m', '2h' or '7d', got {value!r}")
+    if td < timedelta(0):
+        raise ValueError(f"a duration cannot be negative: {value!r}")
+    return td
+
+
+def format_duration(td: timedelta) -> str:
+    secs = int(td.total_seconds())
+    if secs == 0:
+        return "0s"
+    out = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        n, secs = divmod(secs, size)
+        if n:
+            out.append(f"{n}{unit}")
+    return "".join(out)
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class Thresholds(Strict):
+    """When to warn and when to stop, counted from the start of the idle spell."""
+
+    warn_after: Duration | None = None
+    stop_after: Duration | None = None
+
+
+class ThresholdsPatch(Strict):
+    warn_after: Duration | None = None
+    stop_after: Duration | None = None
+
+
+Channel = Literal["email", "slack", "log"]
+
+
+class PolicyFields(Strict):
+    """Every policy key. In `defaults` all are set; in a rule, unset keys inherit from defaults."""
+
+    detached: Thresholds = Thresholds(warn_after=timedelta(hours=1), stop_after=timedelta(hours=3))
+    attached: Thresholds = Thresholds(warn_after=timedelta(hours=8), stop_after=timedelta(hours=24))
+    computing: Literal["protect", "count"] = "protect"
+    max_age: Duration | None = None
+    remind_every: Duration = timedelta(hours=1)
+    min_notice: Duration = timedelta(minutes=30)
+    exempt: bool = False
+    channels: list[Channel] = Field(default_factory=lambda: ["email"])
+
+
+class Match(Strict):
+    """A rule matches when every given key matches (keys left out match anything)."""
+
+    users: list[str] | None = None  # names or globs
+    groups: list[str] | None = None  # any of these groups
+    servers: list[str] | None = None  # server-name globs; "" is the default server
+    user_options: dict[str, Any] | None = None  # key -> value or list of accepted values
+    min_gpus: int | None = Field(default=None, ge=0)  # from user_options "gpus" or the batch job
+    partitions: list[str] | None = None  # from user_options "partition" or the batch job
+
+    def is_catch_all(self) -> bool:
+        return all(getattr(self, f) is None for f in type(self).model_fields)
+
+
+class Rule(Strict):
+    name: str
+    match: Match = Match()
+    detached: ThresholdsPatch | None = None
+    attached: ThresholdsPatch | None = None
+    computing: Literal["protect", "count"] | None = None
+    max_age: Duration | None = None
+    remind_every: Duration | None = None
+    min_notice: Duration | None = None
+    exempt: bool | None = None
+    channels: list[Channel] | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedRule:
+    """A rule merged over the defaults: what the pure policy works with."""
+
+    name: str
+    match: Match
+    detached: Thresholds
+    attached: Thresholds
+    computing: str
+    max_age: timedelta | None
+    remind_every: timedelta
+    min_notice: timedelta
+    exempt: bool
+    channels: tuple[str, ...]
+
+
+def _merge(base: Thresholds, patch: ThresholdsPatch | None) -> Thresholds:
+    if patch is None:
+        return base
+    return base.model_copy(update={k: getattr(patch, k) for k in patch.model_fields_set})
+
+
+def resolve(defaults: PolicyFields, rule: Rule | None) -> ResolvedRule:
+    if rule is None:
+        return ResolvedRule(
+            name="defaults",
+            match=Match(),
+            detached=defaults.detached,
+            attached=defaults.attached,
+            computing=defaults.computing,
+            max_age=defaults.max_age,
+            remind_every=defaults.remind_every,
+            min_notice=defaults.min_notice,
+            exempt=defaults.exempt,
+            channels=tuple(defaults.channels),
+        )
+    given = rule.model_fields_set
+
+    def pick(name: str) -> Any:
+        return getattr(rule, name) if name in given else getattr(defaults, name)
+
+    return ResolvedRule(
+        name=rule.name,
+        match=rule.match,
+        detached=_merge(defaults.detached, rule.detached),
+        attached=_merge(defaults.attached, rule.attached),
+        computing=pick("computing"),
+        max_age=pick("max_age"),
+        remind_every=pick("remind_every"),
+        min_notice=pick("min_notice"),
+        exempt=pick("exempt"),
+        channels=tuple(pick("channels")),
+    )
+
+
+def check_thresholds(r: ResolvedRule) -> list[tuple[str, str]]:
+    """Inconsistencies as (key path inside the rule, message)."""
+    errs: list[tuple[str, str]] = []
+    for kind in ("detached", "attached"):
+        t: Thresholds = getattr(r, kind)
+        if t.stop_after is not None and t.stop_after <= timedelta(0):
+            errs.append((f"{kind}.stop_after", "stop_after must be longer than 0"))
+        if t.warn_after is not None and t.stop_after is not None and t.stop_after <= t.warn_after:
+            errs.append(
+                (
+                    f"{kind}.stop_after",
+                    f"stop_after ({format_duration(t.stop_after)}) must be later than "
+                    f"warn_after ({format_duration(t.warn_after)})",
+                )
+            )
+        if t.stop_after is not None and r.min_notice > t.stop_after:
+            errs.append(
+                (
+                    f"{kind}.stop_after",
+                    f"stop_after ({format_duration(t.stop_after)}) is shorter than "
+                    f"min_notice ({format_duration(r.min_notice)}): the final notice could not come in time",
+                )
+            )
+    if r.max_age is not None and r.max_age <= r.min_notice:
+        errs.append(("max_age", f"max_age must be longer than min_notice ({format_duration(r.min_notice)})"))
+    if r.remind_every <= timedelta(0):
+        errs.append(("remind_every", "remind_every must be longer than 0"))
+    return errs
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+class HubSettings(Strict):
+    api_url: str | None = None  # default: $JUPYTERHUB_API_URL (set by the hub for managed services)
+    api_token: str | None = None  # default: $JUPYTERHUB_API_TOKEN; if given here, must be ${VAR}
+    public_url: str | None = None  # links in notices, and probes via the proxy; default below
+    name: str = "JupyterHub"
+    timezone: str = "UTC"
+    timeout: Duration = timedelta(seconds=10)
+    retries: int = Field(default=3, ge=0, le=10)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    page_size: int = Field(default=200, ge=1, le=200)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown time zone {v!r} (use an IANA name such as 'America/Montreal')") from e
+        return v
+
+    def effective_api_url(self) -> str:
+        url = self.api_url or os.environ.get("JUPYTERHUB_API_URL") or "http://127.0.0.1:8081/hub/api"
+        return url.rstrip("/")
+
+    def effective_token(self) -> str | None:
+        return self.api_token or os.environ.get("JUPYTERHUB_API_TOKEN")
+
+    def effective_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        env = os.environ.get("JUPYTERHUB_PUBLIC_URL") or os.environ.get("JUPYTERHUB_PUBLIC_HUB_URL")
+        if env:
+            return env.rstrip("/").removesuffix("/hub")
+        return "http://127.0.0.1:8000"
+
+
+class ProbeSettings(Strict):
+    via: Literal["direct", "proxy"] = "direct"  # "proxy" counts as activity on the hub: see README
+    timeout: Duration = timedelta(seconds=5)
+    concurrency: int = Field(default=32, ge=1, le=512)
+    skip_fresh: bool = True  # don't probe servers whose hub activity is fresher than every threshold
+
+
+class SafetySettings(Strict):
+    max_stops_per_sweep: int = Field(default=20, ge=0)
+    max_stop_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    fraction_applies_above: int = Field(default=8, ge=0)  # the fraction only counts on hubs with more servers
+    stop_concurrency: int = Field(default=8, ge=1, le=256)
+    pending_stop_timeout: Duration = timedelta(minutes=5)
+
+
+class Settings(Strict):
+    hub: HubSettings = HubSettings()
+    probe: ProbeSettings = ProbeSettings()
+    sweep_every: Duration = timedelta(minutes=5)
+    dry_run: bool = False
+    database_url: str = "sqlite:///reaper.sqlite"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    safety: SafetySettings = SafetySettings()
+    defaults: PolicyFields = PolicyFields()
+    rules: list[Rule] = Field(default_factory=list)
+    # Sections owned by the notices, Slurm and web features; validated there.
+    notify: dict[str, Any] = Field(default_factory=dict)
+    batch: dict[str, Any] = Field(default_factory=dict)
+    orphans: dict[str, Any] = Field(default_factory=dict)
+    web: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sweep_every")
+    @classmethod
+    def _sweep_every(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("sweep_every must be at least 1s")
+        return v
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Settings:
+        seen: set[str] = set()
+        for i, r in enumerate(self.rules):
+            if r.name in seen:
+                raise _PathError(("rules", i, "name"), f"duplicate rule name {r.name!r}")
+            seen.add(r.name)
+        return self
+
+    def resolved_rules(self) -> list[ResolvedRule]:
+        return [resolve(self.defaults, r) for r in self.rules]
+
+    def default_rule(self) -> ResolvedRule:
+        return resolve(self.defaults, None)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.hub.timezone)
+
+
+class _PathError(ValueError):
+    def __init__(self, loc: tuple[Any, ...], msg: str):
+        super().__init__(msg)
+        self.loc = loc
+        self.msg = msg
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ConfigError(Exception):
+    """An invalid config file. str() is the admin-facing message, one problem per line."""
+
+    def __init__(self, path: str, problems: list[tuple[int | None, str, str]]):
+        self.path = path
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = []
+        for line, key, msg in self.problems:
+            where = f"{self.path}:{line}" if line else self.path
+            lines.append(f"{where}: {key}: {msg}" if key else f"{where}: {msg}")
+        return "\n".join(lines)
+
+
+_SECRET_KEY = re.compile(r"(password|token|secret)$", re.I)
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the deepest YAML node along loc."""
+    best = node.start_mark.line + 1 if node is not None else None
+    cur = node
+    for part in loc:
+        if isinstance(cur, yaml.MappingNode):
+            nxt = None
+            for k, v in cur.value:
+                if k.value == part:
+                    best = k.start_mark.line + 1
+                    nxt = v
+                    break
+            if nxt is None:
+                break
+            cur = nxt
+        elif isinstance(cur, yaml.SequenceNode) and isinstance(part, int) and part < len(cur.value):
+            cur = cur.value[part]
+            best = cur.start_mark.line + 1
+        else:
+            break
+    return best
+
+
+def _substitute_env(data: Any, loc: tuple[Any, ...], env: dict[str, str], problems: list) -> Any:
+    if isinstance(data, dict):
+        return {k: _substitute_env(v, (*loc, k), env, problems) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_substitute_env(v, (*loc, i), env, problems) for i, v in enumerate(data)]
+    if isinstance(data, str):
+        key = str(loc[-1]) if loc else ""
+        is_secret = bool(_SECRET_KEY.search(key))
+        if is_secret and data and not _ENV_RE.fullmatch(data.strip()):
+            problems.append((loc, "secrets must come from the environment: write ${VARIABLE}, not the value"))
+            return data
+
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append((loc, f"environment variable {name} is not set"))
+            return ""
+
+        return _ENV_RE.sub(repl, data)
+    return data
+
+
+def load_settings(path: str | os.PathLike[str] | None, *, env: dict[str, str] | None = None) -> Settings:
+    """Read and validate a config file. Raises ConfigError with file, key path and line."""
+    env = dict(os.environ) if env is None else env
+    if path is None:
+        return Settings()
+    p = Path(path)
+    name = str(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(name, [(None, "", f"cannot read the file: {e.strerror or e}")]) from e
+    return parse_settings(text, name, env=env, base_dir=p.parent)
+
+
+def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] | None = None,
+                   base_dir: Path | None = None) -> Settings:
+    env = dict(os.environ) if env is None else env
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else None
+        raise ConfigError(name, [(line, "", f"YAML syntax error: {e.problem}")]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(name, [(None, "", f"YAML error: {e}")]) from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(name, [(1, "", "the top level must be a mapping of keys")])
+
+    env_problems: list[tuple[tuple[Any, ...], str]] = []
+    data = _substitute_env(data, (), env, env_problems)
+    if env_problems:
+        raise ConfigError(name, [(_line_of(root, loc), _fmt_loc(loc), msg) for loc, msg in env_problems])
+
+    # Relative SQLite paths are relative to the config file, not the working directory.
+    db = data.get("database_url")
+    if isinstance(db, str) and base_dir is not None and db.startswith("sqlite:///") and not db.startswith("sqlite:////"):
+        rel = db.removeprefix("sqlite:///")
+        if rel and rel != ":memory:":
+            data["database_url"] = "sqlite:///" + str((base_dir / rel).resolve())
+
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            msg = err["msg"]
+            ctx_err = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_err, _PathError):
+                loc, msg = ctx_err.loc, ctx_err.msg
+            elif msg.startswith("Value error, "):
+                msg = msg.removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see config.yaml for every key)"
+            problems.append((_line_of(root, loc), _fmt_loc(loc), msg))
+        raise ConfigError(name, problems) from None
+
+    problems = []
+    checks: list[tuple[tuple[Any, ...], ResolvedRule]] = [(("defaults",), settings.default_rule())]
+    checks += [(("rules", i), r) for i, r in enumerate(settings.resolved_rules())]
+    for prefix, rr in checks:
+        for sub, msg in check_thresholds(rr):
+            loc = (*prefix, *sub.split("."))
+            problems.append((_line_of(root, loc), _fmt_loc(loc), msg))
+    for i, r in enumerate(settings.rules[:-1]):
+        if r.match.is_catch_all():
+            later = ", ".join(x.name for x in settings.rules[i + 1 :])
+            loc = ("rules", i, "match")
+            problems.append(
+                (_line_of(root, ("rules", i)), _fmt_loc(loc),
+                 f"rule {r.name!r} matches every server, so the rules after it can never match ({later})")
+            )
+        for key in ("users", "groups", "servers", "partitions"):
+            v = getattr(r.match, key)
+            if v is not None and len(v) == 0:
+                loc = ("rules", i, "match", key)
+                problems.append((_line_of(root, loc), _fmt_loc(loc), "an empty list can never match"))
+    if settings.rules:
+        r = settings.rules[-1]
+        for key in ("users", "groups", "servers", "partitions"):
+            v = getattr(r.match, key)
+            if v is not None and len(v) == 0:
+                loc = ("rules", len(settings.rules) - 1, "match", key)
+                problems.append((_line_of(root, loc), _fmt_loc(loc), "an empty list can never match"))
+    if settings.hub.effective_token() is None:
+        pass  # checked when the service starts (check-config may run without the hub environment)
+    if problems:
+        raise ConfigError(name, problems)
+    return settings
+
+
+def effective_yaml(settings: Settings) -> str:
+    """The effective settings (defaults filled in) as YAML, secrets masked."""
+    data = settings.model_dump(mode="json")
+    hub = data.get("hub", {})
+    hub["api_url"] = settings.hub.effective_api_url()
+    hub["public_url"] = settings.hub.effective_public_url()
+    hub["api_token"] = "(set)" if settings.hub.effective_token() else "(missing: set JUPYTERHUB_API_TOKEN)"
+
+    def mask(obj: Any, key: str = "") -> Any:
+        if isinstance(obj, dict):
+            return {k: mask(v, k) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [mask(v) for v in obj]
+        if isinstance(obj, str) and _SECRET_KEY.search(key) and key != "api_token":
+            return "(set)" if obj else ""
+        return obj
+
+    data = mask(data)
+    data["database_url"] = re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:***@", data["database_url"])
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,122 @@
+"""Classification of hub data + probe results (pure), on the measured browser behaviour of STACK.md."""
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from reaper.activity import classify, needs_probe
+from reaper.model import HubServer, Kernel, Probe, State
+
+FIX = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "api-jupyterhub-6.1.1"
+NOW = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
+
+
+def ts(minutes_ago: float) -> datetime:
+    return NOW - timedelta(minutes=minutes_ago)
+
+
+def server(**kw) -> HubServer:
+    base = dict(user="alice", name="", started=ts(600), last_activity=ts(30), url="/user/alice/",
+                state={"job_id": "42", "job_status": "RUNNING node1"})
+    base.update(kw)
+    return HubServer(**base)
+
+
+def kernel(state="idle", connections=0, minutes_ago=30.0) -> Kernel:
+    return Kernel(id="k", name="python3", execution_state=state, connections=connections,
+                  last_activity=ts(minutes_ago))
+
+
+def test_busy_kernel_is_computing_even_with_frozen_timestamps_and_no_browser():
+    probe = Probe(ok=True, status_last_activity=ts(120), kernels=(kernel("busy", 0, 120),))
+    obs = classify(server(), probe, NOW)
+    assert obs.state is State.COMPUTING
+    assert obs.busy_kernels == 1
+
+
+def test_open_kernel_websocket_is_attached():
+    probe = Probe(ok=True, status_last_activity=ts(0.1), kernels=(kernel("idle", 1, 5),))
+    assert classify(server(), probe, NOW).state is State.ATTACHED
+
+
+def test_hidden_tab_stays_attached_with_stale_status_and_reports_idle_since():
+    probe = Probe(ok=True, status_last_activity=ts(300), kernels=(kernel("idle", 1, 400),))
+    obs = classify(server(), probe, NOW)
+    assert obs.state is State.ATTACHED
+    assert obs.idle_since == ts(300)
+    assert "background" in obs.detail
+
+
+def test_closed_window_is_detached_since_the_later_of_kernel_and_status_activity():
+    probe = Probe(ok=True, status_last_activity=ts(40), kernels=(kernel("idle", 0, 45),))
+    obs = classify(server(), probe, NOW)
+    assert obs.state is State.DETACHED
+    assert obs.detached_since == ts(40)
+    assert obs.idle_since == ts(40)
+
+
+def test_launcher_or_terminal_tab_has_no_kernel_connection_but_fresh_status_so_attached():
+    probe = Probe(ok=True, status_last_activity=ts(0.2), kernels=(), terminals=1)
+    assert classify(server(), probe, NOW).state is State.ATTACHED
+
+
+def test_no_kernel_and_stale_status_is_detached():
+    probe = Probe(ok=True, status_last_activity=ts(200), kernels=())
+    assert classify(server(), probe, NOW).state is State.DETACHED
+
+
+def test_failed_probe_is_unreachable_and_uses_hub_activity():
+    obs = classify(server(last_activity=ts(90)), Probe.failed("status: HTTP 502"), NOW)
+    assert obs.state is State.UNREACHABLE
+    assert obs.last_activity == ts(90)
+    assert "502" in obs.detail
+
+
+def test_pending_server_is_not_classified_idle():
+    obs = classify(server(pending="spawn", ready=False), None, NOW)
+    assert obs.state is State.PENDING
+
+
+def test_future_status_activity_counts_as_fresh_not_detached():
+    probe = Probe(ok=True, status_last_activity=NOW + timedelta(hours=2), kernels=(kernel("idle", 0, 500),))
+    obs = classify(server(), probe, NOW)
+    assert obs.state is State.ATTACHED
+    assert obs.last_activity <= NOW
+
+
+def test_missing_status_activity_counts_as_fresh():
+    probe = Probe(ok=True, status_last_activity=None, kernels=())
+    assert classify(server(), probe, NOW).state is State.ATTACHED
+
+
+def test_unreachable_with_missing_or_future_hub_activity_is_active_now():
+    assert classify(server(last_activity=None), Probe.failed("x"), NOW).last_activity == NOW
+    far = NOW + timedelta(days=1)
+    assert classify(server(last_activity=far), Probe.failed("x"), NOW).last_activity == NOW
+
+
+def test_not_probed_server_is_attached_with_hub_activity():
+    obs = classify(server(last_activity=ts(2)), None, NOW)
+    assert obs.state is State.ATTACHED and not obs.probed
+
+
+def test_job_id_comes_from_spawner_state():
+    assert classify(server(), None, NOW).job_id == "42"
+    assert classify(server(state={}), None, NOW).job_id is None
+
+
+def test_needs_probe_skips_fresh_hub_activity_and_future_but_not_missing():
+    assert not needs_probe(server(last_activity=ts(5)), NOW, timedelta(minutes=30))
+    assert needs_probe(server(last_activity=ts(45)), NOW, timedelta(minutes=30))
+    assert needs_probe(server(last_activity=None), NOW, timedelta(minutes=30))
+    assert not needs_probe(server(last_activity=NOW + timedelta(hours=3)), NOW, timedelta(minutes=30))
+
+
+def test_real_fixture_busy_kernel_is_computing():
+    data = json.loads((FIX / "busy_kernel_state.json").read_text())
+    from reaper.hub import parse_kernels, parse_status  # the hub client's parsers
+
+    status = parse_status(data["status"])
+    probe = Probe(ok=True, status_last_activity=status["last_activity"], kernels=parse_kernels(data["kernels"]))
+    now = datetime(2026, 11, 25, 20, 30, tzinfo=UTC)
+    assert classify(server(), probe, now).state is State.COMPUTING
