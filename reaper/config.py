@@ -271,6 +271,7 @@ class ProbeSettings(Strict):
     timeout: Duration = timedelta(seconds=5)
     concurrency: int = Field(default=32, ge=1, le=512)
     skip_fresh: bool = True  # don't probe servers whose hub activity is fresher than every threshold
+    reprobe_every: Duration = timedelta(minutes=30)  # ... but probe each at least this often
 
 
 class SafetySettings(Strict):

@@ -184,6 +184,7 @@ class Decision:
     spell: datetime | None = None  # the spell a notice belongs to
     stop_at: datetime | None = None  # projected stop time if nothing changes
     next_at: datetime | None = None  # when the next notice or stop is due
+    channels: tuple[str, ...] = ()  # where the notice goes (from the rule)
 
     @property
     def rank(self) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, tzinfo
 
 from .config import ResolvedRule, Thresholds
@@ -167,6 +167,19 @@ def decide(
     tz: tzinfo,
 ) -> Decision:
     """What to do about one server now, and why, in words an admin and a researcher can read."""
+    dec = _decide(obs, history, rule, now, tz)
+    if dec.notice is not None:
+        dec = replace(dec, channels=rule.channels)
+    return dec
+
+
+def _decide(
+    obs: Observation,
+    history: History,
+    rule: ResolvedRule,
+    now: datetime,
+    tz: tzinfo,
+) -> Decision:
     tag = f"rule {rule.name}" if rule.name != "defaults" else "defaults"
 
     if obs.state is State.PENDING:

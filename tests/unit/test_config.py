@@ -1,0 +1,128 @@
+"""config.yaml loading: the shipped file is valid, and every kind of mistake names file, key and line."""
+
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from reaper.config import ConfigError, load_settings, parse_duration, parse_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def err(text, env=None):
+    with pytest.raises(ConfigError) as e:
+        parse_settings(text, "site.yaml", env=env or {})
+    return str(e.value)
+
+
+def test_shipped_config_yaml_is_valid_and_has_the_documented_rules():
+    s = load_settings(ROOT / "config.yaml", env={})
+    assert s.defaults.detached.stop_after == timedelta(hours=3)
+    assert [r.name for r in s.rules] == ["staff", "gpu"]
+    gpu = s.resolved_rules()[1]
+    assert gpu.max_age == timedelta(days=2) and gpu.min_notice == timedelta(minutes=30)
+
+
+@pytest.mark.parametrize(
+    "text,seconds",
+    [("90m", 5400), ("2h", 7200), ("7d", 604800), ("1h30m", 5400), ("45s", 45), (30, 30), ("2w", 1209600)],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("bad", ["-5m", "5 minutes", "h", "", True, [1]])
+def test_bad_durations_rejected(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_unknown_key_names_file_path_and_line():
+    msg = err("defaults:\n  detached:\n    warn_after: 1h\n    stop_afterr: 3h\n")
+    assert msg.startswith("site.yaml:4: defaults.detached.stop_afterr: unknown key")
+
+
+def test_wrong_type_names_line():
+    msg = err("safety:\n  max_stops_per_sweep: lots\n")
+    assert "site.yaml:2: safety.max_stops_per_sweep:" in msg
+
+
+def test_stop_before_warn_is_an_error_on_the_rule_line():
+    text = "rules:\n  - name: x\n    match: {users: [bob]}\n    detached:\n      warn_after: 2h\n      stop_after: 1h\n"
+    msg = err(text)
+    assert "site.yaml:6: rules[0].detached.stop_after: stop_after (1h) must be later than warn_after (2h)" in msg
+
+
+def test_rule_inheriting_warn_after_can_still_be_inconsistent():
+    # defaults warn at 1h; a rule that only lowers stop_after to 45m stops before it warns
+    msg = err("rules:\n  - name: x\n    match: {users: [bob]}\n    detached: {stop_after: 45m}\n")
+    assert "rules[0].detached.stop_after" in msg and "warn_after (1h)" in msg
+
+
+def test_negative_duration_is_an_error():
+    assert "site.yaml:2: sweep_every: a duration cannot be negative" in err("\nsweep_every: -5m\n")
+
+
+def test_yaml_syntax_error_has_line():
+    assert err("defaults:\n  detached: [1h\n").startswith("site.yaml:")
+
+
+def test_secret_literal_refused_and_env_substituted():
+    msg = err("hub:\n  api_token: abc123\n")
+    assert "site.yaml:2: hub.api_token: secrets must come from the environment" in msg
+    assert "abc123" not in msg
+    s = parse_settings("hub:\n  api_token: ${HUB_TOKEN}\n", env={"HUB_TOKEN": "tok"})
+    assert s.hub.effective_token() == "tok"
+
+
+def test_missing_env_var_is_an_error():
+    msg = err("hub:\n  api_token: ${NOPE}\n")
+    assert "site.yaml:2: hub.api_token: environment variable NOPE is not set" in msg
+
+
+def test_catch_all_rule_before_others_can_never_let_them_match():
+    msg = err("rules:\n  - name: all\n    exempt: true\n  - name: later\n    match: {users: [x]}\n")
+    assert "site.yaml:2: rules[0].match:" in msg and "can never match (later)" in msg
+
+
+def test_empty_match_list_can_never_match():
+    assert "rules[0].match.groups: an empty list can never match" in err(
+        "rules:\n  - name: a\n    match: {groups: []}\n"
+    )
+
+
+def test_unknown_timezone():
+    assert "hub.timezone" in err("hub:\n  timezone: Mars/Olympus\n")
+
+
+def test_duplicate_rule_names():
+    assert "duplicate rule name" in err(
+        "rules:\n  - name: a\n    match: {users: [x]}\n  - name: a\n    match: {users: [y]}\n"
+    )
+
+
+def test_several_problems_are_all_reported():
+    msg = err("sweep_every: nope\nsafety:\n  bogus: 1\n")
+    assert "site.yaml:1: sweep_every" in msg and "site.yaml:3: safety.bogus" in msg
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "reaper.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+
+
+def test_check_config_cli_prints_effective_policy_and_exits_zero():
+    r = _cli("check-config", str(ROOT / "config.yaml"))
+    assert r.returncode == 0, r.stderr
+    assert "warn_after: 1h" in r.stdout and "rules:" in r.stdout
+
+
+def test_check_config_cli_exits_nonzero_with_file_key_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults:\n  detached:\n    stop_after: banana\n")
+    r = _cli("check-config", str(bad))
+    assert r.returncode != 0
+    assert f"{bad}:3: defaults.detached.stop_after:" in r.stderr
