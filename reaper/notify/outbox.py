@@ -1,0 +1,113 @@
+"""The durable outbox: notices are rows written with the decision that caused them; this drains them.
+
+Each notice has one delivery per channel. A delivery is tried, and on a temporary failure retried
+with exponential backoff; a permanent failure is recorded with its reason. The store keeps the
+state, so a restart neither loses nor repeats a notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+log = logging.getLogger("reaper.notify")
+
+
+class DeliveryError(Exception):
+    """A channel could not deliver. ``permanent``: retrying will not help (bad address, bad token)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class Channel(Protocol):
+    name: str
+
+    async def deliver(self, delivery: Any) -> None:
+        """Deliver one notice on this channel; raise DeliveryError on failure."""
+
+
+class LogChannel:
+    """Records the notice in the log only (the default channel, and the one used in dry demos)."""
+
+    name = "log"
+
+    async def deliver(self, delivery: Any) -> None:
+        ctx = getattr(delivery, "context", {}) or {}
+        run = getattr(delivery, "run", None)
+        who = run.label if run is not None else ctx.get("user", "?")
+        log.info("NOTICE %s to %s: %s", getattr(delivery, "kind", "?"), who, ctx.get("reason", ""))
+
+
+class Outbox:
+    def __init__(
+        self,
+        store: Any,
+        channels: Mapping[str, Channel],
+        *,
+        max_attempts: int = 8,
+        base_delay: timedelta = timedelta(seconds=30),
+        max_delay: timedelta = timedelta(hours=1),
+        batch: int = 100,
+    ) -> None:
+        self.store = store
+        self.channels = dict(channels)
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.batch = batch
+        self.delivered = 0
+        self.failed = 0
+
+    def backoff(self, attempts: int) -> timedelta:
+        delay = self.base_delay * (2 ** max(attempts - 1, 0))
+        delay = min(delay, self.max_delay)
+        return delay * (0.8 + 0.4 * random.random())
+
+    async def drain(self, now: datetime) -> int:
+        """Try every due delivery once. Returns how many were delivered."""
+        done = 0
+        due = await asyncio.to_thread(self.store.due_deliveries, now, self.batch)
+        for d in due:
+            channel = self.channels.get(d.channel)
+            if channel is None:
+                await asyncio.to_thread(
+                    self.store.mark_failed, d.id, now, f"channel {d.channel!r} is not configured",
+                    permanent=True, retry_at=None,
+                )
+                self.failed += 1
+                log.error("notice %s for %s: channel %s is not configured", d.kind, d.run.label, d.channel)
+                continue
+            try:
+                await channel.deliver(d)
+            except DeliveryError as e:
+                attempts = d.attempts + 1
+                permanent = e.permanent or attempts >= self.max_attempts
+                retry_at = None if permanent else now + self.backoff(attempts)
+                await asyncio.to_thread(
+                    self.store.mark_failed, d.id, now, str(e), permanent=permanent, retry_at=retry_at
+                )
+                if permanent:
+                    self.failed += 1
+                    log.error("notice %s for %s via %s FAILED permanently: %s", d.kind, d.run.label, d.channel, e)
+                else:
+                    log.warning("notice %s for %s via %s failed (attempt %d), retry at %s: %s",
+                                d.kind, d.run.label, d.channel, attempts, retry_at, e)
+                continue
+            except Exception as e:  # an unexpected bug in a channel: retry later, say so
+                attempts = d.attempts + 1
+                await asyncio.to_thread(
+                    self.store.mark_failed, d.id, now, f"{type(e).__name__}: {e}",
+                    permanent=attempts >= self.max_attempts, retry_at=now + self.backoff(attempts),
+                )
+                log.exception("notice %s for %s via %s: unexpected error", d.kind, d.run.label, d.channel)
+                continue
+            await asyncio.to_thread(self.store.mark_delivered, d.id, now)
+            self.delivered += 1
+            done += 1
+        return done

@@ -1,0 +1,395 @@
+"""One sweep: collect -> probe -> classify -> decide -> act -> record.
+
+The imperative shell around the pure core (activity.classify, policy.decide). Outside systems come
+in as objects: the hub client, the store, the notifier (outbox), and optionally a batch system.
+
+Never harm on doubt:
+* a failed or partial listing ends the sweep before anything is decided or done;
+* a failed probe makes a server ``unreachable`` (hub data only), never idle;
+* a server is probed again, re-classified and re-decided right before it is stopped;
+* a sweep that would stop more servers than the safety limits stops none and alerts;
+* ``dry_run`` decides and reports, and changes nothing (not even the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from .activity import classify, needs_probe
+from .config import ResolvedRule, Settings
+from .model import Action, Decision, History, HubServer, NoticeKind, Observation, Probe, RunKey, State, humanize
+from .policy import decide, probe_horizon, select_rule
+
+log = logging.getLogger("reaper.sweep")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Notifier(Protocol):
+    async def drain(self, now: datetime) -> int: ...
+
+
+class StopHook(Protocol):
+    """Called after the hub stopped (or failed to stop) a server: the batch-system guard."""
+
+    async def after_stop(self, server: HubServer, outcome: str, now: datetime) -> None: ...
+
+
+@dataclass
+class Row:
+    obs: Observation
+    decision: Decision
+    rule: ResolvedRule
+    outcome: str = ""  # what was done: "stopped", "stop pending", "notice queued", "would stop" ...
+
+
+@dataclass
+class SweepResult:
+    started_at: datetime
+    finished_at: datetime | None = None
+    ok: bool = False
+    dry_run: bool = False
+    error: str | None = None
+    rows: list[Row] = field(default_factory=list)
+    probes: int = 0
+    notices: int = 0
+    stops: int = 0
+    stops_pending: int = 0
+    stops_failed: int = 0
+    safety_tripped: bool = False
+
+    def counts(self) -> dict[str, int]:
+        by_state: dict[str, int] = {}
+        for r in self.rows:
+            by_state[r.obs.state.value] = by_state.get(r.obs.state.value, 0) + 1
+        return by_state
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "servers": len(self.rows),
+            "states": self.counts(),
+            "probes": self.probes,
+            "notices": self.notices,
+            "stops": self.stops,
+            "stops_pending": self.stops_pending,
+            "stops_failed": self.stops_failed,
+            "safety_tripped": self.safety_tripped,
+            "dry_run": self.dry_run,
+            "error": self.error,
+        }
+
+
+class Sweeper:
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Any,
+        store: Any,
+        *,
+        notifier: Notifier | None = None,
+        stop_hook: StopHook | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.store = store
+        self.notifier = notifier
+        self.stop_hook = stop_hook
+        self.clock = clock
+        self._last_probed: dict[RunKey, datetime] = {}
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _rule(self, server: HubServer) -> ResolvedRule:
+        s = self.settings
+        return select_rule(s.resolved_rules(), s.default_rule(), server)
+
+    async def _db(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kw)
+
+    def _should_probe(self, server: HubServer, rule: ResolvedRule, now: datetime, horizon: timedelta | None) -> bool:
+        s = self.settings
+        if server.pending or not server.ready:
+            return False
+        if not s.probe.skip_fresh:
+            return True
+        if rule.exempt:
+            return False
+        key = server.run_key()
+        last = self._last_probed.get(key) if key else None
+        if last is None or now - last >= s.probe.reprobe_every:
+            return True
+        if rule.max_age is not None and server.started is not None:
+            if server.started + rule.max_age - rule.min_notice <= now + s.sweep_every:
+                return True
+        if horizon is None:
+            return False
+        # Probe one sweep early so a warning is not a whole sweep late.
+        return needs_probe(server, now, max(horizon - s.sweep_every, timedelta(0)))
+
+    async def _probe(self, server: HubServer) -> Probe:
+        return await self.hub.probe(server)
+
+    # ------------------------------------------------------------------ the sweep
+
+    async def run_once(self, *, dry_run: bool | None = None) -> SweepResult:
+        if self._lock.locked():
+            log.warning("a sweep is already running; skipping this one")
+        async with self._lock:
+            return await self._run(self.settings.dry_run if dry_run is None else dry_run)
+
+    async def _run(self, dry_run: bool) -> SweepResult:
+        now = self.clock()
+        res = SweepResult(started_at=now, dry_run=dry_run)
+        sweep_id = None if dry_run else await self._db(self.store.start_sweep, now, dry_run=dry_run)
+        try:
+            await self._sweep(res, now, dry_run)
+            res.ok = True
+        except Exception as e:  # the sweep fails cleanly; the next one starts afresh
+            res.error = f"{type(e).__name__}: {e}"
+            log.error("sweep failed, nothing more done this sweep: %s", res.error)
+        res.finished_at = self.clock()
+        if sweep_id is not None:
+            try:
+                await self._db(self.store.finish_sweep, sweep_id, res.finished_at, res.ok, res.summary())
+            except Exception as e:  # pragma: no cover - the store is down too
+                log.error("could not record the end of the sweep: %s", e)
+        took = (res.finished_at - res.started_at).total_seconds()
+        log.info(
+            "sweep %s in %.1fs: %d servers %s, %d probed, %d notices, %d stopped, %d pending, %d failed%s",
+            "done" if res.ok else "FAILED",
+            took,
+            len(res.rows),
+            res.counts(),
+            res.probes,
+            res.notices,
+            res.stops,
+            res.stops_pending,
+            res.stops_failed,
+            " (dry run)" if dry_run else "",
+        )
+        return res
+
+    async def _sweep(self, res: SweepResult, now: datetime, dry_run: bool) -> None:
+        s = self.settings
+        # 1. collect: the whole listing or nothing (HubListingError propagates and ends the sweep).
+        servers: list[HubServer] = await self.hub.list_active_servers()
+        if s.probe.via == "direct" and hasattr(self.hub, "refresh_targets"):
+            if any(not sv.target and not (sv.state or {}).get("server_url") for sv in servers):
+                await self.hub.refresh_targets()
+
+        keys = [k for k in (sv.run_key() for sv in servers) if k is not None]
+        histories = await self._db(self.store.histories, keys)
+        rules = s.resolved_rules()
+        horizon = probe_horizon(rules, s.default_rule())
+
+        # 2-4. probe (bounded by the client), classify, decide
+        async def one(server: HubServer) -> Row:
+            rule = self._rule(server)
+            probe: Probe | None = None
+            if self._should_probe(server, rule, now, horizon):
+                probe = await self._probe(server)
+                res.probes += 1
+                key = server.run_key()
+                if key is not None and probe.ok:
+                    self._last_probed[key] = now
+            obs = classify(server, probe, now)
+            key = server.run_key()
+            hist = histories.get(key) if key else None
+            dec = decide(obs, hist or History(), rule, now, s.tz)
+            return Row(obs, dec, rule)
+
+        res.rows = list(await asyncio.gather(*(one(sv) for sv in servers)))
+
+        # 5. safety: too many stops at once means something is wrong upstream.
+        stops = [r for r in res.rows if r.decision.action is Action.STOP]
+        running = len(res.rows)
+        limit = s.safety.max_stops_per_sweep
+        too_many = len(stops) > limit
+        if running > s.safety.fraction_applies_above and len(stops) > s.safety.max_stop_fraction * running:
+            too_many = True
+        if stops and too_many:
+            res.safety_tripped = True
+            msg = (
+                f"SAFETY LIMIT: this sweep would stop {len(stops)} of {running} servers "
+                f"(limits: {limit} per sweep, {s.safety.max_stop_fraction:.0%} of running servers); "
+                "stopping none. Check the hub and the policy, then raise safety.max_stops_per_sweep if intended."
+            )
+            log.error(msg)
+            for r in stops:
+                r.decision = replace(r.decision, action=Action.OK, reason=f"{r.decision.reason} [held: safety limit]")
+            if not dry_run:
+                await self._db(self.store.record_action, None, "safety-limit", False, msg, now)
+
+        # 6. record observations, decisions and notices (the outbox) in one transaction
+        for r in res.rows:
+            level = logging.INFO if r.decision.action not in (Action.OK, Action.EXEMPT) else logging.DEBUG
+            log.log(
+                level,
+                "%s %s: %s%s -> %s: %s",
+                r.obs.server.user,
+                r.obs.server.name or "(default)",
+                r.obs.state.value,
+                f" job {r.obs.job_id}" if r.obs.job_id else "",
+                r.decision.action.value,
+                r.decision.reason,
+            )
+        recordable = [(r.obs, r.decision) for r in res.rows if r.obs.server.run_key() is not None]
+        if dry_run:
+            for r in res.rows:
+                if r.decision.notice is not None:
+                    r.outcome = f"would send {r.decision.notice.value}"
+                if r.decision.action is Action.STOP:
+                    r.outcome = "would stop"
+        else:
+            ids = await self._db(self.store.record_many, recordable, now)
+            by_key = {}
+            for (o, _), nid in zip(recordable, ids, strict=True):
+                by_key[o.server.run_key()] = nid
+            for r in res.rows:
+                if r.decision.notice is not None:
+                    nid = by_key.get(r.obs.server.run_key())
+                    if nid is not None:
+                        res.notices += 1
+                        r.outcome = f"{r.decision.notice.value} queued"
+                    else:
+                        r.outcome = f"{r.decision.notice.value} already queued"
+            # servers the hub no longer lists: their runs have ended
+            current = {k for k in keys}
+            for k in await self._db(self.store.open_runs):
+                if k not in current:
+                    await self._db(self.store.end_run, k, now, "no longer running on the hub")
+                    self._last_probed.pop(k, None)
+
+        # 7. deliver notices now (a final notice must be delivered before its stop can come)
+        if not dry_run and self.notifier is not None:
+            try:
+                await self.notifier.drain(now)
+            except Exception as e:
+                log.error("notice delivery failed this sweep (will retry): %s", e)
+
+        # 8. stops, re-checked, concurrently up to a limit
+        if not dry_run and not res.safety_tripped:
+            todo = [r for r in res.rows if r.decision.action is Action.STOP]
+            sem = asyncio.Semaphore(s.safety.stop_concurrency)
+
+            async def guarded(r: Row) -> None:
+                async with sem:
+                    await self._stop(r, res)
+
+            await asyncio.gather(*(guarded(r) for r in todo))
+
+    async def _recheck(self, row: Row) -> tuple[Observation, Decision] | None:
+        """Fetch the server again, probe it again, decide again. None if it is gone or restarted."""
+        server = row.obs.server
+        fresh = await self.hub.get_server(server.user, server.name)
+        if fresh is None or fresh.started != server.started:
+            return None
+        if not fresh.target and server.target:
+            fresh = replace(fresh, target=server.target)
+        now = self.clock()
+        probe = await self._probe(fresh)
+        obs = classify(fresh, probe, now)
+        key = fresh.run_key()
+        hist = (await self._db(self.store.histories, [key])).get(key) if key else None
+        dec = decide(obs, hist or History(), row.rule, now, self.settings.tz)
+        return obs, dec
+
+    async def _stop(self, row: Row, res: SweepResult) -> None:
+        server = row.obs.server
+        key = server.run_key()
+        checked = await self._recheck(row)
+        if checked is None:
+            row.outcome = "gone before the stop"
+            return
+        obs, dec = checked
+        if dec.action is not Action.STOP:
+            row.obs, row.decision = obs, dec
+            row.outcome = "not stopped: activity on re-check"
+            log.info("%s: not stopped after all, re-check says %s: %s", server.label, obs.state.value, dec.reason)
+            await self._db(self.store.record, obs, dec, self.clock())
+            return
+        now = self.clock()
+        await self._db(self.store.mark_stop_requested, key, now)
+        result = await self.hub.stop(server.user, server.name)
+        now = self.clock()
+        detail = f"{dec.reason} | hub: {result.outcome} ({result.detail})"
+        if result.outcome in ("stopped", "gone"):
+            res.stops += 1
+            row.outcome = "stopped"
+            log.info("%s stopped: %s", server.label, dec.reason)
+            await self._db(self.store.record_action, key, "stop", True, detail, now, job_id=server.job_id)
+            await self._db(self.store.end_run, key, now, "stopped by the reaper")
+            await self._db(
+                self.store.add_notice,
+                key,
+                NoticeKind.STOPPED,
+                None,
+                now,
+                channels=list(row.rule.channels),
+                context=stopped_context(obs, dec, now),
+            )
+        elif result.outcome == "pending":
+            res.stops_pending += 1
+            row.outcome = "stop pending"
+            log.info("%s stop pending at the hub (202); following up", server.label)
+            await self._db(self.store.record_action, key, "stop-pending", True, detail, now, job_id=server.job_id)
+        else:
+            res.stops_failed += 1
+            row.outcome = f"stop failed: {result.detail}"
+            log.error("%s stop FAILED: %s", server.label, result.detail)
+            await self._db(self.store.record_action, key, "stop-failed", False, detail, now, job_id=server.job_id)
+        if self.stop_hook is not None:
+            try:
+                await self.stop_hook.after_stop(server, result.outcome, now)
+            except Exception as e:
+                log.error("%s: after-stop check failed: %s", server.label, e)
+
+
+def stopped_context(obs: Observation, dec: Decision, now: datetime) -> dict[str, Any]:
+    s = obs.server
+    return {
+        "user": s.user,
+        "server": s.name,
+        "started": s.started.isoformat() if s.started else None,
+        "stopped_at": now.isoformat(),
+        "reason": dec.reason,
+        "job_id": s.job_id,
+        "user_options": s.user_options,
+        "idle_for": humanize(now - obs.idle_since) if obs.idle_since else None,
+    }
+
+
+def format_table(res: SweepResult, tz: Any, now: datetime | None = None) -> str:
+    """The dry-run table: one line per server with state, idle time, job, action and reason."""
+    now = now or res.started_at
+    header = ("USER", "SERVER", "STATE", "IDLE", "JOB", "ACTION", "REASON")
+    lines = []
+    for r in sorted(res.rows, key=lambda r: (r.obs.server.user, r.obs.server.name)):
+        o = r.obs
+        idle = humanize(now - o.idle_since) if o.idle_since and o.state is not State.COMPUTING else "-"
+        action = r.decision.action.value
+        if r.outcome:
+            action += f" ({r.outcome})"
+        lines.append((o.server.user, o.server.name or "-", o.state.value, idle, o.job_id or "-", action,
+                      r.decision.reason))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    widths[-1] = 0
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    for line in lines:
+        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    verdict = "ok" if res.ok else f"FAILED: {res.error}"
+    out.append(
+        f"-- {len(res.rows)} servers {res.counts()}; {res.probes} probed; sweep {verdict}"
+        + ("; dry run: nothing was changed" if res.dry_run else "")
+    )
+    return "\n".join(out)
+
