@@ -526,3 +526,12 @@ def effective_yaml(settings: Settings) -> str:
     data = mask(data)
     data["database_url"] = re.sub(r"//([^:/@]+):([^@]+)@", r"//\1:***@", data["database_url"])
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def default_config_path() -> str | None:
+    """--config, else $REAPER_CONFIG, else ./config.yaml when present, else built-in defaults."""
+    env = os.environ.get("REAPER_CONFIG")
+    if env:
+        return env
+    here = Path("config.yaml")
+    return str(here) if here.exists() else None
