@@ -104,6 +104,7 @@ class Sweeper:
         self.stop_hook = stop_hook
         self.clock = clock
         self._last_probed: dict[RunKey, datetime] = {}
+        self._last_logged: dict[RunKey, tuple[str, str]] = {}
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ helpers
@@ -231,7 +232,14 @@ class Sweeper:
 
         # 6. record observations, decisions and notices (the outbox) in one transaction
         for r in res.rows:
-            level = logging.INFO if r.decision.action not in (Action.OK, Action.EXEMPT) else logging.DEBUG
+            # One INFO line per decision that does something, and per change of state or action.
+            key = r.obs.server.run_key()
+            seen = (r.obs.state.value, r.decision.action.value)
+            changed = key is not None and self._last_logged.get(key) != seen
+            if key is not None:
+                self._last_logged[key] = seen
+            acting = r.decision.action not in (Action.OK, Action.EXEMPT)
+            level = logging.INFO if acting or changed else logging.DEBUG
             log.log(
                 level,
                 "%s %s: %s%s -> %s: %s",
@@ -268,6 +276,7 @@ class Sweeper:
                 if k not in current:
                     await self._db(self.store.end_run, k, now, "no longer running on the hub")
                     self._last_probed.pop(k, None)
+                    self._last_logged.pop(k, None)
 
         # 7. deliver notices now (a final notice must be delivered before its stop can come)
         if not dry_run and self.notifier is not None:
