@@ -402,3 +402,31 @@ def format_table(res: SweepResult, tz: Any, now: datetime | None = None) -> str:
     )
     return "\n".join(out)
 
+
+
+async def stop_now(sweeper: Sweeper, user: str, name: str, *, actor: str) -> str:
+    """Stop one server at a person's request (the web page's "Stop now"), through the same path as
+    the reaper's own stops: hub stop, record, batch-job guard. Returns the outcome word."""
+    server = await sweeper.hub.get_server(user, name)
+    if server is None:
+        return "gone"
+    key = server.run_key()
+    now = sweeper.clock()
+    if key is not None:
+        await sweeper._db(sweeper.store.mark_stop_requested, key, now)
+    result = await sweeper.hub.stop(user, name)
+    now = sweeper.clock()
+    ok = result.outcome in ("stopped", "gone", "pending")
+    kind = {"stopped": "stop", "gone": "stop", "pending": "stop-pending"}.get(result.outcome, "stop-failed")
+    await sweeper._db(sweeper.store.record_action, key, kind, ok,
+                      f"stop requested by {actor} | hub: {result.outcome} ({result.detail})", now,
+                      actor=actor, job_id=server.job_id)
+    if result.outcome in ("stopped", "gone") and key is not None:
+        await sweeper._db(sweeper.store.end_run, key, now, f"stopped by {actor}")
+    log.info("%s: stop requested by %s: %s", server.label, actor, result.outcome)
+    if sweeper.stop_hook is not None:
+        try:
+            await sweeper.stop_hook.after_stop(server, result.outcome, now)
+        except Exception as e:
+            log.error("%s: after-stop check failed: %s", server.label, e)
+    return result.outcome

@@ -1,0 +1,215 @@
+"""The sweep's wiring (collect -> probe -> classify -> decide -> act -> record) with a scripted hub,
+a real SQLite store and the log channel; time is driven by a fake clock."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from reaper.config import parse_settings
+from reaper.model import Action, HubServer, Kernel, NoticeKind, Probe, State
+from reaper.notify.outbox import LogChannel, Outbox
+from reaper.store import Store
+from reaper.sweep import Sweeper, format_table
+from tests.fakes import Clock, FakeHub
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+M = timedelta(minutes=1)
+
+POLICY = """
+sweep_every: 5m
+probe: {skip_fresh: true, reprobe_every: 30m}
+safety: {max_stops_per_sweep: 3, max_stop_fraction: 0.5, fraction_applies_above: 4}
+defaults:
+  detached: {warn_after: 1h, stop_after: 3h}
+  attached: {warn_after: 8h, stop_after: 24h}
+  remind_every: 1h
+  min_notice: 30m
+  channels: [log]
+"""
+
+
+def settings(extra: str = ""):
+    return parse_settings(POLICY + extra, env={})
+
+
+def server(user="alice", name="", started=T0 - timedelta(hours=5), la=None, **kw) -> HubServer:
+    return HubServer(user=user, name=name, started=started, last_activity=la or T0 - timedelta(hours=2),
+                     url=f"/user/{user}/" + (f"{name}/" if name else ""), target="http://127.0.0.1:1",
+                     state={"job_id": "7"}, **kw)
+
+
+def detached_probe(since: datetime) -> Probe:
+    return Probe(ok=True, status_last_activity=since,
+                 kernels=(Kernel("k", "python3", "idle", 0, since),))
+
+
+def busy_probe(since: datetime) -> Probe:
+    return Probe(ok=True, status_last_activity=since, kernels=(Kernel("k", "python3", "busy", 0, since),))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(f"sqlite:///{tmp_path / 'reaper.sqlite'}")
+    yield s
+    s.close()
+
+
+def make(store, hub, clock, extra=""):
+    st = settings(extra)
+    return Sweeper(st, hub, store, notifier=Outbox(store, {"log": LogChannel()}), clock=clock)
+
+
+def kinds(store, key):
+    return [n.kind for n in store.histories([key])[key].notices]
+
+
+async def test_full_cycle_warning_reminder_final_stop_stopped_notice(store):
+    idle_since = T0 - 70 * M
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=idle_since)
+    hub.add(srv, detached_probe(idle_since))
+    sw = make(store, hub, clock)
+    key = srv.run_key()
+
+    r = await sw.run_once()
+    assert r.ok and r.rows[0].obs.state is State.DETACHED
+    assert r.rows[0].decision.action is Action.WARN
+    assert kinds(store, key) == [NoticeKind.WARNING]
+    assert store.histories([key])[key].notices[0].delivered_at is not None  # the log channel delivered
+
+    clock.advance(5 * M)
+    r = await sw.run_once()
+    assert r.rows[0].decision.action is Action.OK  # no duplicate warning
+    assert kinds(store, key) == [NoticeKind.WARNING]
+
+    clock.advance(60 * M)  # 2h15m idle: a reminder
+    r = await sw.run_once()
+    assert r.rows[0].decision.action is Action.REMIND
+
+    clock.advance(20 * M)  # 2h35m idle: past stop_after - min_notice
+    r = await sw.run_once()
+    assert r.rows[0].decision.action is Action.FINAL
+    assert kinds(store, key) == [NoticeKind.WARNING, NoticeKind.REMINDER, NoticeKind.FINAL]
+    assert hub.stops == []
+
+    clock.advance(25 * M)  # only 25 min after the final notice: not yet
+    r = await sw.run_once()
+    assert r.rows[0].decision.action is Action.OK and hub.stops == []
+
+    clock.advance(6 * M)
+    r = await sw.run_once()
+    assert r.rows[0].decision.action is Action.STOP
+    assert hub.stops == [("alice", "")]
+    assert r.stops == 1
+    assert NoticeKind.STOPPED in kinds(store, key)
+    assert key not in store.open_runs()
+
+
+async def test_failed_listing_ends_the_sweep_without_acting_or_recording(store):
+    hub, clock = FakeHub(fail_listing=True), Clock(T0)
+    hub.add(server(la=T0 - 10 * 60 * M), detached_probe(T0 - 10 * 60 * M))
+    r = await make(store, hub, clock).run_once()
+    assert not r.ok and "HTTP 500" in r.error
+    assert r.rows == [] and hub.stops == [] and hub.probe_calls == []
+    assert store.open_runs() == []
+
+
+async def test_safety_limit_stops_none_and_records_an_alert(store):
+    hub, clock = FakeHub(), Clock(T0)
+    since = T0 - 10 * 60 * M
+    for i in range(5):
+        hub.add(server(user=f"u{i}", la=since), detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()  # finals go out (10 h idle)
+    clock.advance(31 * M)
+    r = await sw.run_once()
+    assert r.safety_tripped and hub.stops == []
+    assert all(row.decision.action is Action.OK and "safety" in row.decision.reason for row in r.rows)
+    assert any(a["kind"] == "safety-limit" for a in store.recent_actions(T0 - timedelta(days=1)))
+
+
+async def test_activity_seen_on_the_recheck_cancels_the_stop(store):
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=since)
+    hub.add(srv, detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(31 * M)
+
+    def came_back(h, user, name):
+        h.probes[(user, name)] = Probe(ok=True, status_last_activity=clock.now,
+                                       kernels=(Kernel("k", "python3", "idle", 1, clock.now),))
+
+    hub.before_recheck = came_back
+    r = await sw.run_once()
+    assert hub.stops == []
+    assert r.rows[0].outcome.startswith("not stopped")
+
+
+async def test_busy_kernel_is_never_stopped_under_protect(store):
+    since = T0 - 20 * 60 * M
+    hub, clock = FakeHub(), Clock(T0)
+    hub.add(server(la=since), busy_probe(since))
+    sw = make(store, hub, clock)
+    for _ in range(12):
+        r = await sw.run_once()
+        assert r.rows[0].obs.state is State.COMPUTING
+        assert r.rows[0].decision.action is Action.OK
+        clock.advance(30 * M)
+    assert hub.stops == [] and kinds(store, server().run_key()) == []
+
+
+async def test_dry_run_changes_nothing_and_prints_what_it_would_do(store):
+    since = T0 - 70 * M
+    hub, clock = FakeHub(), Clock(T0)
+    hub.add(server(la=since), detached_probe(since))
+    r = await make(store, hub, clock).run_once(dry_run=True)
+    assert r.rows[0].decision.action is Action.WARN
+    assert store.open_runs() == []
+    table = format_table(r, UTC)
+    assert "alice" in table and "warn (would send warning)" in table and "dry run" in table
+
+
+async def test_restart_mid_cycle_keeps_clocks_and_sends_no_duplicate(tmp_path):
+    url = f"sqlite:///{tmp_path / 'r.sqlite'}"
+    since = T0 - 70 * M
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=since)
+    hub.add(srv, detached_probe(since))
+    s1 = Store.open(url)
+    await make(s1, hub, clock).run_once()
+    s1.close()
+    clock.advance(10 * M)
+    s2 = Store.open(url)  # a new process: a new sweeper, the same database
+    r = await make(s2, hub, clock).run_once()
+    assert r.rows[0].decision.action is Action.OK
+    assert kinds(s2, srv.run_key()) == [NoticeKind.WARNING]
+    s2.close()
+
+
+async def test_fresh_hub_activity_is_not_probed_after_a_first_look(store):
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=T0 - 2 * M)
+    hub.add(srv, Probe(ok=True, status_last_activity=T0 - 2 * M))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    assert len(hub.probe_calls) == 1  # first sighting: probed once
+    clock.advance(5 * M)
+    hub.servers[("alice", "")] = server(la=clock.now - M)
+    r = await sw.run_once()
+    assert len(hub.probe_calls) == 1 and not r.rows[0].obs.probed
+
+
+async def test_pending_stop_is_recorded_and_not_repeated(store):
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(stop_outcome="pending"), Clock(T0)
+    hub.add(server(la=since), detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(31 * M)
+    r = await sw.run_once()
+    assert r.stops_pending == 1 and hub.stops == [("alice", "")]
+    clock.advance(5 * M)
+    r = await sw.run_once()
+    assert r.rows[0].obs.state is State.PENDING and hub.stops == [("alice", "")]
