@@ -526,7 +526,9 @@ async def test_probe_via_proxy_is_opt_in_and_uses_the_public_url(router):
         (None, [{"name": "python3"}], "kernels: malformed entry", 1),
     ],
 )
-async def test_failing_probe_returns_failed_and_does_not_raise(router, hub, status, kernels, reason, kernel_calls):
+async def test_failing_probe_returns_failed_and_does_not_raise(
+    router, hub, status, kernels, reason, kernel_calls
+):
     base = "http://10.0.0.5:1/user/alice/"
     routes = probe_routes(router, base)
     if status is not None:
