@@ -1,0 +1,219 @@
+# The minimal JupyterHub we ship with jupyterhub-reaper (JupyterHub 6).
+#
+#   jupyterhub -f hub/jupyterhub_config.py
+#
+# It wires three things: a spawner (local processes for a laptop demo, or Slurm batch jobs),
+# a login (one shared password: demo and tests only), and the
+# reaper itself as a hub service with the least scopes it needs.
+# Everything is driven by environment variables so that the same file serves the demo,
+# the test harness (tests/harness/hub.py) and a first real deployment:
+#
+#   REAPER_HUB_STATE          folder for the hub's data files          (default ./.hub-state)
+#   REAPER_HUB_IP             address the proxy and hub bind to        (default 127.0.0.1)
+#   REAPER_HUB_PORT           public port of the proxy (users' URL)    (default 8000)
+#   REAPER_HUB_API_PORT       port of the hub process itself           (default 8081)
+#   REAPER_PROXY_API_PORT     REST port of configurable-http-proxy     (default 8001)
+#   REAPER_PROXY_CMD          configurable-http-proxy executable       (default: next to python, else PATH)
+#   REAPER_HUB_SPAWNER        "local" (default) or "slurm"
+#   REAPER_HUB_HOMES          home folders for the local spawner       (default $REAPER_HUB_STATE/homes)
+#   REAPER_HUB_PASSWORD       the shared password of all users (8+)    (default: random, written to state)
+#   REAPER_HUB_ADMINS         comma-separated admin user names         (default none)
+#   REAPER_HUB_ADMIN_PASSWORD the admins' password (32+ characters)    (default: random, written to state)
+#   REAPER_HUB_ADMIN_TOKEN    if set: an API token with the admin role (service "hub-admin")
+#   REAPER_HUB_ACTIVITY_INTERVAL  seconds between activity updates     (default 300)
+#   REAPER_HUB_LOG_LEVEL      hub log level                            (default INFO)
+#   REAPER_MANAGED            "1" (default): the hub starts and stops the reaper; "0": it does not
+#   REAPER_CONFIG             the reaper's config file                 (default config.yaml in the repo)
+#   REAPER_SERVICE_TOKEN      the reaper service's API token           (default: the hub makes one)
+#   REAPER_SERVICE_URL        if set: where the reaper's web page listens (e.g. http://127.0.0.1:8123)
+#   SLURM_CONF                passed through to sbatch/squeue/scancel in Slurm mode
+#
+# NOTE: never commit real tokens or passwords here: use the environment.
+import os
+import secrets
+import sys
+from pathlib import Path
+
+c = get_config()  # noqa: F821  (provided by JupyterHub when it loads this file)
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's bin/: jupyterhub-singleuser and the proxy live here
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+def _flag(name: str, default: bool) -> bool:
+    return _env(name, "1" if default else "0").lower() not in ("0", "false", "no", "off")
+
+
+# --- data files -----------------------------------------------------------------------------
+# The hub's database, cookie secret, proxy token and proxy pid file all live in one folder,
+# so a demo is wiped by deleting that folder and nothing lands in the current directory.
+STATE = Path(_env("REAPER_HUB_STATE", ".hub-state")).resolve()
+STATE.mkdir(parents=True, exist_ok=True, mode=0o700)
+c.JupyterHub.db_url = f"sqlite:///{STATE / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(STATE / "jupyterhub_cookie_secret")
+c.ConfigurableHTTPProxy.pid_file = str(STATE / "jupyterhub-proxy.pid")
+
+
+def _secret_file(name: str) -> str:
+    """A random secret kept in the state folder (mode 0600), made on first use."""
+    path = STATE / name
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+# The token the hub uses to talk to configurable-http-proxy's REST API.
+c.ConfigurableHTTPProxy.auth_token = _env("CONFIGPROXY_AUTH_TOKEN", "") or _secret_file("proxy-auth-token")
+
+# --- network: loopback by default --------------------------------------------------------------
+IP = _env("REAPER_HUB_IP", "127.0.0.1")
+# Users (and browsers) reach everything through the proxy at this URL.
+c.JupyterHub.bind_url = f"http://{IP}:{int(_env('REAPER_HUB_PORT', '8000'))}"
+# The hub process itself (REST API at /hub/api), reached by the proxy, servers and services.
+c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{int(_env('REAPER_HUB_API_PORT', '8081'))}"
+# The proxy's own REST API (route table), used only by the hub.
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{int(_env('REAPER_PROXY_API_PORT', '8001'))}"
+# The hub starts the proxy itself and stops it on shutdown.
+c.ConfigurableHTTPProxy.should_start = True
+_chp = BIN / "configurable-http-proxy"
+c.ConfigurableHTTPProxy.command = [_env("REAPER_PROXY_CMD", str(_chp) if _chp.exists() else "configurable-http-proxy")]
+c.JupyterHub.log_level = _env("REAPER_HUB_LOG_LEVEL", "INFO")
+
+# --- activity --------------------------------------------------------------------------------
+# How often the hub polls the proxy for route activity, and how often each single-user server
+# pushes its own activity to the hub. JupyterHub's default is 300 s for both; tests use ~2 s so
+# that "the hub's last_activity did (not) move" can be checked within seconds.
+ACTIVITY_INTERVAL = int(_env("REAPER_HUB_ACTIVITY_INTERVAL", "300"))
+c.JupyterHub.last_activity_interval = ACTIVITY_INTERVAL
+# Activity newer by less than this many seconds is ignored by the hub (default 30 s); it must not
+# be coarser than the interval above, or short test intervals would see no movement at all.
+c.JupyterHub.activity_resolution = min(30, ACTIVITY_INTERVAL)
+# Stop users' servers when the hub shuts down (JupyterHub's default, stated on purpose: the
+# test harness relies on it to leave no single-user processes or Slurm jobs behind).
+c.JupyterHub.cleanup_servers = True
+# Users may run several named servers; the reaper treats each server run on its own.
+c.JupyterHub.allow_named_servers = True
+
+# --- spawner ---------------------------------------------------------------------------------
+c.Spawner.environment = {"JUPYTERHUB_ACTIVITY_INTERVAL": str(ACTIVITY_INTERVAL)}
+# Start the single-user server from this very environment (the venv must be readable by users).
+_singleuser = BIN / "jupyterhub-singleuser"
+if _singleuser.exists():
+    c.Spawner.cmd = [str(_singleuser)]
+c.Spawner.ip = "127.0.0.1"
+c.Spawner.start_timeout = 120  # a Slurm job may wait in the queue a little
+c.Spawner.http_timeout = 60
+
+SPAWNER = _env("REAPER_HUB_SPAWNER", "local").lower()
+if SPAWNER == "slurm":
+    # Notebooks run as Slurm batch jobs, through the hardened spawner we ship.
+    # Importing batchspawner registers /hub/api/batchspawner, which the job calls to report
+    # its host and port back to the hub.
+    import batchspawner  # noqa: F401
+
+    c.JupyterHub.spawner_class = "reaper.spawner.SlurmSpawner"
+    # batchspawner runs sbatch/squeue/scancel with the spawner's environment only: without
+    # SLURM_CONF there they fail with a DNS SRV lookup error on machines configured that way.
+    if os.environ.get("SLURM_CONF"):
+        c.Spawner.environment["SLURM_CONF"] = os.environ["SLURM_CONF"]
+    # batchspawner ignores Spawner.ip and binds 0.0.0.0: keep the server on loopback unless
+    # the site sets REAPER_HUB_IP to something else (real clusters need the node's address).
+    if IP in ("127.0.0.1", "localhost"):
+        c.Spawner.args = ["--ServerApp.ip=127.0.0.1"]
+elif SPAWNER == "local":
+    # Every user's server is a local process of the hub's own unix user (no isolation: demo
+    # and tests only), with its home folder under the state folder.
+    c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+    c.SimpleLocalProcessSpawner.home_dir_template = str(
+        Path(_env("REAPER_HUB_HOMES", str(STATE / "homes"))).resolve() / "{username}"
+    )
+    # jupyter_server refuses to run as root without this flag; we are root on the test machines.
+    if os.geteuid() == 0:
+        c.Spawner.args = ["--allow-root"]
+else:
+    raise ValueError(f"REAPER_HUB_SPAWNER must be 'local' or 'slurm', not {SPAWNER!r}")
+
+# --- login -----------------------------------------------------------------------------------
+# One shared password for every (non-admin) user name: good for a demo and for tests that log in
+# as users, never for production (use your site's authenticator). This is JupyterHub 5.3+'s
+# replacement for DummyAuthenticator's password, which is deprecated. Without
+# REAPER_HUB_PASSWORD (at least 8 characters) a random password is made and kept in
+# $REAPER_HUB_STATE/user-password; admins listed in REAPER_HUB_ADMINS log in with
+# REAPER_HUB_ADMIN_PASSWORD (at least 32 characters; default random, in admin-password).
+c.JupyterHub.authenticator_class = "shared-password"
+c.SharedPasswordAuthenticator.user_password = _env("REAPER_HUB_PASSWORD", "") or _secret_file("user-password")
+c.Authenticator.allow_all = True
+c.Authenticator.admin_users = {u.strip() for u in _env("REAPER_HUB_ADMINS", "").split(",") if u.strip()}
+if c.Authenticator.admin_users:
+    c.SharedPasswordAuthenticator.admin_password = _env("REAPER_HUB_ADMIN_PASSWORD", "") or _secret_file(
+        "admin-password"
+    )
+
+# --- the reaper service ----------------------------------------------------------------------
+reaper_service: dict = {"name": "reaper"}
+# A fixed token lets something outside the hub (the test harness, or a reaper run by hand with
+# `jupyterhub-reaper sweep`) act as the service. For a managed service the hub hands this same
+# token to the process as JUPYTERHUB_API_TOKEN; without it the hub makes a fresh one at startup.
+if os.environ.get("REAPER_SERVICE_TOKEN"):
+    reaper_service["api_token"] = os.environ["REAPER_SERVICE_TOKEN"]
+if _env("REAPER_SERVICE_URL", ""):
+    # The reaper's web page (status and explanations), served under /services/reaper/ with hub login.
+    reaper_service["url"] = _env("REAPER_SERVICE_URL", "")
+    reaper_service["oauth_no_confirm"] = True
+if _flag("REAPER_MANAGED", True):
+    # Managed: the hub starts the reaper with the hub, restarts it if it dies, stops it on shutdown.
+    reaper_service["command"] = [
+        sys.executable,
+        "-m",
+        "reaper.cli",
+        "run",
+        "--config",
+        _env("REAPER_CONFIG", str(REPO / "config.yaml")),
+    ]
+    reaper_service["cwd"] = str(REPO)
+    # A managed service only sees PATH, LANG and the like from the hub's environment: pass the
+    # reaper's own settings (REAPER_*) and SLURM_CONF on, but no secret the hub holds for others.
+    _secret = {"REAPER_SERVICE_TOKEN", "REAPER_HUB_ADMIN_TOKEN", "REAPER_HUB_PASSWORD", "REAPER_HUB_ADMIN_PASSWORD"}
+    reaper_service["environment"] = {
+        k: v for k, v in os.environ.items() if (k.startswith("REAPER_") and k not in _secret) or k == "SLURM_CONF"
+    }
+
+c.JupyterHub.services = [reaper_service]
+c.JupyterHub.load_roles = [
+    {
+        "name": "reaper",
+        "description": "Least privilege for jupyterhub-reaper",
+        "scopes": [
+            # list users, following pagination (collect step)
+            "list:users",
+            # users' last_activity, to tell idle from active
+            "read:users:activity",
+            # users' groups, for per-group policy rules and exemptions
+            "read:users:groups",
+            # server models: started, last_activity, ready, pending, user_options
+            "read:servers",
+            # stop a server (the only action that changes anything for a user)
+            "delete:servers",
+            # spawner state (Slurm job_id), to check the job is really gone and scancel orphans
+            "admin:server_state",
+            # reach the single-user servers' /api/status, /api/kernels, /api/terminals probes
+            "access:servers",
+            # read the proxy route table: each server's own address, so probes bypass the proxy
+            # (probes through the proxy count as activity and would keep every server alive)
+            "proxy",
+        ],
+        "services": ["reaper"],
+    }
+]
+
+# Optional: an admin token for automation and the test harness (never needed by the reaper).
+if os.environ.get("REAPER_HUB_ADMIN_TOKEN"):
+    c.JupyterHub.services.append({"name": "hub-admin", "api_token": os.environ["REAPER_HUB_ADMIN_TOKEN"]})
+    c.JupyterHub.load_roles.append({"name": "admin", "services": ["hub-admin"]})
