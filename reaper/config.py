@@ -272,6 +272,8 @@ class ProbeSettings(Strict):
     concurrency: int = Field(default=32, ge=1, le=512)
     skip_fresh: bool = True  # don't probe servers whose hub activity is fresher than every threshold
     reprobe_every: Duration = timedelta(minutes=30)  # ... but probe each at least this often
+    # /api/status activity younger than this means a tab is open (JupyterLab polls every ~10 s).
+    attached_within: Duration = timedelta(seconds=90)
 
 
 class SafetySettings(Strict):

@@ -202,7 +202,7 @@ class Sweeper:
                 key = server.run_key()
                 if key is not None and probe.ok:
                     self._last_probed[key] = now
-            obs = classify(server, probe, now)
+            obs = classify(server, probe, now, fresh_within=s.probe.attached_within)
             key = server.run_key()
             hist = histories.get(key) if key else None
             dec = decide(obs, hist or History(), rule, now, s.tz)
@@ -306,7 +306,7 @@ class Sweeper:
             fresh = replace(fresh, target=server.target)
         now = self.clock()
         probe = await self._probe(fresh)
-        obs = classify(fresh, probe, now)
+        obs = classify(fresh, probe, now, fresh_within=self.settings.probe.attached_within)
         key = fresh.run_key()
         hist = (await self._db(self.store.histories, [key])).get(key) if key else None
         dec = decide(obs, hist or History(), row.rule, now, self.settings.tz)

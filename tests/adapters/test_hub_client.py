@@ -32,7 +32,7 @@ from reaper.model import HubServer
 FIX = Path(
     os.environ.get(
         "REAPER_API_FIXTURES",
-        Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "api-jupyterhub-6.1.1",
+        Path(__file__).resolve().parents[1] / "fixtures" / "api-jupyterhub-6.1.1",
     )
 )
 API = "http://hub.internal:8081/hub/api"

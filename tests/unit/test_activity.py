@@ -7,7 +7,7 @@ from pathlib import Path
 from reaper.activity import classify, needs_probe
 from reaper.model import HubServer, Kernel, Probe, State
 
-FIX = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "api-jupyterhub-6.1.1"
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "api-jupyterhub-6.1.1"
 NOW = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
 
 
@@ -114,9 +114,9 @@ def test_needs_probe_skips_fresh_hub_activity_and_future_but_not_missing():
 
 def test_real_fixture_busy_kernel_is_computing():
     data = json.loads((FIX / "busy_kernel_state.json").read_text())
-    from reaper.hub import parse_kernels, parse_status  # the hub client's parsers
+    from reaper.hub import _kernel, parse_time  # the hub client's own parsers
 
-    status = parse_status(data["status"])
-    probe = Probe(ok=True, status_last_activity=status["last_activity"], kernels=parse_kernels(data["kernels"]))
+    probe = Probe(ok=True, status_last_activity=parse_time(data["status"]["last_activity"]),
+                  kernels=tuple(_kernel(k) for k in data["kernels"]))
     now = datetime(2026, 11, 25, 20, 30, tzinfo=UTC)
     assert classify(server(), probe, now).state is State.COMPUTING
