@@ -55,6 +55,7 @@ def make_hub_client(settings: Settings) -> HubClient:
         hub_concurrency=settings.hub.concurrency,
         probe_concurrency=settings.probe.concurrency,
         page_size=settings.hub.page_size,
+        probe_token=settings.probe.token or None,
     )
 
 
