@@ -1,0 +1,179 @@
+"""Notice templates: every kind renders, hostile values are escaped, overrides and checks work."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from reaper.model import NoticeKind
+from reaper.notify.render import (
+    NoticeContext,
+    check_templates,
+    format_localtime,
+    format_relative,
+    render,
+    sample_context,
+)
+
+HOSTILE = '<script>alert("x")</script>'
+
+
+@pytest.mark.parametrize("kind", list(NoticeKind))
+def test_every_kind_renders_on_every_channel_with_the_sample_context(kind: NoticeKind) -> None:
+    r = render(kind, sample_context())
+    assert r.kind == kind.value
+    assert r.subject.startswith("[Example JupyterHub] ") and "\n" not in r.subject
+    assert r.text.startswith("Hello alice,") and r.text.endswith("\n")
+    assert "\n\n\n" not in r.text
+    assert r.html.lstrip().startswith("<!DOCTYPE html>") and "Hello alice," in r.html
+    assert r.slack_text and r.slack_blocks[0] == {"type": "section", "text": {"type": "mrkdwn", "text": r.slack_text}}
+    assert "None" not in r.text and "None" not in r.slack_text
+
+
+@pytest.mark.parametrize("kind", list(NoticeKind))
+def test_every_kind_renders_when_optional_facts_are_unknown(kind: NoticeKind) -> None:
+    ctx = NoticeContext(username="bob", hub_url="https://h/hub/", server_url="https://h/user/bob/",
+                        control_panel_url="https://h/hub/home", now=datetime(2026, 1, 1, tzinfo=UTC))
+    r = render(kind, ctx)
+    assert "None" not in r.text and "None" not in r.html and "None" not in r.slack_text
+    assert "your server" in r.text or kind is NoticeKind.ORPHAN
+
+
+def test_warning_says_which_server_where_why_when_and_how_to_stop_or_keep_it() -> None:
+    r = render(NoticeKind.WARNING, sample_context())
+    t = r.text
+    assert 'Your server "gpu1" on Example JupyterHub is still running' in t
+    assert "Slurm job 4242 on node cn-a001, partition main" in t and "4 CPUs, 1 GPU, 16 GB" in t
+    assert "no browser connected since 10:05, kernels idle" in t
+    assert "It has been idle for 3h13m (since 10:05 EST, Wed 25 Nov)" in t
+    assert "it will be stopped at 14:00 EST, Wed 25 Nov (in 42 min)" in t
+    assert "Control Panel > Stop My Server\n  https://hub.example.org/hub/home" in t
+    assert "https://hub.example.org/user/alice/gpu1/" in t
+    assert "https://hub.example.org/services/reaper/keep/alice/gpu1" in t
+    assert "support@example.org" in t
+    assert r.subject == '[Example JupyterHub] Your server "gpu1" is still running - it will be stopped at 14:00 EST, Wed 25 Nov'
+
+
+def test_default_server_is_called_your_server_and_no_keep_link_means_no_keep_button() -> None:
+    ctx = replace(sample_context(), server_name="", server_label="", keep_url=None)
+    r = render(NoticeKind.REMINDER, ctx)
+    assert "your server on Example JupyterHub" in r.text
+    assert "keep it running" not in r.text and "Keep running" not in r.html
+    [actions] = [b for b in r.slack_blocks if b["type"] == "actions"]
+    assert [e["text"]["text"] for e in actions["elements"]] == ["Open my server", "Control panel"]
+
+
+def test_slack_blocks_carry_link_buttons_to_open_keep_and_control_panel() -> None:
+    ctx = sample_context()
+    r = render(NoticeKind.FINAL, ctx)
+    [actions] = [b for b in r.slack_blocks if b["type"] == "actions"]
+    assert [(e["type"], e["text"]["text"], e["url"]) for e in actions["elements"]] == [
+        ("button", "Open my server", ctx.server_url),
+        ("button", "Keep running", ctx.keep_url),
+        ("button", "Control panel", ctx.control_panel_url),
+    ]
+    assert any(b["type"] == "context" for b in r.slack_blocks)
+    assert f"<{ctx.control_panel_url}|Control Panel>" in r.slack_text
+
+
+def test_html_escapes_script_in_server_name_and_user_options() -> None:
+    ctx = replace(sample_context(), server_name=HOSTILE, server_label="",
+                  user_options={"profile": HOSTILE, HOSTILE: "x"}, node="<b>n</b>")
+    for kind in NoticeKind:
+        r = render(kind, ctx)
+        assert "<script>" not in r.html, kind
+        assert "<b>n</b>" not in r.html
+    r = render(NoticeKind.WARNING, ctx)
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in r.html
+    # plain text is shown as is (it is text, not markup)
+    assert HOSTILE in r.text
+
+
+def test_slack_text_escapes_control_characters_so_values_cannot_forge_links_or_mentions() -> None:
+    ctx = replace(sample_context(), server_name="a&b <!channel> <https://evil|x>", server_label="",
+                  user_options={"o": "<@U123>"}, node="<!here>")
+    for kind in NoticeKind:
+        r = render(kind, ctx)
+        for b in r.slack_blocks:
+            texts = [b["text"]["text"]] if b["type"] == "section" else [
+                e["text"] for e in b.get("elements", []) if e.get("type") == "mrkdwn"]
+            for t in texts:
+                assert "<!channel>" not in t and "<https://evil|x>" not in t and "<!here>" not in t
+    r = render(NoticeKind.WARNING, ctx)
+    assert "a&amp;b &lt;!channel&gt; &lt;https://evil|x&gt;" in r.slack_text
+    # our own links stay links
+    assert "<https://hub.example.org/hub/home|Control Panel>" in r.slack_text
+
+
+def test_times_are_shown_in_the_hub_time_zone() -> None:
+    t = datetime(2026, 7, 1, 18, 0, tzinfo=UTC)
+    assert format_localtime(t, "America/Toronto") == "14:00 EDT, Wed 1 Jul"
+    assert format_localtime(t, "Europe/Paris") == "20:00 CEST, Wed 1 Jul"
+    assert format_localtime(t, "America/Toronto", with_date=False) == "14:00 EDT"
+    ctx = replace(sample_context(), tz="Asia/Tokyo")
+    assert "04:00 JST, Thu 26 Nov" in render(NoticeKind.WARNING, ctx).text
+
+
+def test_relative_times() -> None:
+    now = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    assert format_relative(now + timedelta(minutes=42), now) == "in 42 min"
+    assert format_relative(now + timedelta(hours=3, minutes=10), now) == "in 3h10m"
+    assert format_relative(now - timedelta(minutes=5), now) == "5 min ago"
+    assert format_relative(now + timedelta(seconds=20), now) == "now"
+
+
+def test_context_round_trips_through_json() -> None:
+    import json
+
+    ctx = sample_context()
+    assert NoticeContext.from_json(json.loads(json.dumps(ctx.to_json()))) == ctx
+
+
+def test_packaged_templates_pass_the_check() -> None:
+    assert check_templates(None) == []
+
+
+def test_override_dir_takes_precedence_and_keeps_the_other_files(tmp_path: Path) -> None:
+    (tmp_path / "warning.subject.txt").write_text("Idle: {{ server_label }} of {{ username }}\n")
+    (tmp_path / "warning.txt").write_text("Site text for {{ username }}; stop at {{ stop_at|localtime }}.\n")
+    assert check_templates(str(tmp_path)) == []
+    r = render(NoticeKind.WARNING, sample_context(), template_dir=str(tmp_path))
+    assert r.subject == 'Idle: server "gpu1" of alice'
+    assert r.text == "Site text for alice; stop at 14:00 EST, Wed 25 Nov.\n"
+    assert "Hello alice," in r.html  # the packaged HTML is still used
+    assert render(NoticeKind.WARNING, sample_context()).subject.startswith("[Example JupyterHub]")
+
+
+def test_check_templates_names_the_file_using_an_undocumented_variable(tmp_path: Path) -> None:
+    (tmp_path / "final.txt").write_text("Hi {{ username }},\n{{ gpu_count }} GPUs\n")
+    problems = check_templates(str(tmp_path))
+    assert len(problems) == 1
+    assert str(tmp_path / "final.txt") in problems[0] and "gpu_count" in problems[0]
+    assert ":2:" in problems[0]  # the line
+
+
+def test_check_templates_reports_an_undefined_variable_in_an_included_file(tmp_path: Path) -> None:
+    (tmp_path / "_footer.txt").write_text("{{ hub_name }} {{ support_phone }}\n")
+    problems = check_templates(str(tmp_path))
+    assert problems and all(str(tmp_path / "_footer.txt") in p for p in problems)
+    assert "support_phone" in problems[0]
+
+
+def test_check_templates_reports_syntax_errors_unknown_files_and_missing_dirs(tmp_path: Path) -> None:
+    (tmp_path / "stopped.html").write_text("{% if username %}unclosed\n")
+    (tmp_path / "warnig.txt").write_text("typo in the name\n")
+    problems = check_templates(str(tmp_path))
+    assert any("stopped.html" in p and "TemplateSyntaxError" in p for p in problems)
+    assert any("warnig.txt" in p and "not a template name" in p for p in problems)
+    assert check_templates(str(tmp_path / "nope")) == [f"{tmp_path / 'nope'}: not a directory"]
+
+
+def test_rendering_an_override_with_a_bogus_variable_raises(tmp_path: Path) -> None:
+    import jinja2
+
+    (tmp_path / "orphan.slack.txt").write_text("{{ bogus }}")
+    with pytest.raises(jinja2.UndefinedError):
+        render(NoticeKind.ORPHAN, sample_context(), template_dir=str(tmp_path))
