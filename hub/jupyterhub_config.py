@@ -83,7 +83,9 @@ c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{int(_env('REAPER_PROXY_API
 # The hub starts the proxy itself and stops it on shutdown.
 c.ConfigurableHTTPProxy.should_start = True
 _chp = BIN / "configurable-http-proxy"
-c.ConfigurableHTTPProxy.command = [_env("REAPER_PROXY_CMD", str(_chp) if _chp.exists() else "configurable-http-proxy")]
+c.ConfigurableHTTPProxy.command = [
+    _env("REAPER_PROXY_CMD", str(_chp) if _chp.exists() else "configurable-http-proxy")
+]
 c.JupyterHub.log_level = _env("REAPER_HUB_LOG_LEVEL", "INFO")
 
 # --- activity --------------------------------------------------------------------------------
@@ -180,9 +182,16 @@ if _flag("REAPER_MANAGED", True):
     reaper_service["cwd"] = str(REPO)
     # A managed service only sees PATH, LANG and the like from the hub's environment: pass the
     # reaper's own settings (REAPER_*) and SLURM_CONF on, but no secret the hub holds for others.
-    _secret = {"REAPER_SERVICE_TOKEN", "REAPER_HUB_ADMIN_TOKEN", "REAPER_HUB_PASSWORD", "REAPER_HUB_ADMIN_PASSWORD"}
+    _secret = {
+        "REAPER_SERVICE_TOKEN",
+        "REAPER_HUB_ADMIN_TOKEN",
+        "REAPER_HUB_PASSWORD",
+        "REAPER_HUB_ADMIN_PASSWORD",
+    }
     reaper_service["environment"] = {
-        k: v for k, v in os.environ.items() if (k.startswith("REAPER_") and k not in _secret) or k == "SLURM_CONF"
+        k: v
+        for k, v in os.environ.items()
+        if (k.startswith("REAPER_") and k not in _secret) or k == "SLURM_CONF"
     }
 
 c.JupyterHub.services = [reaper_service]

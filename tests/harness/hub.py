@@ -147,6 +147,26 @@ def descendants(root: int) -> set[int]:
     return found
 
 
+def processes_with_env(exact: Iterable[bytes] = (), prefixes: Iterable[bytes] = ()) -> set[int]:
+    """Live processes whose environment holds a variable equal to one of `exact` (b"KEY=value")
+    or starting with one of `prefixes`: finds what a hub started even after the hub died and its
+    children were reparented to init."""
+    exact_set, prefix_tuple = set(exact), tuple(prefixes)
+    found: set[int] = set()
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(var in exact_set or (prefix_tuple and var.startswith(prefix_tuple)) for var in env):
+            found.add(int(entry))
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -243,17 +263,21 @@ class KernelChannel:
 
     def reply_to(self, msg_id: str, timeout: float = 30) -> dict[str, Any]:
         return self.wait_for(
-            lambda m: m.get("parent_header", {}).get("msg_id") == msg_id
-            and m.get("msg_type", "").endswith("_reply"),
+            lambda m: (
+                m.get("parent_header", {}).get("msg_id") == msg_id
+                and m.get("msg_type", "").endswith("_reply")
+            ),
             timeout,
         )
 
     def wait_idle(self, msg_id: str, timeout: float = 60) -> dict[str, Any]:
         """Wait for the kernel's status 'idle' that ends the request `msg_id`."""
         return self.wait_for(
-            lambda m: m.get("parent_header", {}).get("msg_id") == msg_id
-            and m.get("msg_type") == "status"
-            and m.get("content", {}).get("execution_state") == "idle",
+            lambda m: (
+                m.get("parent_header", {}).get("msg_id") == msg_id
+                and m.get("msg_type") == "status"
+                and m.get("content", {}).get("execution_state") == "idle"
+            ),
             timeout,
         )
 
@@ -383,7 +407,7 @@ class RealHub:
         group it made that is still alive: no CHP, single-user server or kernel is left behind."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            tree = descendants(proc.pid)
+            tree = descendants(proc.pid) | self._own_processes()
             groups = {proc.pid}
             table = _proc_table()
             groups |= {table[p][1] for p in tree if p in table}
@@ -401,7 +425,13 @@ class RealHub:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(10)
-            # what the hub started in new sessions (proxy, servers, services, kernels)
+            # what the hub started in new sessions (proxy, servers, services, kernels), also
+            # when the hub had died before and they were reparented
+            late = self._own_processes()
+            tree |= late
+            groups |= {pgid for p, (_pp, pgid) in _proc_table().items() if p in late}
+            groups.discard(os.getpgrp())
+            groups.discard(0)
             deadline = time.monotonic() + 5
             while any(_alive(p) for p in tree) and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -412,12 +442,23 @@ class RealHub:
                 if _alive(pid):
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self._client is not None:
             self._client.close()
             self._client = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+    def _own_processes(self) -> set[int]:
+        """Processes started for this hub: its proxy and managed services carry our
+        REAPER_HUB_STATE, local single-user servers and their kernels a HOME under our homes."""
+        return processes_with_env(
+            exact=[f"REAPER_HUB_STATE={self.state_dir}".encode()],
+            prefixes=[f"HOME={self.workdir / 'homes'}/".encode()],
+        )
 
     def _proxy_pid(self) -> int | None:
         with contextlib.suppress(OSError, ValueError):
@@ -515,7 +556,9 @@ class RealHub:
                 # after 201/202 the hub lists the server as ready or pending; neither means it failed
                 raise HubError(f"server {user}/{name} failed to start\n--- hub log ---\n{self.log_tail(80)}")
             if time.monotonic() > deadline:
-                raise HubError(f"server {user}/{name} not ready within {timeout}s\n--- hub log ---\n{self.log_tail(80)}")
+                raise HubError(
+                    f"server {user}/{name} not ready within {timeout}s\n--- hub log ---\n{self.log_tail(80)}"
+                )
             time.sleep(0.2)
 
     def stop_server(self, user: str, name: str = "", timeout: float = 60) -> None:
@@ -624,7 +667,11 @@ class RealHub:
         )
 
     def wait_for(
-        self, predicate: Callable[[], bool], timeout: float = 30, interval: float = 0.2, what: str = "condition"
+        self,
+        predicate: Callable[[], bool],
+        timeout: float = 30,
+        interval: float = 0.2,
+        what: str = "condition",
     ) -> None:
         """Poll `predicate` until true; fail with the hub's log tail after `timeout`."""
         deadline = time.monotonic() + timeout

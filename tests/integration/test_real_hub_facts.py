@@ -7,7 +7,7 @@ single-user servers and ipykernel kernels. Each test fails if the fact it names 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 import httpx
@@ -59,7 +59,11 @@ def test_active_users_listing_is_paginated_and_shows_spawner_state_to_the_reaper
 def test_active_filter_leaves_out_users_without_a_running_server(real_hub: RealHub, alice: str) -> None:
     real_hub.create_user("facts-idle")
     r = real_hub.api(
-        "GET", "users", token=real_hub.service_token, params={"state": "active"}, headers={"Accept": PAGINATION_ACCEPT}
+        "GET",
+        "users",
+        token=real_hub.service_token,
+        params={"state": "active"},
+        headers={"Accept": PAGINATION_ACCEPT},
     )
     names = {u["name"] for u in r.json()["items"]}
     assert alice in names and "facts-idle" not in names
@@ -102,7 +106,9 @@ def test_open_kernel_websocket_counts_as_one_connection_and_closing_it_as_zero(
     kid = real_hub.start_kernel(alice)
     ws = real_hub.open_kernel_ws(alice, kid)
     try:
-        real_hub.wait_for(lambda: real_hub.kernel(alice, kid)["connections"] == 1, 10, what="connections == 1")
+        real_hub.wait_for(
+            lambda: real_hub.kernel(alice, kid)["connections"] == 1, 10, what="connections == 1"
+        )
         assert real_hub.kernel(alice, kid)["execution_state"] == "idle"
     finally:
         ws.close()
@@ -174,7 +180,9 @@ def test_probing_the_servers_own_address_leaves_hub_activity_alone_but_the_proxy
         for _ in range(4):
             for path in ("status", "kernels", "terminals", "sessions"):
                 r = httpx.get(
-                    f"{direct}api/{path}", params={"no_track_activity": "1"}, headers=_auth(real_hub.service_token)
+                    f"{direct}api/{path}",
+                    params={"no_track_activity": "1"},
+                    headers=_auth(real_hub.service_token),
                 )
                 assert r.status_code == 200, path
             time.sleep(real_hub.activity_interval / 2)
@@ -183,7 +191,9 @@ def test_probing_the_servers_own_address_leaves_hub_activity_alone_but_the_proxy
         assert real_hub.hub_last_activity(user) == before
 
         # control: the same probe through the proxy does count as activity
-        r = real_hub.user_api("GET", user, "kernels", token=real_hub.service_token, params={"no_track_activity": "1"})
+        r = real_hub.user_api(
+            "GET", user, "kernels", token=real_hub.service_token, params={"no_track_activity": "1"}
+        )
         assert r.status_code == 200
         real_hub.wait_for(
             lambda: (real_hub.hub_last_activity(user) or before) > before,
@@ -192,3 +202,42 @@ def test_probing_the_servers_own_address_leaves_hub_activity_alone_but_the_proxy
         )
     finally:
         real_hub.stop_server(user)
+
+
+def _login(hub: RealHub, user: str, password: str) -> httpx.Response:
+    with httpx.Client(base_url=hub.base_url) as browser:
+        browser.get("/hub/login")
+        xsrf = browser.cookies.get("_xsrf", path="/hub/")
+        return browser.post(
+            "/hub/login",
+            data={"username": user, "password": password, "_xsrf": xsrf or ""},
+            follow_redirects=False,
+        )
+
+
+def test_users_log_in_with_the_shared_password_and_not_without_it(real_hub: RealHub) -> None:
+    ok = _login(real_hub, "facts-dave", real_hub.password)
+    assert ok.status_code == 302
+    assert "jupyterhub-hub-login" in ok.cookies  # the hub's login cookie: the user is logged in
+    wrong = _login(real_hub, "facts-erin", real_hub.password + "x")
+    assert wrong.status_code == 403
+
+
+def test_reaper_is_a_service_the_hub_does_not_run_unless_managed(
+    real_hub: RealHub, hub_factory: Callable[..., RealHub]
+) -> None:
+    unmanaged = real_hub.api("GET", "services/reaper").json()
+    assert not unmanaged["command"] and not unmanaged.get("pid")
+    managed_hub = hub_factory(managed=True, reaper_config=real_hub.workdir / "reaper.yaml")
+    try:
+        managed = managed_hub.api("GET", "services/reaper").json()
+        assert managed["command"][1:] == [
+            "-m",
+            "reaper.cli",
+            "run",
+            "--config",
+            str(real_hub.workdir / "reaper.yaml"),
+        ]
+        assert managed["roles"] == ["reaper"]
+    finally:
+        managed_hub.stop()
