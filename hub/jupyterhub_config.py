@@ -121,6 +121,11 @@ if SPAWNER == "slurm":
     import batchspawner  # noqa: F401
 
     c.JupyterHub.spawner_class = "reaper.spawner.SlurmSpawner"
+    # The job starts the server through batchspawner's wrapper (it reports the port back to the
+    # hub); name it by full path, as the job's PATH need not contain this venv.
+    _wrapper = BIN / "batchspawner-singleuser"
+    if _wrapper.exists():
+        c.BatchSpawnerBase.batchspawner_singleuser_cmd = str(_wrapper)
     # batchspawner runs sbatch/squeue/scancel with the spawner's environment only: without
     # SLURM_CONF there they fail with a DNS SRV lookup error on machines configured that way.
     if os.environ.get("SLURM_CONF"):
