@@ -44,7 +44,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
-from reaper.model import NoticeKind, humanize
+from reaper.model import Decision, NoticeKind, Observation, humanize
 
 PACKAGE_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
@@ -215,6 +215,75 @@ class RenderedNotice:
     html: str
     slack_text: str
     slack_blocks: list[dict[str, Any]]
+
+
+def _first(options: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        v = options.get(k)
+        if v not in (None, "", [], 0, "0"):
+            return v[0] if isinstance(v, list) and len(v) == 1 else v
+    return None
+
+
+def context_from(
+    obs: Observation,
+    decision: Decision | None,
+    *,
+    public_url: str,
+    tz: str,
+    now: datetime,
+    hub_name: str = "JupyterHub",
+    keep_url: str | None = None,
+    admin_contact: str = "",
+    notice_number: int = 1,
+    reclaimed: str | None = None,
+) -> NoticeContext:
+    """Build a NoticeContext from an observation and its decision (pure: no I/O, no clock).
+
+    ``public_url`` is the hub's public base (``https://hub.example.org``, without ``/hub``). Where
+    it runs comes from the spawner state (``job_id``; ``job_status`` "RUNNING node") and the
+    spawn options (``partition``/``req_partition``, ``gpus``/``req_ngpus``, ``cpus``/``req_nprocs``,
+    ``mem``/``req_memory``), when present.
+    """
+    s = obs.server
+    base = public_url.rstrip("/")
+    path = s.url or (f"/user/{s.user}/{s.name}/" if s.name else f"/user/{s.user}/")
+    opts = s.user_options if isinstance(s.user_options, dict) else {}
+    state = s.state if isinstance(s.state, dict) else {}
+    node = state.get("node") or state.get("exechost")
+    status = str(state.get("job_status") or "")
+    if not node and status.startswith("RUNNING") and len(status.split()) > 1:
+        node = status.split()[1]
+    idle_since = obs.idle_since
+    cpus = _first(opts, "cpus", "req_nprocs", "nprocs")
+    return NoticeContext(
+        username=s.user,
+        server_name=s.name,
+        hub_name=hub_name,
+        hub_url=f"{base}/hub/",
+        server_url=f"{base}{path}",
+        control_panel_url=f"{base}/hub/home",
+        keep_url=keep_url,
+        state=obs.state.value,
+        idle_since=idle_since,
+        idle_for=humanize(now - idle_since) if idle_since else "",
+        reason=decision.reason if decision else "",
+        detail=obs.detail,
+        stop_at=decision.stop_at if decision else None,
+        tz=tz,
+        now=now,
+        job_id=s.job_id,
+        partition=_first(opts, "partition", "req_partition", "queue", "req_queue"),
+        node=str(node) if node else None,
+        gpus=_first(opts, "gpus", "req_ngpus", "ngpus"),
+        cpus=int(cpus) if isinstance(cpus, int | str) and str(cpus).isdigit() else None,
+        mem=_first(opts, "mem", "memory", "req_memory"),
+        walltime_end=obs.job_end,
+        notice_number=notice_number,
+        reclaimed=reclaimed,
+        admin_contact=admin_contact,
+        user_options=dict(opts),
+    )
 
 
 # --- filters -----------------------------------------------------------------------------------
@@ -532,6 +601,7 @@ __all__ = [
     "render",
     "check_templates",
     "sample_context",
+    "context_from",
     "slack_blocks",
     "format_localtime",
     "format_relative",

@@ -12,6 +12,7 @@ from reaper.model import NoticeKind
 from reaper.notify.render import (
     NoticeContext,
     check_templates,
+    context_from,
     format_localtime,
     format_relative,
     render,
@@ -177,3 +178,26 @@ def test_rendering_an_override_with_a_bogus_variable_raises(tmp_path: Path) -> N
     (tmp_path / "orphan.slack.txt").write_text("{{ bogus }}")
     with pytest.raises(jinja2.UndefinedError):
         render(NoticeKind.ORPHAN, sample_context(), template_dir=str(tmp_path))
+
+
+def test_context_from_an_observation_names_the_server_where_it_runs_and_the_links() -> None:
+    from reaper.model import Action, Decision, HubServer, Observation, State
+
+    now = datetime(2026, 11, 25, 18, 18, tzinfo=UTC)
+    server = HubServer(
+        user="alice", name="gpu1", started=now - timedelta(hours=5), last_activity=now - timedelta(hours=3),
+        url="/user/alice/gpu1/", user_options={"partition": "long", "req_ngpus": "1", "cpus": "4", "mem": "16G"},
+        state={"job_id": "77", "job_status": "RUNNING cn-b002"},
+    )
+    obs = Observation(server=server, state=State.DETACHED, at=now, last_activity=now - timedelta(hours=3),
+                      detached_since=now - timedelta(hours=3, minutes=13), detail="no browser connected, kernels idle")
+    dec = Decision(Action.WARN, "window closed 3h13m ago", stop_at=now + timedelta(minutes=42))
+    ctx = context_from(obs, dec, public_url="https://hub.example.org/", tz="America/Toronto", now=now,
+                       hub_name="Mila", keep_url="https://hub.example.org/services/reaper/keep/x")
+    assert ctx.server_url == "https://hub.example.org/user/alice/gpu1/"
+    assert ctx.control_panel_url == "https://hub.example.org/hub/home"
+    assert (ctx.job_id, ctx.node, ctx.partition, ctx.gpus, ctx.cpus, ctx.mem) == ("77", "cn-b002", "long", "1", 4, "16G")
+    assert ctx.idle_for == "3h13m" and ctx.stop_at == now + timedelta(minutes=42)
+    t = render(NoticeKind.WARNING, ctx).text
+    assert 'Your server "gpu1" on Mila' in t and "Slurm job 77 on node cn-b002, partition long" in t
+    assert "4 CPUs, 1 GPU, 16G" in t and "14:00 EST, Wed 25 Nov (in 42 min)" in t
