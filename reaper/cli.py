@@ -49,8 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .service import make_channels, make_hub_client, make_stop_hook, setup_logging
     from .notify.outbox import Outbox
+    from .service import make_channels, make_hub_client, make_stop_hook, setup_logging
     from .store import Store
     from .sweep import Sweeper, format_table
 

@@ -22,7 +22,18 @@ from typing import Any, Protocol
 
 from .activity import classify, needs_probe
 from .config import ResolvedRule, Settings
-from .model import Action, Decision, History, HubServer, NoticeKind, Observation, Probe, RunKey, State, humanize
+from .model import (
+    Action,
+    Decision,
+    History,
+    HubServer,
+    NoticeKind,
+    Observation,
+    Probe,
+    RunKey,
+    State,
+    humanize,
+)
 from .policy import decide, probe_horizon, select_rule
 
 log = logging.getLogger("reaper.sweep")

@@ -90,7 +90,6 @@ async def test_attached_then_detached_then_warned_final_and_stopped_through_the_
         assert real_hub.server_model(user) is None, "the hub still lists the server"
         actions = [a for _, a in seen]
         assert "warn" in actions and "final-warning" in actions and actions[-1] == "stop", seen
-        key = [k for k in store.histories([]) or []] if False else None  # noqa: F841 (store checked below)
         acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
         assert any(a["kind"] == "stop" and a["ok"] for a in acts)
         notices = store.recent_notices(sweeper.clock() - timedelta(hours=1))
@@ -142,7 +141,7 @@ async def test_sweeps_do_not_move_last_activity_on_the_server_or_the_hub(real_hu
         r.raise_for_status()
         return r.json()["last_activity"]
 
-    time.sleep(6)
+    await asyncio.sleep(6)
     hub_before = real_hub.hub_last_activity(user)
     status_before = status_la()
     sweeper, store, client = make_sweeper(
@@ -154,7 +153,7 @@ async def test_sweeps_do_not_move_last_activity_on_the_server_or_the_hub(real_hu
             assert row_for(res, user).obs.probed
             await asyncio.sleep(1)
         # two of the hub's activity polls (2 s each) and one server push later:
-        time.sleep(6)
+        await asyncio.sleep(6)
         assert status_la() == status_before, "probing moved the server's own last_activity"
         assert real_hub.hub_last_activity(user) == hub_before, "probing moved the hub's last_activity"
     finally:
@@ -168,7 +167,7 @@ async def test_probe_through_the_proxy_opt_in_does_count_as_activity(real_hub, t
     user = "e2e-proxyprobe"
     real_hub.create_user(user)
     real_hub.start_server(user)
-    time.sleep(6)
+    await asyncio.sleep(6)
     before = real_hub.hub_last_activity(user)
     settings = parse_settings(FAST + "\nprobe: {via: proxy, skip_fresh: false, attached_within: 3s}\n".replace(
         "probe: {skip_fresh: false, attached_within: 3s, timeout: 5s}\n", ""), env={})
@@ -180,7 +179,7 @@ async def test_probe_through_the_proxy_opt_in_does_count_as_activity(real_hub, t
             res = await sweeper.run_once()
             assert row_for(res, user).obs.probed
             await asyncio.sleep(1)
-        time.sleep(6)
+        await asyncio.sleep(6)
         after = real_hub.hub_last_activity(user)
         assert after is not None and before is not None and after > before
     finally:
