@@ -67,7 +67,7 @@ class NoticeContext:
     ====================  =====================================================================
     ``username``          the hub user name (``alice``)
     ``server_name``       the named server, ``""`` for the default server
-    ``server_label``      how we name the server to people: ``your server`` or ``server "gpu1"``
+    ``server_label``      how we name the server, after "your": ``server`` or ``server "gpu1"``
     ``hub_name``          the hub's name as people know it (``Mila JupyterHub``)
     ``hub_url``           the hub's public address (``https://hub.example.org/hub/``)
     ``server_url``        the server's own address: open it again to keep it running
@@ -135,7 +135,7 @@ class NoticeContext:
     def label(self) -> str:
         if self.server_label:
             return self.server_label
-        return f'server "{self.server_name}"' if self.server_name else "your server"
+        return f'server "{self.server_name}"' if self.server_name else "server"
 
     def where(self) -> str:
         parts = []

@@ -40,7 +40,8 @@ def test_every_kind_renders_when_optional_facts_are_unknown(kind: NoticeKind) ->
                         control_panel_url="https://h/hub/home", now=datetime(2026, 1, 1, tzinfo=UTC))
     r = render(kind, ctx)
     assert "None" not in r.text and "None" not in r.html and "None" not in r.slack_text
-    assert "your server" in r.text or kind is NoticeKind.ORPHAN
+    assert "your server " in r.text.lower() or kind is NoticeKind.ORPHAN
+    assert "your your" not in r.text.lower() + r.subject.lower() + r.slack_text.lower()
 
 
 def test_warning_says_which_server_where_why_when_and_how_to_stop_or_keep_it() -> None:
