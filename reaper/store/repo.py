@@ -1,0 +1,786 @@
+"""The store's repository: every read and write the reaper does, each in one short transaction.
+
+Synchronous SQLAlchemy; the async service calls it through ``asyncio.to_thread``. A ``Store`` is
+safe to share between threads: each call takes its own connection from the pool and holds it only
+for its one transaction.
+
+SQLite (the default) runs in WAL mode with a busy timeout, and every writing transaction starts
+with ``BEGIN IMMEDIATE``: writers queue for the lock at the start instead of failing half-way, and a
+transaction's reads (e.g. "how many reminders already?") see everything committed before it.
+PostgreSQL (psycopg 3) runs READ COMMITTED; races are settled by unique constraints with
+``ON CONFLICT DO NOTHING`` (notices, runs, the lease) and by row locks on the runs being recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, or_, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from ..model import Decision, History, NoticeKind, Observation, RunKey, SentNotice
+from .models import (
+    ActionRow,
+    DecisionLog,
+    DeliveryRow,
+    Lease,
+    Notice,
+    Run,
+    Sweep,
+    as_utc,
+    spell_key,
+)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+VERSION_TABLE = "reaper_alembic_version"
+DEFAULT_LEASE = "reaper"
+# Notices of these kinds go out at most once per spell (run-wide when the spell is None): seq 0.
+# Reminders are numbered 1..n within their spell.
+_NUMBERED = {NoticeKind.REMINDER}
+_CHUNK = 400  # runs per IN (...) query: 3 parameters each, far below SQLite's limit
+
+_RUNS: Table = Run.__table__  # type: ignore[assignment]
+_NOTICES: Table = Notice.__table__  # type: ignore[assignment]
+_DELIVERIES: Table = DeliveryRow.__table__  # type: ignore[assignment]
+_DECISIONS: Table = DecisionLog.__table__  # type: ignore[assignment]
+_ACTIONS: Table = ActionRow.__table__  # type: ignore[assignment]
+_SWEEPS: Table = Sweep.__table__  # type: ignore[assignment]
+_LEASES: Table = Lease.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One notice due on one channel (what a channel's ``deliver`` gets)."""
+
+    id: int
+    notice_id: int
+    run: RunKey
+    kind: NoticeKind
+    channel: str
+    attempts: int  # failed attempts so far
+    context: dict[str, Any] = field(default_factory=dict)
+    spell: datetime | None = None
+    created_at: datetime | None = None
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _normalize_url(url: str | URL) -> URL:
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")  # psycopg 3 unless the URL names a driver
+    return u
+
+
+def _sqlite_memory(u: URL) -> bool:
+    db = u.database or ""
+    return db in ("", ":memory:") or "mode=memory" in db
+
+
+def make_engine(url: str | URL) -> Engine:
+    """An engine set up for the reaper: WAL, busy timeout and BEGIN IMMEDIATE on SQLite."""
+    u = _normalize_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(u, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800)
+
+    memory = _sqlite_memory(u)
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    if memory:
+        kwargs["poolclass"] = StaticPool  # one database shared by every thread (tests)
+    engine = create_engine(u, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # pysqlite's own BEGIN handling off: we emit BEGIN below
+        cur = dbapi_conn.cursor()
+        try:
+            if not memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        write = conn.get_execution_options().get("reaper_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _ensure_sqlite_folder(u: URL) -> None:
+    if u.get_backend_name() != "sqlite" or _sqlite_memory(u):
+        return
+    db = u.database or ""
+    if db.startswith("file:"):
+        return
+    Path(db).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON (datetimes and other objects as strings) so any dict can be stored."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, datetime):
+        return o.isoformat()
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else as_utc(t).isoformat()
+
+
+def notice_context(obs: Observation, decision: Decision, now: datetime) -> dict[str, Any]:
+    """What a notice recorded with a decision carries for its templates (JSON-able; times ISO 8601 UTC)."""
+    s = obs.server
+    idle_since = obs.idle_since
+    return {
+        "user": s.user,
+        "server": s.name,
+        "started": _iso(s.started),
+        "url": s.url,
+        "job_id": s.job_id,
+        "user_options": s.user_options,
+        "state": obs.state.value,
+        "detail": obs.detail,
+        "last_activity": _iso(obs.last_activity),
+        "detached_since": _iso(obs.detached_since),
+        "idle_since": _iso(idle_since),
+        "job_end": _iso(obs.job_end),
+        "action": decision.action.value,
+        "reason": decision.reason,
+        "rule": decision.rule,
+        "spell": _iso(decision.spell),
+        "stop_at": _iso(decision.stop_at),
+        "next_at": _iso(decision.next_at),
+        "created_at": _iso(now),
+    }
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._rw = engine.execution_options(reaper_write=True)
+        memory = self.dialect == "sqlite" and _sqlite_memory(engine.url)
+        # An in-memory SQLite is one connection: serialize its users.
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            threading.RLock() if memory else contextlib.nullcontext()
+        )
+
+    @classmethod
+    def open(cls, url: str, *, upgrade: bool = True) -> Store:
+        """Open (creating the SQLite file's folder) and, unless told not to, migrate to head."""
+        u = _normalize_url(url)
+        _ensure_sqlite_folder(u)
+        store = cls(make_engine(u))
+        if upgrade:
+            try:
+                store.upgrade()
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.url.render_as_string(hide_password=True)})"
+
+    # ------------------------------------------------------------ transactions
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._lock, Session(self._rw, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._lock, Session(self.engine, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    def _insert(self, table: Table) -> Any:
+        return pg_insert(table) if self.dialect == "postgresql" else sqlite_insert(table)
+
+    # ------------------------------------------------------------ migrations
+
+    def _alembic(self) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("path_separator", "os")
+        url = self.engine.url.render_as_string(hide_password=False)
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+        return cfg
+
+    def upgrade(self, revision: str = "head") -> None:
+        with self._lock, self._rw.begin() as conn:
+            cfg = self._alembic()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+
+    def downgrade(self, revision: str) -> None:
+        with self._lock, self._rw.begin() as conn:
+            cfg = self._alembic()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+
+    def current_revision(self) -> str | None:
+        with self._lock, self.engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            return ctx.get_current_revision()
+
+    # ------------------------------------------------------------ runs
+
+    def _select_runs(self, s: Session, keys: Sequence[tuple[str, str, datetime]], *, lock: bool) -> list[Any]:
+        rows: list[Any] = []
+        for i in range(0, len(keys), _CHUNK):
+            chunk = keys[i : i + _CHUNK]
+            q = select(_RUNS).where(tuple_(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started).in_(chunk))
+            if lock and self.dialect == "postgresql":
+                q = q.order_by(_RUNS.c.id).with_for_update()
+            rows.extend(s.execute(q).all())
+        return rows
+
+    def _runs_for(
+        self, s: Session, keys: Iterable[tuple[str, str, datetime]], now: datetime, *, create: bool, lock: bool
+    ) -> dict[tuple[str, str, datetime], Any]:
+        """The rows of these runs (by normalized key), creating missing ones when asked."""
+        wanted = sorted(set(keys))
+        found = {(r.user, r.server, r.started): r for r in self._select_runs(s, wanted, lock=lock)}
+        missing = [k for k in wanted if k not in found]
+        if missing and create:
+            s.execute(
+                self._insert(_RUNS).on_conflict_do_nothing(index_elements=["user", "server", "started"]),
+                [
+                    {"user": u, "server": n, "started": st, "first_seen": now, "last_seen": now}
+                    for (u, n, st) in missing
+                ],
+            )
+            for r in self._select_runs(s, missing, lock=lock):
+                found[(r.user, r.server, r.started)] = r
+        return found
+
+    @staticmethod
+    def _key(run: RunKey) -> tuple[str, str, datetime]:
+        return (run.user, run.server, as_utc(run.started))
+
+    def _run_id(self, s: Session, run: RunKey, now: datetime, *, create: bool = True) -> int | None:
+        k = self._key(run)
+        row = self._runs_for(s, [k], now, create=create, lock=False).get(k)
+        return None if row is None else int(row.id)
+
+    def histories(self, runs: Iterable[RunKey]) -> dict[RunKey, History]:
+        asked = list(dict.fromkeys(runs))
+        out: dict[RunKey, History] = {k: History() for k in asked}
+        if not asked:
+            return out
+        by_key = {self._key(k): k for k in asked}
+        with self._read() as s:
+            rows = self._select_runs(s, list(by_key), lock=False)
+            ids = {int(r.id): r for r in rows}
+            notices: dict[int, list[SentNotice]] = {i: [] for i in ids}
+            id_list = list(ids)
+            for i in range(0, len(id_list), 1000):
+                q = (
+                    select(_NOTICES)
+                    .where(_NOTICES.c.run_id.in_(id_list[i : i + 1000]))
+                    .order_by(_NOTICES.c.created_at, _NOTICES.c.id)
+                )
+                for n in s.execute(q):
+                    notices[int(n.run_id)].append(
+                        SentNotice(
+                            kind=NoticeKind(n.kind),
+                            spell=n.spell,
+                            created_at=n.created_at,
+                            delivered_at=n.delivered_at,
+                            failed=bool(n.failed),
+                            failed_at=n.failed_at,
+                        )
+                    )
+        for r in rows:
+            key = by_key[(r.user, r.server, r.started)]
+            out[key] = History(
+                first_seen=r.first_seen,
+                notices=tuple(notices[int(r.id)]),
+                kept_until=r.kept_until,
+                stop_requested_at=r.stop_requested_at,
+            )
+        return out
+
+    def record(self, obs: Observation, decision: Decision, now: datetime) -> int | None:
+        """Record one observation and its decision; queue its notice. Returns the new notice's id,
+        or None when there is no notice or it was already recorded."""
+        return self.record_many([(obs, decision)], now)[0]
+
+    def record_many(self, items: list[tuple[Observation, Decision]], now: datetime) -> list[int | None]:
+        """Record a sweep's observations and decisions in one transaction (see :meth:`record`)."""
+        now = as_utc(now)
+        results: list[int | None] = [None] * len(items)
+        keyed = [(i, obs.server.run_key(), obs, dec) for i, (obs, dec) in enumerate(items)]
+        keyed = [(i, k, o, d) for (i, k, o, d) in keyed if k is not None]
+        if not keyed:
+            return results
+        with self._write() as s:
+            rows = self._runs_for(s, (self._key(k) for _, k, _, _ in keyed), now, create=True, lock=True)
+            prev: dict[int, tuple[str | None, str | None, str | None]] = {
+                int(r.id): (r.action, r.state, r.rule) for r in rows.values()
+            }
+            updates: list[dict[str, Any]] = []
+            log: list[dict[str, Any]] = []
+            notices: list[tuple[int, int, Observation, Decision]] = []
+            for i, key, obs, dec in keyed:
+                run_id = int(rows[self._key(key)].id)
+                now_vals = (dec.action.value, obs.state.value, dec.rule)
+                updates.append(
+                    {
+                        "b_id": run_id,
+                        "last_seen": now,
+                        "ended_at": None,
+                        "end_reason": None,
+                        "state": obs.state.value,
+                        "last_activity": obs.last_activity,
+                        "detached_since": obs.detached_since,
+                        "job_id": obs.job_id,
+                        "user_options": _jsonable(obs.server.user_options or {}),
+                        "detail": obs.detail,
+                        "action": dec.action.value,
+                        "reason": dec.reason,
+                        "rule": dec.rule,
+                        "spell": dec.spell,
+                        "stop_at": dec.stop_at,
+                        "next_at": dec.next_at,
+                    }
+                )
+                if prev.get(run_id) != now_vals:
+                    log.append(
+                        {
+                            "run_id": run_id,
+                            "at": now,
+                            "state": obs.state.value,
+                            "action": dec.action.value,
+                            "rule": dec.rule,
+                            "reason": dec.reason,
+                            "spell": dec.spell,
+                            "stop_at": dec.stop_at,
+                            "next_at": dec.next_at,
+                        }
+                    )
+                    prev[run_id] = now_vals
+                if dec.notice is not None:
+                    notices.append((i, run_id, obs, dec))
+            cols = {k: k for k in updates[0] if k != "b_id"}
+            s.execute(
+                update(_RUNS).where(_RUNS.c.id == bindparam("b_id")).values({k: bindparam(k) for k in cols}),
+                updates,
+            )
+            if log:
+                s.execute(_DECISIONS.insert(), log)
+            for i, run_id, obs, dec in notices:
+                assert dec.notice is not None
+                results[i] = self._add_notice(
+                    s, run_id, dec.notice, dec.spell, now, list(dec.channels), notice_context(obs, dec, now)
+                )
+        return results
+
+    def _add_notice(
+        self,
+        s: Session,
+        run_id: int,
+        kind: NoticeKind,
+        spell: datetime | None,
+        now: datetime,
+        channels: list[str],
+        context: dict[str, Any],
+    ) -> int | None:
+        kind = NoticeKind(kind)
+        skey = spell_key(spell)
+        if kind in _NUMBERED:
+            earlier = s.execute(
+                select(_NOTICES.c.created_at).where(
+                    _NOTICES.c.run_id == run_id, _NOTICES.c.kind == kind.value, _NOTICES.c.spell_key == skey
+                )
+            ).scalars().all()
+            if any(t >= now for t in earlier):
+                return None  # this reminder was already recorded (the same decision, recorded again)
+            seq = len(earlier) + 1
+        else:
+            seq = 0
+        nid = s.execute(
+            self._insert(_NOTICES)
+            .values(
+                run_id=run_id,
+                kind=kind.value,
+                spell=spell,
+                spell_key=skey,
+                seq=seq,
+                created_at=now,
+                channels=list(dict.fromkeys(channels)) or ["log"],
+                context=_jsonable(context),
+                failed=False,
+            )
+            .on_conflict_do_nothing(index_elements=["run_id", "kind", "spell_key", "seq"])
+            .returning(_NOTICES.c.id)
+        ).scalar_one_or_none()
+        if nid is None:
+            return None
+        s.execute(
+            _DELIVERIES.insert(),
+            [
+                {
+                    "notice_id": nid,
+                    "channel": ch,
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "updated_at": now,
+                }
+                for ch in (list(dict.fromkeys(channels)) or ["log"])
+            ],
+        )
+        return int(nid)
+
+    def add_notice(
+        self,
+        run: RunKey,
+        kind: NoticeKind,
+        spell: datetime | None,
+        now: datetime,
+        *,
+        channels: list[str],
+        context: dict[str, Any],
+    ) -> int | None:
+        """Queue a notice outside a sweep's decision ('stopped', 'orphan'); idempotent like record()."""
+        now = as_utc(now)
+        with self._write() as s:
+            run_id = self._run_id(s, run, now)
+            assert run_id is not None
+            return self._add_notice(s, run_id, NoticeKind(kind), spell, now, channels, context)
+
+    # ------------------------------------------------------------ the outbox
+
+    def due_deliveries(self, now: datetime, limit: int = 100) -> list[Delivery]:
+        q = (
+            select(
+                _DELIVERIES.c.id,
+                _DELIVERIES.c.notice_id,
+                _DELIVERIES.c.channel,
+                _DELIVERIES.c.attempts,
+                _NOTICES.c.kind,
+                _NOTICES.c.context,
+                _NOTICES.c.spell,
+                _NOTICES.c.created_at,
+                _RUNS.c.user,
+                _RUNS.c.server,
+                _RUNS.c.started,
+            )
+            .join(_NOTICES, _NOTICES.c.id == _DELIVERIES.c.notice_id)
+            .join(_RUNS, _RUNS.c.id == _NOTICES.c.run_id)
+            .where(_DELIVERIES.c.status == "pending", _DELIVERIES.c.next_attempt_at <= now)
+            .order_by(_DELIVERIES.c.next_attempt_at, _DELIVERIES.c.id)
+            .limit(limit)
+        )
+        with self._read() as s:
+            return [
+                Delivery(
+                    id=int(r.id),
+                    notice_id=int(r.notice_id),
+                    run=RunKey(r.user, r.server, r.started),
+                    kind=NoticeKind(r.kind),
+                    channel=r.channel,
+                    attempts=int(r.attempts),
+                    context=dict(r.context or {}),
+                    spell=r.spell,
+                    created_at=r.created_at,
+                )
+                for r in s.execute(q)
+            ]
+
+    def mark_delivered(self, delivery_id: int, now: datetime) -> None:
+        with self._write() as s:
+            nid = s.execute(
+                update(_DELIVERIES)
+                .where(_DELIVERIES.c.id == delivery_id, _DELIVERIES.c.status == "pending")
+                .values(status="delivered", delivered_at=now, updated_at=now, next_attempt_at=None)
+                .returning(_DELIVERIES.c.notice_id)
+            ).scalar_one_or_none()
+            if nid is not None:
+                s.execute(
+                    update(_NOTICES)
+                    .where(_NOTICES.c.id == nid, _NOTICES.c.delivered_at.is_(None))
+                    .values(delivered_at=now)
+                )
+
+    def mark_failed(
+        self,
+        delivery_id: int,
+        now: datetime,
+        error: str,
+        *,
+        permanent: bool,
+        retry_at: datetime | None,
+    ) -> None:
+        """A failed attempt. Temporary: pending again at ``retry_at`` (default now). Permanent: the
+        delivery is failed; when every channel of the notice failed so, the notice is failed."""
+        with self._write() as s:
+            values: dict[str, Any] = {
+                "attempts": _DELIVERIES.c.attempts + 1,
+                "last_error": error[:4000],
+                "updated_at": now,
+            }
+            if permanent:
+                values.update(status="failed", next_attempt_at=None)
+            else:
+                values.update(next_attempt_at=retry_at or now)
+            nid = s.execute(
+                update(_DELIVERIES)
+                .where(_DELIVERIES.c.id == delivery_id, _DELIVERIES.c.status == "pending")
+                .values(values)
+                .returning(_DELIVERIES.c.notice_id)
+            ).scalar_one_or_none()
+            if nid is None or not permanent:
+                return
+            statuses = s.execute(
+                select(_DELIVERIES.c.status).where(_DELIVERIES.c.notice_id == nid)
+            ).scalars().all()
+            if statuses and all(st == "failed" for st in statuses):
+                s.execute(
+                    update(_NOTICES)
+                    .where(_NOTICES.c.id == nid, _NOTICES.c.failed.is_(False))
+                    .values(failed=True, failed_at=now)
+                )
+
+    def outbox_depth(self) -> int:
+        with self._read() as s:
+            return int(
+                s.execute(
+                    select(func.count()).select_from(_DELIVERIES).where(_DELIVERIES.c.status == "pending")
+                ).scalar_one()
+            )
+
+    # ------------------------------------------------------------ actions and run state
+
+    def record_action(
+        self,
+        run: RunKey | None,
+        kind: str,
+        ok: bool,
+        detail: str,
+        now: datetime,
+        *,
+        actor: str = "reaper",
+        job_id: str | None = None,
+    ) -> int:
+        now = as_utc(now)
+        with self._write() as s:
+            run_id = self._run_id(s, run, now) if run is not None else None
+            return int(
+                s.execute(
+                    _ACTIONS.insert()
+                    .values(run_id=run_id, at=now, kind=kind, ok=ok, detail=detail, actor=actor, job_id=job_id)
+                    .returning(_ACTIONS.c.id)
+                ).scalar_one()
+            )
+
+    def set_kept_until(self, run: RunKey, until: datetime | None, *, by: str, now: datetime) -> None:
+        """"Keep running until": the policy sends nothing and stops nothing for this run until then."""
+        now = as_utc(now)
+        with self._write() as s:
+            run_id = self._run_id(s, run, now)
+            s.execute(
+                update(_RUNS)
+                .where(_RUNS.c.id == run_id)
+                .values(kept_until=until, kept_by=by if until is not None else None)
+            )
+
+    def mark_stop_requested(self, run: RunKey, now: datetime) -> None:
+        now = as_utc(now)
+        with self._write() as s:
+            run_id = self._run_id(s, run, now)
+            s.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(stop_requested_at=now))
+
+    def end_run(self, run: RunKey, now: datetime, reason: str) -> None:
+        """The server is no longer on the hub: the run ends (recording it again reopens it)."""
+        with self._write() as s:
+            user, server, started = self._key(run)
+            s.execute(
+                update(_RUNS)
+                .where(
+                    _RUNS.c.user == user,
+                    _RUNS.c.server == server,
+                    _RUNS.c.started == started,
+                    _RUNS.c.ended_at.is_(None),
+                )
+                .values(ended_at=now, end_reason=reason)
+            )
+
+    def open_runs(self) -> list[RunKey]:
+        with self._read() as s:
+            q = (
+                select(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
+                .where(_RUNS.c.ended_at.is_(None))
+                .order_by(_RUNS.c.id)
+            )
+            return [RunKey(r.user, r.server, r.started) for r in s.execute(q)]
+
+    # ------------------------------------------------------------ reports
+
+    def recent_actions(self, since: datetime, limit: int = 200) -> list[dict[str, Any]]:
+        q = (
+            select(_ACTIONS, _RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
+            .outerjoin(_RUNS, _RUNS.c.id == _ACTIONS.c.run_id)
+            .where(_ACTIONS.c.at >= since)
+            .order_by(_ACTIONS.c.at.desc(), _ACTIONS.c.id.desc())
+            .limit(limit)
+        )
+        with self._read() as s:
+            return [
+                {
+                    "id": r.id,
+                    "at": r.at,
+                    "user": r.user,
+                    "server": r.server,
+                    "started": r.started,
+                    "kind": r.kind,
+                    "ok": bool(r.ok),
+                    "detail": r.detail,
+                    "actor": r.actor,
+                    "job_id": r.job_id,
+                }
+                for r in s.execute(q)
+            ]
+
+    def recent_notices(self, since: datetime, limit: int = 200) -> list[dict[str, Any]]:
+        q = (
+            select(_NOTICES, _RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
+            .join(_RUNS, _RUNS.c.id == _NOTICES.c.run_id)
+            .where(_NOTICES.c.created_at >= since)
+            .order_by(_NOTICES.c.created_at.desc(), _NOTICES.c.id.desc())
+            .limit(limit)
+        )
+        with self._read() as s:
+            rows = s.execute(q).all()
+            per: dict[int, list[dict[str, Any]]] = {int(r.id): [] for r in rows}
+            if per:
+                dq = (
+                    select(_DELIVERIES)
+                    .where(_DELIVERIES.c.notice_id.in_(list(per)))
+                    .order_by(_DELIVERIES.c.id)
+                )
+                for d in s.execute(dq):
+                    per[int(d.notice_id)].append(
+                        {
+                            "channel": d.channel,
+                            "status": d.status,
+                            "attempts": d.attempts,
+                            "last_error": d.last_error,
+                            "delivered_at": d.delivered_at,
+                            "next_attempt_at": d.next_attempt_at,
+                        }
+                    )
+        return [
+            {
+                "id": r.id,
+                "user": r.user,
+                "server": r.server,
+                "started": r.started,
+                "kind": r.kind,
+                "spell": r.spell,
+                "seq": r.seq,
+                "created_at": r.created_at,
+                "delivered_at": r.delivered_at,
+                "failed": bool(r.failed),
+                "failed_at": r.failed_at,
+                "status": "delivered" if r.delivered_at else ("failed" if r.failed else "pending"),
+                "channels": list(r.channels or []),
+                "deliveries": per[int(r.id)],
+                "reason": (r.context or {}).get("reason"),
+            }
+            for r in rows
+        ]
+
+    def runs_overview(self) -> list[dict[str, Any]]:
+        """The latest state of every open run, ordered by user and server (times are aware datetimes)."""
+        q = select(_RUNS).where(_RUNS.c.ended_at.is_(None)).order_by(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
+        with self._read() as s:
+            return [dict(r._mapping) for r in s.execute(q)]
+
+    # ------------------------------------------------------------ sweeps
+
+    def start_sweep(self, now: datetime, *, dry_run: bool) -> int:
+        with self._write() as s:
+            return int(
+                s.execute(
+                    _SWEEPS.insert().values(started_at=now, dry_run=dry_run).returning(_SWEEPS.c.id)
+                ).scalar_one()
+            )
+
+    def finish_sweep(self, sweep_id: int, now: datetime, ok: bool, summary: dict[str, Any]) -> None:
+        with self._write() as s:
+            s.execute(
+                update(_SWEEPS)
+                .where(_SWEEPS.c.id == sweep_id)
+                .values(finished_at=now, ok=ok, summary=_jsonable(summary))
+            )
+
+    def last_successful_sweep(self) -> datetime | None:
+        with self._read() as s:
+            t = s.execute(select(func.max(_SWEEPS.c.finished_at)).where(_SWEEPS.c.ok.is_(True))).scalar_one()
+        if t is None:
+            return None
+        # func.max() loses the column type on some dialects: coerce back to aware UTC
+        if isinstance(t, str):
+            t = datetime.fromisoformat(t)
+        return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+    # ------------------------------------------------------------ single active reaper
+
+    def acquire_lease(self, holder: str, now: datetime, ttl: timedelta, *, name: str = DEFAULT_LEASE) -> bool:
+        """Take or renew the lease. True when ``holder`` holds it until now + ttl; False when another
+        holder's lease has not expired. Atomic on both databases (insert-or-nothing, then a
+        conditional update of the one row)."""
+        now = as_utc(now)
+        until = now + ttl
+        with self._write() as s:
+            ins = s.execute(
+                self._insert(_LEASES)
+                .values(name=name, holder=holder, acquired_at=now, expires_at=until)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            if ins.rowcount == 1:
+                return True
+            upd = s.execute(
+                update(_LEASES)
+                .where(_LEASES.c.name == name, or_(_LEASES.c.holder == holder, _LEASES.c.expires_at <= now))
+                .values(holder=holder, expires_at=until, acquired_at=now)
+            )
+            return upd.rowcount == 1
+
+    def release_lease(self, holder: str, *, name: str = DEFAULT_LEASE) -> None:
+        """Give the lease up (on a clean shutdown) so another reaper can take over at once."""
+        with self._write() as s:
+            s.execute(_LEASES.delete().where(_LEASES.c.name == name, _LEASES.c.holder == holder))
