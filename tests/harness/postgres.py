@@ -27,7 +27,7 @@ from pathlib import Path
 DEFAULT_BINDIR = "/usr/lib/postgresql/15/bin"
 DATABASE = "reaper_test"
 
-__all__ = ["PostgresUnavailable", "bindir", "postgres_available", "postgres_server"]
+__all__ = ["PostgresUnavailable", "bindir", "fresh_database", "postgres_available", "postgres_server"]
 
 
 class PostgresUnavailable(RuntimeError):
@@ -152,3 +152,18 @@ def _create_database(port: int, database: str) -> None:
             if time.monotonic() > deadline:
                 raise PostgresUnavailable(f"cannot connect to the new PostgreSQL on port {port}: {e}") from e
             time.sleep(0.1)
+
+
+def fresh_database(url: str, name: str) -> str:
+    """Create an empty database ``name`` on the server of ``url``; return the URL of the new database."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    with psycopg.connect(
+        host=u.host or "127.0.0.1", port=u.port or 5432, user=u.username, password=u.password,
+        dbname="postgres", autocommit=True, connect_timeout=10,
+    ) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
+    return u.set(database=name).render_as_string(hide_password=False)

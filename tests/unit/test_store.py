@@ -1,0 +1,568 @@
+"""The store, on both databases it supports: SQLite (a temporary file) and a real PostgreSQL 15
+(started once for the session by tests/harness/postgres.py; each test gets a fresh database).
+
+PostgreSQL may be skipped only on a non-root machine outside CI; as root or with CI=true a
+PostgreSQL that cannot start fails these tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, inspect, select, text
+
+from reaper.model import Action, Decision, History, HubServer, NoticeKind, Observation, RunKey, State
+from reaper.store import VERSION_TABLE, Store
+from reaper.store.models import Base, DecisionLog
+from tests.harness import require_real_part
+from tests.harness.postgres import PostgresUnavailable, fresh_database, postgres_available, postgres_server
+
+REPO = Path(__file__).resolve().parents[2]
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+CEST = timezone(timedelta(hours=2))
+TABLES = {
+    "reaper_runs",
+    "reaper_decisions",
+    "reaper_notices",
+    "reaper_deliveries",
+    "reaper_actions",
+    "reaper_sweeps",
+    "reaper_leases",
+}
+_db_counter = itertools.count(1)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    ok, why = postgres_available()
+    require_real_part(ok, f"PostgreSQL ({why})")
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(postgres_server())
+        except PostgresUnavailable as e:
+            require_real_part(False, f"PostgreSQL ({e})")
+            raise  # not reached: require_real_part skips or fails
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state' / 'reaper.sqlite'}"
+    server = request.getfixturevalue("pg_server")
+    return fresh_database(server, f"reaper_t{next(_db_counter)}_{os.getpid()}")
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store.open(db_url)
+    yield s
+    s.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def server(user: str = "alice", name: str = "", started: datetime = T0, job: str = "42") -> HubServer:
+    return HubServer(
+        user=user,
+        name=name,
+        started=started,
+        last_activity=started,
+        user_options={"partition": "gpu", "gres": "gpu:1", "hours": 8},
+        state={"job_id": job, "job_status": "RUNNING node1"},
+    )
+
+
+def observe(
+    sv: HubServer, at: datetime, state: State = State.DETACHED, detached_since: datetime | None = None
+) -> Observation:
+    return Observation(
+        server=sv,
+        state=state,
+        at=at,
+        last_activity=sv.started,
+        detached_since=detached_since if state is State.DETACHED else None,
+        detail="1 kernel idle, no browser connected",
+        probed=True,
+    )
+
+
+def decision(
+    action: Action = Action.OK,
+    notice: NoticeKind | None = None,
+    spell: datetime | None = None,
+    rule: str = "defaults",
+    channels: tuple[str, ...] = ("email",),
+) -> Decision:
+    return Decision(
+        action=action,
+        reason=f"{action.value} because the window closed",
+        rule=rule,
+        notice=notice,
+        spell=spell,
+        stop_at=T0 + timedelta(hours=4),
+        next_at=T0 + timedelta(hours=3),
+        channels=channels if notice is not None else (),
+    )
+
+
+def warn(spell: datetime = T0, channels: tuple[str, ...] = ("email",)) -> Decision:
+    return decision(Action.WARN, NoticeKind.WARNING, spell, channels=channels)
+
+
+def decisions_logged(store: Store) -> list[tuple[str, str, str]]:
+    with store.engine.connect() as c:
+        q = select(DecisionLog.action, DecisionLog.state, DecisionLog.rule).order_by(DecisionLog.id)
+        return [tuple(r) for r in c.execute(q)]  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+def test_migrations_upgrade_to_head_and_downgrade_to_base_cleanly(db_url: str) -> None:
+    s = Store.open(db_url, upgrade=False)
+    try:
+        assert s.current_revision() is None
+        s.upgrade()
+        assert s.current_revision() == "0001"
+        assert TABLES <= set(inspect(s.engine).get_table_names())
+        s.downgrade("base")
+        assert s.current_revision() is None
+        assert set(inspect(s.engine).get_table_names()) <= {VERSION_TABLE}
+        s.upgrade("head")  # and back up again, on the same database
+        assert s.current_revision() == "0001"
+        assert s.open_runs() == []
+    finally:
+        s.close()
+
+
+def test_the_models_match_the_migrated_schema(store: Store) -> None:
+    with store.engine.connect() as c:
+        ctx = MigrationContext.configure(c, opts={"compare_type": True, "version_table": VERSION_TABLE})
+        diff = compare_metadata(ctx, Base.metadata)
+    assert diff == []
+
+
+def test_open_creates_the_sqlite_folder_and_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "reaper.sqlite"
+    s = Store.open(f"sqlite:///{path}")
+    try:
+        assert path.exists()
+        with s.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert int(c.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) >= 10000
+    finally:
+        s.close()
+
+
+def test_alembic_command_line_takes_the_url_from_the_environment(tmp_path: Path) -> None:
+    db = tmp_path / "cli.sqlite"
+    env = {**os.environ, "REAPER_DATABASE_URL": f"sqlite:///{db}"}
+    p = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr
+    s = Store.open(f"sqlite:///{db}", upgrade=False)
+    try:
+        assert s.current_revision() == "0001"
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- runs and histories
+
+
+def test_record_and_histories_round_trip_with_aware_utc_datetimes(store: Store) -> None:
+    sv = server(user="Zoë-" + "é" * 251, name="gpu-ñ-" + "字" * 249)  # 255 characters each
+    assert len(sv.user) == 255 and len(sv.name) == 255
+    key = sv.run_key()
+    assert key is not None
+    spell_cest = (T0 + timedelta(minutes=5, microseconds=123456)).astimezone(CEST)  # same instant, +02:00
+    now = T0 + timedelta(hours=2)
+    nid = store.record(observe(sv, now, detached_since=spell_cest), warn(spell_cest), now)
+    assert nid is not None
+
+    unknown = RunKey("bob", "", T0)
+    hist = store.histories([key, unknown])
+    assert hist[unknown] == History()
+    h = hist[key]
+    assert h.first_seen == now and h.first_seen.tzinfo is not None and h.first_seen.utcoffset() == timedelta(0)
+    (n,) = h.notices
+    assert n.kind is NoticeKind.WARNING
+    assert n.spell == spell_cest and n.spell.utcoffset() == timedelta(0)  # returned as UTC, equal instant
+    assert n.created_at == now and n.delivered_at is None and not n.failed
+    # a key given in another time zone finds the same run
+    same = RunKey(key.user, key.server, key.started.astimezone(CEST))
+    assert store.histories([same])[same].first_seen == now
+
+    (row,) = store.runs_overview()
+    assert (row["user"], row["server"], row["state"], row["action"]) == (sv.user, sv.name, "detached", "warn")
+    assert row["job_id"] == "42" and row["user_options"] == {"partition": "gpu", "gres": "gpu:1", "hours": 8}
+    assert row["detached_since"] == spell_cest and row["stop_at"] == T0 + timedelta(hours=4)
+
+
+def test_naive_datetimes_are_refused(store: Store) -> None:
+    sv = server()
+    with pytest.raises(Exception, match="naive"):
+        store.record(observe(sv, T0), decision(), datetime(2026, 11, 25, 12, 0))
+
+
+def test_restart_keeps_first_seen_detached_since_and_notices(db_url: str) -> None:
+    sv = server()
+    key = sv.run_key()
+    assert key is not None
+    spell = T0 + timedelta(minutes=10)
+    first = T0 + timedelta(minutes=15)
+    s = Store.open(db_url)
+    s.record(observe(sv, first, detached_since=spell), decision(spell=spell), first)
+    s.record(observe(sv, first + timedelta(hours=1), detached_since=spell), warn(spell), first + timedelta(hours=1))
+    s.set_kept_until(key, None, by="alice", now=first)
+    s.close()
+
+    s = Store.open(db_url)  # a restart: same database, new process state
+    try:
+        h = s.histories([key])[key]
+        assert h.first_seen == first
+        assert [(n.kind, n.spell) for n in h.notices] == [(NoticeKind.WARNING, spell)]
+        assert s.runs_overview()[0]["detached_since"] == spell
+        assert s.open_runs() == [key]
+        # after the restart the same warning is not queued again
+        again = first + timedelta(hours=1, minutes=5)
+        assert s.record(observe(sv, again, detached_since=spell), warn(spell), again) is None
+        assert len(s.histories([key])[key].notices) == 1
+    finally:
+        s.close()
+
+
+def test_a_restarted_server_is_a_new_run_with_a_fresh_history(store: Store) -> None:
+    a = server()
+    b = server(started=T0 + timedelta(hours=5))
+    store.record(observe(a, T0 + timedelta(hours=1)), warn(), T0 + timedelta(hours=1))
+    store.record(observe(b, T0 + timedelta(hours=6)), decision(), T0 + timedelta(hours=6))
+    ka, kb = a.run_key(), b.run_key()
+    assert ka is not None and kb is not None
+    h = store.histories([ka, kb])
+    assert len(h[ka].notices) == 1 and h[kb].notices == ()
+    assert h[kb].first_seen == T0 + timedelta(hours=6)
+
+
+# --------------------------------------------------------------------------- notices
+
+
+def test_the_same_decision_recorded_twice_queues_one_notice(store: Store) -> None:
+    sv = server()
+    key = sv.run_key()
+    assert key is not None
+    now = T0 + timedelta(hours=2)
+    assert store.record(observe(sv, now), warn(), now) is not None
+    assert store.record(observe(sv, now), warn(), now) is None
+    later = now + timedelta(minutes=5)  # a later sweep deciding the same: still one warning this spell
+    assert store.record(observe(sv, later), warn(), later) is None
+    final = decision(Action.FINAL, NoticeKind.FINAL, T0)
+    assert store.record(observe(sv, later), final, later) is not None
+    assert store.record(observe(sv, later), final, later) is None
+    reminder = decision(Action.REMIND, NoticeKind.REMINDER, T0)
+    assert store.record(observe(sv, later), reminder, later) is not None
+    assert store.record(observe(sv, later), reminder, later) is None
+    kinds = [n.kind for n in store.histories([key])[key].notices]
+    assert kinds == [NoticeKind.WARNING, NoticeKind.FINAL, NoticeKind.REMINDER]
+    assert store.outbox_depth() == 3  # one channel each
+
+
+@pytest.mark.parametrize("kind", [NoticeKind.WARNING, NoticeKind.REMINDER])
+def test_two_threads_recording_the_same_notice_concurrently_queue_exactly_one(db_url: str, kind: NoticeKind) -> None:
+    stores = [Store.open(db_url) for _ in range(2)] + []  # two "reaper processes" on one database
+    try:
+        sv = server()
+        key = sv.run_key()
+        assert key is not None
+        now = T0 + timedelta(hours=2)
+        stores[0].record(observe(sv, now - timedelta(hours=1)), warn() if kind is NoticeKind.REMINDER else decision(),
+                         now - timedelta(hours=1))
+        action = Action.WARN if kind is NoticeKind.WARNING else Action.REMIND
+        dec = decision(action, kind, T0)
+        n_threads = 6
+        barrier = threading.Barrier(n_threads)
+        results: list[int | None] = []
+        errors: list[BaseException] = []
+
+        def go(i: int) -> None:
+            try:
+                barrier.wait()
+                results.append(stores[i % 2].record(observe(sv, now), dec, now))
+            except BaseException as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert len(results) == n_threads
+        assert len([r for r in results if r is not None]) == 1
+        notices = [n for n in stores[0].histories([key])[key].notices if n.kind is kind]
+        assert len(notices) == 1
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_reminders_are_numbered_1_2_3_within_a_spell_and_restart_in_a_new_spell(store: Store) -> None:
+    sv = server()
+    store.record(observe(sv, T0 + timedelta(hours=1)), warn(T0), T0 + timedelta(hours=1))
+    for h in (2, 3, 4):
+        nid = store.record(observe(sv, T0 + timedelta(hours=h)), decision(Action.REMIND, NoticeKind.REMINDER, T0),
+                           T0 + timedelta(hours=h))
+        assert nid is not None
+    new_spell = T0 + timedelta(hours=5)
+    store.record(observe(sv, T0 + timedelta(hours=6)), decision(Action.REMIND, NoticeKind.REMINDER, new_spell),
+                 T0 + timedelta(hours=6))
+    rows = sorted(store.recent_notices(T0), key=lambda r: r["created_at"])
+    assert [(r["kind"], r["seq"], r["spell"]) for r in rows] == [
+        ("warning", 0, T0),
+        ("reminder", 1, T0),
+        ("reminder", 2, T0),
+        ("reminder", 3, T0),
+        ("reminder", 1, new_spell),
+    ]
+
+
+def test_add_notice_for_stopped_and_orphan_is_idempotent(store: Store) -> None:
+    key = RunKey("carol", "big", T0)  # never recorded by a sweep: the run is created for it
+    ctx = {"reason": "idle 8h", "stopped_at": T0 + timedelta(hours=8)}  # datetimes are stored as ISO text
+    first = store.add_notice(key, NoticeKind.STOPPED, None, T0 + timedelta(hours=8), channels=["email", "slack"],
+                             context=ctx)
+    assert first is not None
+    assert store.add_notice(key, NoticeKind.STOPPED, None, T0 + timedelta(hours=9), channels=["email"],
+                            context=ctx) is None
+    assert store.add_notice(key, NoticeKind.ORPHAN, None, T0 + timedelta(hours=9), channels=["email"],
+                            context={}) is not None
+    due = store.due_deliveries(T0 + timedelta(hours=9))
+    assert sorted((d.kind.value, d.channel) for d in due) == [("orphan", "email"), ("stopped", "email"),
+                                                             ("stopped", "slack")]
+    stopped = [d for d in due if d.kind is NoticeKind.STOPPED][0]
+    assert stopped.run == key and stopped.context["stopped_at"] == (T0 + timedelta(hours=8)).isoformat()
+
+
+# --------------------------------------------------------------------------- the decisions log
+
+
+def test_the_decisions_log_appends_only_when_action_state_or_rule_changes(store: Store) -> None:
+    sv = server()
+    for m in range(0, 30, 5):  # six sweeps, nothing changes
+        store.record(observe(sv, T0 + timedelta(minutes=m)), decision(), T0 + timedelta(minutes=m))
+    assert decisions_logged(store) == [("ok", "detached", "defaults")]
+    store.record(observe(sv, T0 + timedelta(hours=1)), warn(), T0 + timedelta(hours=1))
+    store.record(observe(sv, T0 + timedelta(hours=1, minutes=5)), decision(), T0 + timedelta(hours=1, minutes=5))
+    store.record(observe(sv, T0 + timedelta(hours=1, minutes=10), State.ATTACHED), decision(),
+                 T0 + timedelta(hours=1, minutes=10))
+    store.record(observe(sv, T0 + timedelta(hours=1, minutes=15), State.ATTACHED), decision(rule="gpu"),
+                 T0 + timedelta(hours=1, minutes=15))
+    store.record(observe(sv, T0 + timedelta(hours=1, minutes=20), State.ATTACHED), decision(rule="gpu"),
+                 T0 + timedelta(hours=1, minutes=20))
+    assert decisions_logged(store) == [
+        ("ok", "detached", "defaults"),
+        ("warn", "detached", "defaults"),
+        ("ok", "detached", "defaults"),
+        ("ok", "attached", "defaults"),
+        ("ok", "attached", "gpu"),
+    ]
+
+
+def test_record_many_records_a_large_sweep_in_one_batch(store: Store) -> None:
+    now = T0 + timedelta(hours=2)
+    servers = [server(user=f"user{i:04d}", job=str(i)) for i in range(1200)]  # more than one IN chunk
+    items = [(observe(sv, now), warn() if i % 100 == 0 else decision()) for i, sv in enumerate(servers)]
+    ids = store.record_many(items, now)
+    assert len(ids) == 1200
+    assert [i for i, x in enumerate(ids) if x is not None] == list(range(0, 1200, 100))
+    assert len(store.open_runs()) == 1200
+    again = store.record_many(items, now + timedelta(minutes=5))
+    assert again == [None] * 1200
+    assert len(decisions_logged(store)) == 1200  # nothing changed the second time
+    keys = [sv.run_key() for sv in servers]
+    hist = store.histories([k for k in keys if k is not None])
+    assert sum(len(h.notices) for h in hist.values()) == 12
+    assert all(h.first_seen == now for h in hist.values())
+
+
+# --------------------------------------------------------------------------- the outbox
+
+
+def test_outbox_retry_waits_until_retry_at_and_delivery_sets_notice_delivered_at(store: Store) -> None:
+    sv = server()
+    key = sv.run_key()
+    assert key is not None
+    now = T0 + timedelta(hours=2)
+    nid = store.record(observe(sv, now), warn(channels=("email", "slack")), now)
+    due = store.due_deliveries(now)
+    assert {(d.notice_id, d.channel, d.attempts) for d in due} == {(nid, "email", 0), (nid, "slack", 0)}
+    email = next(d for d in due if d.channel == "email")
+    assert email.run == key and email.kind is NoticeKind.WARNING and email.context["user"] == "alice"
+    assert email.context["reason"] == warn().reason
+    slack = next(d for d in due if d.channel == "slack")
+
+    store.mark_failed(email.id, now, "SMTP 451 try later", permanent=False, retry_at=now + timedelta(minutes=5))
+    assert [d.channel for d in store.due_deliveries(now + timedelta(minutes=1))] == ["slack"]
+    retry = store.due_deliveries(now + timedelta(minutes=5))
+    assert {(d.channel, d.attempts) for d in retry} == {("email", 1), ("slack", 0)}
+    assert store.histories([key])[key].notices[0].delivered_at is None
+
+    t_email = now + timedelta(minutes=5)
+    store.mark_delivered(email.id, t_email)
+    n = store.histories([key])[key].notices[0]
+    assert n.delivered_at == t_email and not n.failed
+    store.mark_delivered(slack.id, t_email + timedelta(minutes=1))  # the second channel keeps the first time
+    assert store.histories([key])[key].notices[0].delivered_at == t_email
+    assert store.due_deliveries(now + timedelta(days=1)) == []
+    assert store.outbox_depth() == 0
+    (row,) = store.recent_notices(T0)
+    assert row["status"] == "delivered"
+    assert {d["channel"]: (d["status"], d["attempts"]) for d in row["deliveries"]} == {
+        "email": ("delivered", 1),
+        "slack": ("delivered", 0),
+    }
+
+
+def test_permanent_failure_on_every_channel_marks_the_notice_failed(store: Store) -> None:
+    sv = server()
+    key = sv.run_key()
+    assert key is not None
+    now = T0 + timedelta(hours=2)
+    store.record(observe(sv, now), decision(Action.FINAL, NoticeKind.FINAL, T0, channels=("email", "slack")), now)
+    due = {d.channel: d for d in store.due_deliveries(now)}
+    store.mark_failed(due["email"].id, now, "550 no such user", permanent=True, retry_at=None)
+    n = store.histories([key])[key].notices[0]
+    assert not n.failed and n.failed_at is None  # slack may still deliver
+    assert store.outbox_depth() == 1
+    later = now + timedelta(minutes=1)
+    store.mark_failed(due["slack"].id, later, "invalid_auth", permanent=True, retry_at=None)
+    n = store.histories([key])[key].notices[0]
+    assert n.failed and n.failed_at == later and n.delivered_at is None
+    assert store.outbox_depth() == 0 and store.due_deliveries(later + timedelta(days=1)) == []
+    # a late report for a delivery already settled changes nothing
+    store.mark_delivered(due["slack"].id, later + timedelta(minutes=1))
+    assert store.histories([key])[key].notices[0].delivered_at is None
+
+
+def test_one_channel_delivered_and_one_failed_is_delivered_not_failed(store: Store) -> None:
+    sv = server()
+    key = sv.run_key()
+    assert key is not None
+    now = T0 + timedelta(hours=2)
+    store.record(observe(sv, now), warn(channels=("email", "slack")), now)
+    due = {d.channel: d for d in store.due_deliveries(now)}
+    store.mark_delivered(due["slack"].id, now)
+    store.mark_failed(due["email"].id, now, "550", permanent=True, retry_at=None)
+    n = store.histories([key])[key].notices[0]
+    assert n.delivered_at == now and not n.failed
+
+
+# --------------------------------------------------------------------------- actions, runs, sweeps
+
+
+def test_actions_keep_stop_requests_and_ended_runs(store: Store) -> None:
+    a, b = server(user="alice"), server(user="bob", name="gpu")
+    ka, kb = a.run_key(), b.run_key()
+    assert ka is not None and kb is not None
+    store.record_many([(observe(a, T0), decision()), (observe(b, T0), decision())], T0)
+    assert set(store.open_runs()) == {ka, kb}
+
+    store.set_kept_until(ka, T0 + timedelta(hours=3), by="alice", now=T0)
+    store.mark_stop_requested(kb, T0 + timedelta(minutes=1))
+    h = store.histories([ka, kb])
+    assert h[ka].kept_until == T0 + timedelta(hours=3) and h[ka].stop_requested_at is None
+    assert h[kb].stop_requested_at == T0 + timedelta(minutes=1) and h[kb].kept_until is None
+    store.set_kept_until(ka, None, by="alice", now=T0 + timedelta(hours=1))
+    assert store.histories([ka])[ka].kept_until is None
+
+    aid = store.record_action(kb, "stop", True, "idle 8h | hub: stopped (204)", T0 + timedelta(minutes=2),
+                              job_id="42")
+    store.record_action(None, "orphan-cancel", False, "scancel 77 failed", T0 + timedelta(minutes=3),
+                        actor="reaper", job_id="77")
+    store.end_run(kb, T0 + timedelta(minutes=2), "stopped by the reaper")
+    assert store.open_runs() == [ka]
+    assert [r["user"] for r in store.runs_overview()] == ["alice"]
+    acts = store.recent_actions(T0)
+    assert [(x["kind"], x["ok"], x["user"], x["job_id"]) for x in acts] == [
+        ("orphan-cancel", False, None, "77"),
+        ("stop", True, "bob", "42"),
+    ]
+    assert acts[1]["id"] == aid and acts[1]["at"] == T0 + timedelta(minutes=2)
+    assert store.recent_actions(T0 + timedelta(minutes=3)) == acts[:1]
+    # seen on the hub again (e.g. the stop did not take): recording reopens the run
+    store.record(observe(b, T0 + timedelta(minutes=5)), decision(), T0 + timedelta(minutes=5))
+    assert set(store.open_runs()) == {ka, kb}
+
+
+def test_sweeps_record_the_last_successful_one(store: Store) -> None:
+    assert store.last_successful_sweep() is None
+    s1 = store.start_sweep(T0, dry_run=False)
+    store.finish_sweep(s1, T0 + timedelta(seconds=3), True, {"servers": 2, "at": T0})
+    s2 = store.start_sweep(T0 + timedelta(minutes=5), dry_run=False)
+    store.finish_sweep(s2, T0 + timedelta(minutes=5, seconds=2), False, {"error": "hub 503"})
+    s3 = store.start_sweep(T0 + timedelta(minutes=10), dry_run=False)  # still running
+    assert s1 < s2 < s3
+    last = store.last_successful_sweep()
+    assert last == T0 + timedelta(seconds=3) and last is not None and last.utcoffset() == timedelta(0)
+
+
+# --------------------------------------------------------------------------- the lease
+
+
+def test_lease_one_holder_at_a_time_renewable_and_taken_over_after_expiry(db_url: str) -> None:
+    a, b = Store.open(db_url), Store.open(db_url)
+    ttl = timedelta(minutes=15)
+    try:
+        assert a.acquire_lease("host-a:1", T0, ttl)
+        assert not b.acquire_lease("host-b:2", T0 + timedelta(minutes=1), ttl)
+        assert a.acquire_lease("host-a:1", T0 + timedelta(minutes=10), ttl)  # renewed: now expires at +25m
+        assert not b.acquire_lease("host-b:2", T0 + timedelta(minutes=20), ttl)
+        assert b.acquire_lease("host-b:2", T0 + timedelta(minutes=25), ttl)  # A stopped renewing
+        assert not a.acquire_lease("host-a:1", T0 + timedelta(minutes=26), ttl)
+        b.release_lease("host-b:2")
+        assert a.acquire_lease("host-a:1", T0 + timedelta(minutes=27), ttl)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_lease_race_between_two_processes_has_one_winner(db_url: str) -> None:
+    stores = [Store.open(db_url) for _ in range(4)]
+    try:
+        barrier = threading.Barrier(4)
+        won: list[str] = []
+
+        def go(i: int) -> None:
+            barrier.wait()
+            if stores[i].acquire_lease(f"holder-{i}", T0, timedelta(minutes=5)):
+                won.append(f"holder-{i}")
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(won) == 1
+        with stores[0].engine.connect() as c:
+            assert c.execute(text("SELECT holder FROM reaper_leases")).scalar_one() == won[0]
+            assert c.execute(select(func.count()).select_from(text("reaper_leases"))).scalar_one() == 1
+    finally:
+        for s in stores:
+            s.close()
