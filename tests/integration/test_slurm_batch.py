@@ -1,0 +1,309 @@
+"""The Slurm batch adapter (reaper.batch.slurm) against a REAL single-node Slurm.
+
+Real parts started here: munged, slurmctld and slurmd (tests/harness/slurm.py), once per module;
+jobs are submitted with sbatch as real unix users. Parser tests at the end use captured output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from reaper.batch import BatchError, JobState, make_batch_system
+from reaper.batch.slurm import FORMAT, SlurmBatch, parse_slurm_time, parse_squeue
+from tests.harness import require_real_part
+from tests.harness.slurm import SlurmCluster, create_unix_user, missing_parts
+
+OWNER = "reaperslurm1"
+OTHER = "reaperslurm2"
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[SlurmCluster]:
+    missing = missing_parts()
+    require_real_part(not missing, f"a real Slurm ({', '.join(missing)} missing)")
+    with SlurmCluster.started() as cluster:
+        create_unix_user(OWNER)
+        create_unix_user(OTHER)
+        yield cluster
+
+
+def batch_for(slurm: SlurmCluster, **kwargs: object) -> SlurmBatch:
+    return SlurmBatch(env=slurm.env, timeout=kwargs.pop("timeout", 30), **kwargs)  # type: ignore[arg-type]
+
+
+def unique_name() -> str:
+    return f"reaper-test-{uuid.uuid4().hex[:8]}"
+
+
+async def wait_gone(batch: SlurmBatch, job_id: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while await batch.job(job_id) is not None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still there after {timeout} s")
+        await asyncio.sleep(0.3)
+
+
+@pytest.mark.integration
+async def test_jobs_lists_the_named_job_with_user_partition_node_resources_and_walltime(
+    slurm: SlurmCluster,
+) -> None:
+    name = unique_name()
+    before = datetime.now(UTC).replace(microsecond=0)
+    job_id = slurm.sbatch(
+        "sleep 300", user=OWNER, name=name, partition="gpu", gres="gpu:2", time_limit="10", mem="2G", cpus=2
+    )
+    slurm.sbatch("sleep 300", user=OWNER, name=name + "-other")
+    slurm.wait_state(job_id, ["RUNNING"])
+    batch = batch_for(slurm)
+
+    jobs = await batch.jobs(name=name)
+
+    assert [j.id for j in jobs] == [job_id]
+    job = jobs[0]
+    assert job.user == OWNER
+    assert job.name == name
+    assert job.state is JobState.RUNNING
+    assert job.partition == "gpu"
+    assert job.node == slurm.node
+    assert job.gpus == 2
+    assert job.cpus == 2
+    assert job.mem_mb == 2048
+    assert job.start is not None and job.start.tzinfo is not None
+    assert before - timedelta(seconds=2) <= job.start <= datetime.now(UTC) + timedelta(seconds=2)
+    assert job.end == job.start + timedelta(minutes=10)
+    assert await batch.job(job_id) == job
+    assert [j.id for j in await batch.jobs(name=name, user=OWNER)] == [job_id]
+    assert await batch.jobs(name=name, user=OTHER) == []
+    assert await batch.jobs(name=name, user="no-such-user-here") == []
+
+
+@pytest.mark.integration
+async def test_gpus_requested_with_gpus_flag_and_unlimited_walltime_has_no_end(slurm: SlurmCluster) -> None:
+    name = unique_name()
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=name, extra=["--gpus=1"])
+    slurm.wait_state(job_id, ["RUNNING"])
+    job = await batch_for(slurm).job(job_id)
+    assert job is not None
+    assert job.gpus == 1
+    assert job.partition == "cpu"  # the default partition
+    assert job.end is None  # MaxTime=INFINITE, no --time: Slurm prints NONE
+    assert job.mem_mb is None  # nothing requested
+
+
+@pytest.mark.integration
+async def test_pending_job_has_no_node_start_or_end(slurm: SlurmCluster) -> None:
+    name = unique_name()
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=name, extra=["--hold"], time_limit="5")
+    job = await batch_for(slurm).job(job_id)
+    assert job is not None
+    assert job.state is JobState.PENDING
+    assert (job.node, job.start, job.end) == (None, None, None)
+    assert [j.id for j in await batch_for(slurm).jobs(name=name)] == [job_id]
+
+
+@pytest.mark.integration
+async def test_a_pipe_in_the_job_name_does_not_shift_fields(slurm: SlurmCluster) -> None:
+    name = f"odd|name|{uuid.uuid4().hex[:6]}"
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=name, partition="gpu")
+    job = await batch_for(slurm).job(job_id)
+    assert job is not None and job.name == name and job.partition == "gpu" and job.user == OWNER
+
+
+@pytest.mark.integration
+async def test_cancel_makes_the_job_gone_and_cancelling_again_is_no_error(slurm: SlurmCluster) -> None:
+    name = unique_name()
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=name)
+    slurm.wait_state(job_id, ["RUNNING"])
+    batch = batch_for(slurm)
+
+    await batch.cancel(job_id)
+    await wait_gone(batch, job_id)
+
+    assert await batch.jobs(name=name) == []
+    assert slurm.squeue_state(job_id) in (None, "CANCELLED")
+    await batch.cancel(job_id)  # already cancelled: success, not an error
+
+
+@pytest.mark.integration
+async def test_a_job_slurm_does_not_know_is_gone(slurm: SlurmCluster) -> None:
+    batch = batch_for(slurm)
+    assert await batch.job("987654") is None  # squeue: "Invalid job id specified"
+    await batch.cancel("987654")
+
+
+@pytest.mark.integration
+async def test_cancel_as_the_user_through_a_runuser_prefix(slurm: SlurmCluster) -> None:
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=unique_name())
+    slurm.wait_state(job_id, ["RUNNING", "PENDING"])
+    batch = batch_for(slurm, prefix="runuser -u {username} --")
+
+    with pytest.raises(BatchError, match="(?i)permission denied"):
+        await batch.cancel(job_id, user=OTHER)  # another user may not cancel it
+    assert await batch.job(job_id) is not None
+
+    await batch.cancel(job_id, user=OWNER)
+    await wait_gone(batch, job_id)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["dead-controller", "unparsable"])
+async def test_squeue_and_scancel_failures_are_batch_errors_never_gone(
+    slurm: SlurmCluster, kind: str
+) -> None:
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=unique_name())
+    slurm.wait_state(job_id, ["RUNNING"])
+    broken = SlurmBatch(env={"SLURM_CONF": str(slurm.broken_conf(kind))}, timeout=20)
+
+    with pytest.raises(BatchError) as err:
+        await broken.job(job_id)
+    assert err.value.returncode not in (None, 0)
+    with pytest.raises(BatchError):
+        await broken.jobs(name="jupyterhub-reaper")
+    with pytest.raises(BatchError):
+        await broken.cancel(job_id)
+    # The real cluster still runs it.
+    assert slurm.squeue_state(job_id) == "RUNNING"
+
+
+@pytest.mark.integration
+async def test_a_stopped_controller_is_a_batch_error_and_the_job_is_still_there_after(
+    slurm: SlurmCluster,
+) -> None:
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=unique_name())
+    slurm.wait_state(job_id, ["RUNNING"])
+    batch = batch_for(slurm, timeout=4)
+    slurm.stop_controller()
+    try:
+        with pytest.raises(BatchError):
+            await batch.job(job_id)
+        with pytest.raises(BatchError):
+            await batch.cancel(job_id)
+    finally:
+        slurm.start_controller()
+    job = await batch.job(job_id)
+    assert job is not None and job.state is JobState.RUNNING
+
+
+@pytest.mark.integration
+async def test_a_command_that_hangs_times_out_and_its_process_is_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    fake = tmp_path / "squeue"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    fake.chmod(0o755)
+    batch = SlurmBatch(squeue=str(fake), timeout=1)
+
+    started = time.monotonic()
+    with pytest.raises(BatchError, match="timed out"):
+        await batch.job("1")
+    assert time.monotonic() - started < 5
+    pid = int(pid_file.read_text())
+    await asyncio.sleep(0.2)
+    assert not _alive(pid), "the timed-out squeue is still running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_the_event_loop_keeps_running_while_a_command_waits(tmp_path: Path) -> None:
+    fake = tmp_path / "squeue"
+    fake.write_text("#!/bin/sh\nsleep 1\n")
+    fake.chmod(0o755)
+    batch = SlurmBatch(squeue=str(fake), timeout=5)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.05)
+
+    ticker = asyncio.create_task(tick())
+    assert await batch.jobs() == []
+    ticker.cancel()
+    assert ticks >= 10
+
+
+async def test_a_missing_command_is_a_batch_error() -> None:
+    with pytest.raises(BatchError, match="cannot run"):
+        await SlurmBatch(squeue="/nonexistent/squeue").job("1")
+
+
+# --- parsing captured output (Slurm 22.05.8) ------------------------------------------------------------
+
+CAPTURED = (
+    "3|probeuser|COMPLETED|cpu|vm|vm|1|1|1|0|cpu=1,node=1,billing=1|N/A|N/A|N/A|2026-11-25T21:23:57|2026-11-25T21:23:58|j3\n"
+    "2|probeuser|RUNNING|cpu|vm|vm|1|1|1|0|cpu=1,node=1,billing=1|gres:gpu:1|N/A|N/A|2026-11-25T21:23:57|NONE|j2\n"
+    "1|probeuser|RUNNING|gpu|vm|vm|1|1|1|1000M|cpu=1,node=1,billing=1|N/A|gres:gpu:2|N/A|2026-11-25T21:23:44|2026-11-25T21:33:44|testjob\n"
+    "7|bob|PENDING|gpu|(null)||2|2|8|16G|N/A|N/A|gres:gpu:a100:2|N/A|N/A|N/A|pend\n"
+    "8|carol|RUNNING|gpu|n1|n[1-2]|2|2|8|4G|cpu=8,mem=8G,node=2,billing=8,gres/gpu=6|N/A|gres:gpu:3|N/A|2026-11-25T21:00:00|2026-11-26T21:00:00|alloc\n"
+)
+
+
+def test_the_format_ends_with_the_name_field() -> None:
+    assert FORMAT.endswith(",Name:0")
+    assert FORMAT.count("|") == 16
+
+
+def test_parse_squeue_reads_states_gpus_memory_and_times_in_the_given_zone() -> None:
+    paris = ZoneInfo("Europe/Paris")
+    jobs = {j.id: j for j in parse_squeue(CAPTURED, tz=paris)}
+    assert jobs["3"].finished and jobs["3"].state is JobState.COMPLETED
+    assert jobs["2"].gpus == 1 and jobs["2"].end is None and jobs["2"].mem_mb is None
+    assert jobs["1"].gpus == 2 and jobs["1"].mem_mb == 1000
+    assert jobs["1"].start == datetime(2026, 11, 25, 20, 23, 44, tzinfo=UTC)  # 21:23 in Paris
+    assert jobs["1"].end == datetime(2026, 11, 25, 20, 33, 44, tzinfo=UTC)
+    assert jobs["7"].state is JobState.PENDING and jobs["7"].node is None and jobs["7"].gpus == 4
+    assert jobs["7"].mem_mb == 16384 and jobs["7"].start is None
+    assert jobs["8"].gpus == 6 and jobs["8"].mem_mb == 8192 and jobs["8"].node == "n1"
+
+
+def test_a_line_with_too_few_fields_is_a_batch_error_not_an_empty_list() -> None:
+    with pytest.raises(BatchError):
+        parse_squeue("1|alice|RUNNING\n")
+
+
+def test_parse_slurm_time_without_a_zone_uses_the_local_zone() -> None:
+    local = parse_slurm_time("2026-01-02T03:04:05")
+    assert local == datetime(2026, 1, 2, 3, 4, 5).astimezone().astimezone(UTC)
+    assert parse_slurm_time("N/A") is None and parse_slurm_time("Unknown") is None
+
+
+def test_make_batch_system_reads_the_config_section() -> None:
+    b = make_batch_system(
+        {
+            "system": "slurm",
+            "commands": {"squeue": "/opt/bin/squeue"},
+            "prefix": "sudo -n -u {username}",
+            "env": {"SLURM_CONF": "/x"},
+            "timeout": 7,
+            "timezone": "UTC",
+        }
+    )
+    assert isinstance(b, SlurmBatch)
+    assert b.squeue == "/opt/bin/squeue" and b.scancel == "scancel" and b.runner.timeout == 7
+    assert b.runner.argv(["scancel", "1"], "alice") == ["sudo", "-n", "-u", "alice", "scancel", "1"]
+    assert b.runner.argv(["scancel", "1"]) == ["scancel", "1"]
+    assert make_batch_system({}) is None
+    with pytest.raises(ValueError):
+        make_batch_system({"system": "slurm", "comands": {}})
+    with pytest.raises(ValueError):
+        make_batch_system({"system": "lsf"})
