@@ -1,0 +1,1 @@
+"""The reaper's page on the hub: HubOAuth login, JSON API, /metrics and /health."""

@@ -1,0 +1,743 @@
+"""Request handlers of the reaper's page, and the small pure helpers they use.
+
+Authorization, in one place (``BaseHandler.authorize``): a user sees and acts on their own servers
+only; hub admins and members of ``web.admin_group`` see and act on every server. Every POST needs
+the xsrf token (tornado ``xsrf_cookies``, checked the JupyterHub way by HubOAuth). Every action is
+logged and recorded with who did it. /metrics and /health need no login and show no user data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated, UserNotAllowed
+from tornado import web
+
+from ..config import format_duration, parse_duration
+from ..model import History, HubServer, RunKey, humanize
+from .app import KeepPolicy, WebContext
+from .metrics import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("reaper.web")
+
+WINDOWS = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
+MESSAGES = {
+    "kept": "Done: your server keeps running. The new scheduled stop is shown below.",
+    "stopped": "Done: the server was stopped.",
+    "stop-pending": "The hub is stopping the server; it will disappear from the list shortly.",
+    "stop-failed": "The hub could not stop the server. The reaper's admins were told in its log.",
+    "gone": "That server was no longer running.",
+}
+STOP_KINDS = ("stop",)
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def as_dt(value: Any) -> datetime | None:
+    """A datetime or an ISO 8601 string -> aware UTC datetime (naive values are UTC)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def relative(when: datetime | None, now: datetime) -> str:
+    """'in 42 min', '3 h 10 min ago', 'now'."""
+    if when is None:
+        return ""
+    secs = (when - now).total_seconds()
+    if abs(secs) < 45:
+        return "now"
+    words = _words(timedelta(seconds=abs(secs)))
+    return f"in {words}" if secs > 0 else f"{words} ago"
+
+
+def _words(delta: timedelta) -> str:
+    mins = int(round(delta.total_seconds() / 60))
+    if mins < 60:
+        return f"{max(mins, 1)} min"
+    h, m = divmod(mins, 60)
+    if h < 48:
+        return f"{h} h {m} min" if m else f"{h} h"
+    d, h = divmod(h, 24)
+    return f"{d} d {h} h" if h else f"{d} d"
+
+
+def local_time(when: datetime | None, tz: ZoneInfo, now: datetime) -> str:
+    """'14:05' today, 'Wed 26 Nov 14:05' otherwise, in the hub's time zone."""
+    if when is None:
+        return ""
+    t = when.astimezone(tz)
+    if t.date() == now.astimezone(tz).date():
+        return t.strftime("%H:%M")
+    return t.strftime("%a %d %b %H:%M")
+
+
+_WALLTIME = re.compile(r"^\s*(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?\s*$")
+
+
+def parse_walltime(value: Any) -> timedelta | None:
+    """Slurm time formats: 'MM', 'HH:MM:SS', 'D-HH:MM:SS', 'D-HH' ... and our own '8h'."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(minutes=value)  # Slurm: a bare number is minutes
+    text = str(value)
+    m = _WALLTIME.match(text)
+    if m:
+        d, a, b, c = m.groups()
+        days = int(d or 0)
+        if c is not None:
+            return timedelta(days=days, hours=int(a), minutes=int(b), seconds=int(c))
+        if b is not None:
+            return timedelta(days=days, hours=int(a), minutes=int(b)) if d else timedelta(minutes=int(a),
+                                                                                           seconds=int(b))
+        return timedelta(days=days, hours=int(a)) if d else timedelta(minutes=int(a))
+    try:
+        return parse_duration(text)
+    except ValueError:
+        return None
+
+
+def _first(opts: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if opts.get(k) not in (None, ""):
+            return opts[k]
+    return None
+
+
+def parse_memory_gb(value: Any) -> float | None:
+    if value in (None, ""):
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value).lower())
+    if not m:
+        return None
+    n, unit = float(m.group(1)), m.group(2) or "m"  # Slurm: a bare number is megabytes
+    return n * {"k": 1 / 1024**2, "m": 1 / 1024, "g": 1.0, "t": 1024.0}[unit]
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float | None = None
+    gpus: float | None = None
+    mem_gb: float | None = None
+    walltime: timedelta | None = None
+    partition: str | None = None
+    node: str | None = None
+
+
+def resources_of(record: dict[str, Any]) -> Resources:
+    """What a server's job holds, from what the reaper recorded (batch adapter data first, then the
+    spawner's user_options as batchspawner names them)."""
+    res = record.get("resources") if isinstance(record.get("resources"), dict) else {}
+    opts = record.get("user_options") if isinstance(record.get("user_options"), dict) else {}
+    merged = {**opts, **res}
+
+    def num(*keys: str) -> float | None:
+        v = _first(merged, *keys)
+        if v is None:
+            return None
+        if isinstance(v, str) and ":" in v:  # gres "gpu:2" / "gpu:a100:2"
+            v = v.rsplit(":", 1)[-1]
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
+
+    return Resources(
+        cpus=num("cpus", "req_nprocs", "nprocs", "ncpus"),
+        gpus=num("gpus", "req_ngpus", "ngpus", "gres"),
+        mem_gb=parse_memory_gb(_first(merged, "mem_gb", "memory", "req_memory", "mem")),
+        walltime=parse_walltime(_first(merged, "walltime", "req_runtime", "runtime")),
+        partition=_first(merged, "partition", "req_partition"),
+        node=_first(merged, "node", "exechost"),
+    )
+
+
+def job_end_of(record: dict[str, Any]) -> datetime | None:
+    """The job's walltime end: recorded by the batch adapter, else started + requested walltime."""
+    end = as_dt(record.get("job_end"))
+    if end is not None:
+        return end
+    started = as_dt(record.get("started"))
+    wall = resources_of(record).walltime
+    return started + wall if started is not None and wall is not None else None
+
+
+class KeepRefused(Exception):
+    """A "Keep running" request outside the policy; the message is for the user."""
+
+
+def keep_until(
+    *,
+    now: datetime,
+    requested: timedelta,
+    policy: KeepPolicy,
+    keeps_today: int,
+    started: datetime | None,
+    max_age: timedelta | None,
+    job_end: datetime | None,
+) -> tuple[datetime, str]:
+    """The time a "Keep running" moves the stop to, and a note when a limit shortened it.
+    Raises KeepRefused when the policy does not allow it."""
+    if requested <= timedelta(0):
+        raise KeepRefused("choose how long to keep the server running")
+    if requested > policy.max_extension:
+        raise KeepRefused(f"at most {format_duration(policy.max_extension)} at a time")
+    if keeps_today >= policy.max_per_day:
+        raise KeepRefused(
+            f"this server was already kept running {keeps_today} times in the last 24 hours "
+            f"(at most {policy.max_per_day})"
+        )
+    until, note = now + requested, ""
+    limits: list[tuple[datetime, str]] = []
+    if max_age is not None and started is not None:
+        limits.append((started + max_age, f"the longest a server may run ({format_duration(max_age)})"))
+    if job_end is not None:
+        limits.append((job_end, "the job's walltime end"))
+    for limit, why in limits:
+        if limit <= now + timedelta(minutes=1):
+            raise KeepRefused(f"the server has reached {why}: it cannot be kept longer")
+        if limit < until:
+            until, note = limit, f"shortened to {why}"
+    return until, note
+
+
+def reclaimed(stops: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """CPU-, GPU- and memory-hours a set of stops gave back: (walltime end - stop time) x resources.
+    Stops whose walltime end or resources were not recorded are counted as unknown."""
+    out = {"cpu_hours": 0.0, "gpu_hours": 0.0, "mem_gb_hours": 0.0, "counted": 0, "unknown": 0}
+    for a in stops:
+        at = as_dt(a.get("at") or a.get("created_at"))
+        end = job_end_of(a)
+        res = resources_of(a)
+        if at is None or end is None or res.cpus is None and res.gpus is None and res.mem_gb is None:
+            out["unknown"] += 1
+            continue
+        hours = max((end - at).total_seconds(), 0.0) / 3600
+        out["cpu_hours"] += hours * (res.cpus or 0)
+        out["gpu_hours"] += hours * (res.gpus or 0)
+        out["mem_gb_hours"] += hours * (res.mem_gb or 0)
+        out["counted"] += 1
+    for k in ("cpu_hours", "gpu_hours", "mem_gb_hours"):
+        out[k] = round(out[k], 1)
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return as_dt(v).isoformat() if as_dt(v) else None  # type: ignore[union-attr]
+    if isinstance(v, timedelta):
+        return v.total_seconds()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "value") and isinstance(getattr(v, "value"), str):
+        return v.value
+    return v
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+class BaseHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
+    ctx: WebContext
+    api = False
+
+    def initialize(self, ctx: WebContext) -> None:
+        self.ctx = ctx
+        self.hub_auth = ctx.hub_auth
+
+    # ---- headers
+
+    def set_default_headers(self) -> None:
+        self.set_header(
+            "Content-Security-Policy",
+            "default-src 'self'; frame-ancestors 'self'; form-action 'self'; base-uri 'none'; object-src 'none'",
+        )
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("X-Frame-Options", "SAMEORIGIN")
+        self.set_header("Referrer-Policy", "same-origin")
+        self.set_header("Cache-Control", "no-store")
+
+    # ---- identity
+
+    async def prepare(self) -> None:
+        # Ask the hub without blocking the loop (HubAuthenticated.get_current_user is synchronous).
+        if hasattr(self, "_hub_auth_user_cache"):
+            return
+        model = await self.hub_auth.get_user(self, sync=False)
+        if model:
+            try:
+                model = self.check_hub_user(model)
+            except UserNotAllowed:
+                model = None
+        self._hub_auth_user_cache = model
+
+    def get_login_url(self) -> str:
+        if self.api:
+            raise web.HTTPError(403, "log in through the hub, or send a token")
+        return str(super().get_login_url())
+
+    @property
+    def me(self) -> str:
+        return str(self.current_user["name"])
+
+    @property
+    def is_admin(self) -> bool:
+        u = self.current_user or {}
+        if u.get("kind", "user") != "user":
+            return False
+        if u.get("admin"):
+            return True
+        group = self.ctx.web.admin_group
+        return bool(group) and group in (u.get("groups") or [])
+
+    def authorize(self, user: str) -> None:
+        """A user acts on their own servers only; admins on every server."""
+        if user == self.me or self.is_admin:
+            return
+        log.warning("denied: %s asked for a server of another user (%s)", self.me, user)
+        raise web.HTTPError(403, "you can only see and act on your own servers")
+
+    # ---- data
+
+    @property
+    def store(self) -> Any:
+        return self.ctx.service.store
+
+    async def db(self, fn: str, *args: Any, **kw: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.store, fn), *args, **kw)
+
+    def tz(self) -> ZoneInfo:
+        return self.ctx.settings.tz
+
+    async def servers(self, user: str | None) -> list[dict[str, Any]]:
+        """Open server runs (all, or one user's) with their history, as plain dicts."""
+        rows = await self.db("runs_overview")
+        if user is not None:
+            rows = [r for r in rows if r.get("user") == user]
+        keys: list[RunKey] = []
+        for r in rows:
+            started = as_dt(r.get("started"))
+            if started is not None:
+                keys.append(RunKey(r["user"], r.get("server") or "", started))
+        hist: dict[RunKey, History] = await self.db("histories", keys) if keys else {}
+        now = self.ctx.now()
+        out = [self.server_view(r, hist, now) for r in rows]
+        out.sort(key=lambda v: (v["user"], v["server"]))
+        return out
+
+    def server_view(self, r: dict[str, Any], hist: dict[RunKey, History], now: datetime) -> dict[str, Any]:
+        tz = self.tz()
+        started = as_dt(r.get("started"))
+        key = RunKey(r["user"], r.get("server") or "", started) if started else None
+        h = hist.get(key) if key else None
+        res = resources_of(r)
+        last = as_dt(r.get("last_activity"))
+        detached = as_dt(r.get("detached_since"))
+        idle_since = detached if r.get("state") == "detached" and detached else last
+        kept = h.kept_until if h and h.kept_until and h.kept_until > now else None
+        stop_at = as_dt(r.get("stop_at"))
+        job_end = job_end_of(r)
+
+        def t(when: datetime | None) -> dict[str, Any] | None:
+            if when is None:
+                return None
+            return {"iso": when.isoformat(), "local": local_time(when, tz, now), "relative": relative(when, now)}
+
+        return {
+            "user": r["user"],
+            "server": r.get("server") or "",
+            "label": f"{r['user']}/{r.get('server')}" if r.get("server") else r["user"],
+            "started": t(started),
+            "state": r.get("state") or "unknown",
+            "idle_for": humanize(now - idle_since) if idle_since and r.get("state") != "computing" else None,
+            "last_activity": t(last),
+            "job_id": r.get("job_id"),
+            "partition": res.partition,
+            "node": res.node,
+            "gpus": res.gpus,
+            "cpus": res.cpus,
+            "mem_gb": res.mem_gb,
+            "job_end": t(job_end),
+            "user_options": r.get("user_options") or {},
+            "action": r.get("action"),
+            "reason": r.get("reason") or "",
+            "rule": r.get("rule"),
+            "stop_at": t(stop_at),
+            "next_at": t(as_dt(r.get("next_at"))),
+            "kept_until": t(kept),
+            "notices": [
+                {"kind": n.kind.value, "at": t(n.created_at), "delivered": n.delivered_at is not None,
+                 "failed": n.failed}
+                for n in (h.notices if h else ())
+            ],
+        }
+
+    # ---- output
+
+    def write_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps(_jsonable(data), indent=1))
+
+    def wants_json(self) -> bool:
+        return self.api or "application/json" in self.request.headers.get("Accept", "")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        message = self._reason
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        if self.wants_json():
+            self.set_header("Content-Type", "application/json; charset=UTF-8")
+            self.finish(json.dumps({"status": status_code, "message": message}))
+            return
+        self.render("error.html", status=status_code, message=message, ctx=self.ctx)
+
+    def get_template_namespace(self) -> dict[str, Any]:
+        ns = super().get_template_namespace()
+        ns.update(ctx=self.ctx, hub_name=self.ctx.settings.hub.name, prefix=self.ctx.prefix,
+                  hub_home="/hub/home", current=self._hub_auth_user_cache if hasattr(
+                      self, "_hub_auth_user_cache") else None)
+        return ns
+
+
+class NotFoundHandler(BaseHandler):
+    async def prepare(self) -> None:
+        self._hub_auth_user_cache = None
+        raise web.HTTPError(404, "no such page")
+
+
+class AddSlashHandler(BaseHandler):
+    async def prepare(self) -> None:
+        self._hub_auth_user_cache = None
+
+    def get(self) -> None:
+        self.redirect(self.ctx.prefix)  # a fixed target: never an open redirect
+
+
+class PageHandler(BaseHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        now = self.ctx.now()
+        admin = self.is_admin
+        all_servers = await self.servers(None if admin else self.me)
+        mine = [s for s in all_servers if s["user"] == self.me]
+        others = [s for s in all_servers if s["user"] != self.me] if admin else []
+        msg = MESSAGES.get(self.get_query_argument("msg", ""), "")
+        err = self.get_query_argument("error", "")
+        admin_view: dict[str, Any] | None = None
+        if admin:
+            window = self.get_query_argument("window", "7d")
+            if window not in WINDOWS:
+                window = "7d"
+            admin_view = await admin_summary(self, now, window)
+            if self.get_query_argument("dry_run", "") == "1":
+                admin_view["dry_run"] = await next_sweep(self.ctx)
+        self.render(
+            "index.html",
+            me=self.me,
+            admin=admin,
+            mine=mine,
+            others=others,
+            message=msg,
+            error_text=KEEP_ERRORS.get(err, ""),
+            keep=self.ctx.web.keep,
+            fmt=format_duration,
+            admin_view=admin_view,
+            windows=list(WINDOWS),
+            now_local=local_time(now, self.tz(), now),
+            tzname=self.ctx.settings.hub.timezone,
+        )
+
+
+KEEP_ERRORS = {
+    "keep": "That is outside what the policy allows (see the limits under the button).",
+    "bad-duration": "Choose one of the offered durations.",
+}
+
+
+class ActionHandler(BaseHandler):
+    """Shared by the POST handlers: which server, and the answer."""
+
+    def target(self) -> tuple[str, str]:
+        user = self.get_body_argument("user", "")
+        name = self.get_body_argument("server", "")
+        if not user:
+            raise web.HTTPError(400, "which server? (user missing)")
+        self.authorize(user)
+        return user, name
+
+    def done(self, code: str, data: dict[str, Any], status: int = 200) -> None:
+        if self.wants_json():
+            self.write_json({"result": code, **data}, status=status)
+        else:
+            key = "error" if status >= 400 else "msg"
+            self.redirect(f"{self.ctx.prefix}?{key}={code}", status=303)
+
+
+class KeepHandler(ActionHandler):
+    @web.authenticated
+    async def post(self) -> None:
+        user, name = self.target()
+        label = f"{user}/{name}" if name else user
+        policy = self.ctx.web.keep
+        try:
+            requested = parse_duration(self.get_body_argument("duration", ""))
+        except ValueError:
+            return self.done("bad-duration", {"message": "choose a duration such as 2h"}, status=400)
+        sweeper = self.ctx.service.sweeper
+        server: HubServer | None = await sweeper.hub.get_server(user, name)
+        if server is None or server.run_key() is None:
+            raise web.HTTPError(404, "that server is not running")
+        key = server.run_key()
+        assert key is not None
+        now = self.ctx.now()
+        actions = await self.db("recent_actions", now - timedelta(hours=24), 1000)
+        keeps = sum(1 for a in actions if a.get("kind") == "keep" and a.get("ok", True)
+                    and a.get("user") == user and (a.get("server") or "") == name)
+        rule = sweeper._rule(server)
+        overview = next((r for r in await self.db("runs_overview")
+                         if r.get("user") == user and (r.get("server") or "") == name), {})
+        record = {**overview, "started": server.started, "user_options": server.user_options}
+        try:
+            until, note = keep_until(now=now, requested=requested, policy=policy, keeps_today=keeps,
+                                     started=server.started, max_age=rule.max_age, job_end=job_end_of(record))
+        except KeepRefused as e:
+            log.info("keep %s for %s refused for %s: %s", label, format_duration(requested), self.me, e)
+            if self.wants_json():
+                return self.write_json({"result": "refused", "message": str(e)}, status=409)
+            raise web.HTTPError(409, str(e)) from None
+        await self.db("set_kept_until", key, until, by=self.me, now=now)
+        detail = f"kept running until {until.isoformat()} ({format_duration(requested)} asked by {self.me})"
+        if note:
+            detail += f"; {note}"
+        await self.db("record_action", key, "keep", True, detail, now, actor=self.me, job_id=server.job_id)
+        log.info("%s: %s", label, detail)
+        earliest_stop = until + rule.min_notice
+        if rule.max_age is not None and server.started is not None:
+            earliest_stop = min(earliest_stop, server.started + rule.max_age)
+        self.done("kept", {"user": user, "server": name, "kept_until": until, "note": note,
+                           "earliest_stop": earliest_stop})
+
+
+class StopHandler(ActionHandler):
+    @web.authenticated
+    async def post(self) -> None:
+        from ..sweep import stop_now
+
+        user, name = self.target()
+        label = f"{user}/{name}" if name else user
+        log.info("%s: stop requested on the web page by %s", label, self.me)
+        outcome = await stop_now(self.ctx.service.sweeper, user, name, actor=self.me)
+        if outcome != "gone":
+            self.ctx.metrics.count_stop(outcome)
+        code = {"stopped": "stopped", "pending": "stop-pending", "gone": "gone"}.get(outcome, "stop-failed")
+        self.done(code, {"user": user, "server": name, "outcome": outcome},
+                  status=502 if code == "stop-failed" else 200)
+
+
+class ServersAPIHandler(BaseHandler):
+    api = True
+
+    @web.authenticated
+    async def get(self) -> None:
+        scope = None if self.is_admin and self.get_query_argument("all", "1") != "0" else self.me
+        self.write_json({"servers": await self.servers(scope)})
+
+
+class ServerAPIHandler(BaseHandler):
+    api = True
+
+    @web.authenticated
+    async def get(self, user: str, name: str) -> None:
+        self.authorize(user)
+        for s in await self.servers(user):
+            if s["server"] == name:
+                return self.write_json(s)
+        raise web.HTTPError(404, "no such running server")
+
+
+class AdminHandler(BaseHandler):
+    api = True
+
+    def require_admin(self) -> None:
+        if not self.is_admin:
+            log.warning("denied: %s asked for an admin view", self.me)
+            raise web.HTTPError(403, "admins only")
+
+
+class AdminSummaryAPIHandler(AdminHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        self.require_admin()
+        window = self.get_query_argument("window", "7d")
+        if window not in WINDOWS:
+            raise web.HTTPError(400, f"window must be one of {', '.join(WINDOWS)}")
+        self.write_json(await admin_summary(self, self.ctx.now(), window))
+
+
+class NextSweepAPIHandler(AdminHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        self.require_admin()
+        self.write_json(await next_sweep(self.ctx))
+
+
+async def admin_summary(h: BaseHandler, now: datetime, window: str) -> dict[str, Any]:
+    since = now - WINDOWS[window]
+    actions = await h.db("recent_actions", since, 5000)
+    notices = await h.db("recent_notices", since, 5000)
+    stops = [a for a in actions if a.get("kind") in STOP_KINDS and a.get("ok", True)]
+    sent = [n for n in notices if n.get("delivered_at") or n.get("status") == "delivered"]
+    tz = h.tz()
+
+    def row(d: dict[str, Any]) -> dict[str, Any]:
+        at = as_dt(d.get("at") or d.get("created_at"))
+        safe = {k: d.get(k) for k in ("user", "server", "kind", "ok", "detail", "actor", "job_id", "channels",
+                                      "reason", "delivered_at", "failed", "status", "error")
+                if k in d}
+        safe["at"] = {"iso": at.isoformat() if at else None, "local": local_time(at, tz, now),
+                      "relative": relative(at, now)}
+        return safe
+
+    by_kind: dict[str, int] = {}
+    for n in sent:
+        by_kind[str(n.get("kind"))] = by_kind.get(str(n.get("kind")), 0) + 1
+    return {
+        "window": window,
+        "since": since,
+        "totals": {
+            "servers_stopped": len(stops),
+            "stopped_by_reaper": sum(1 for a in stops if not a.get("actor")),
+            "stopped_on_request": sum(1 for a in stops if a.get("actor")),
+            "notices_sent": len(sent),
+            "notices_by_kind": by_kind,
+            "notices_failed": sum(1 for n in notices if n.get("failed") or n.get("status") == "failed"),
+            "reclaimed": reclaimed(stops),
+        },
+        "recent_stops": [row(a) for a in stops[:50]],
+        "recent_actions": [row(a) for a in actions[:50]],
+        "recent_notices": [row(n) for n in notices[:50]],
+    }
+
+
+async def next_sweep(ctx: WebContext) -> dict[str, Any]:
+    """What the next sweep would do: a dry run (changes nothing), reused for web.dry_run_cache."""
+    async with ctx.dry_run_lock:
+        now = ctx.now()
+        fresh = ctx.dry_run_at is not None and now - ctx.dry_run_at < ctx.web.dry_run_cache
+        if not fresh:
+            ctx.dry_run_result = await ctx.service.sweeper.run_once(dry_run=True)
+            ctx.dry_run_at = now
+        res = ctx.dry_run_result
+    tz = ctx.settings.tz
+    rows = []
+    for r in sorted(res.rows, key=lambda r: (r.obs.server.user, r.obs.server.name)):
+        o, d = r.obs, r.decision
+        rows.append({
+            "user": o.server.user,
+            "server": o.server.name,
+            "state": o.state.value,
+            "idle_for": humanize(res.started_at - o.idle_since) if o.idle_since and o.state.value != "computing"
+            else None,
+            "job_id": o.job_id,
+            "action": d.action.value,
+            "outcome": r.outcome,
+            "reason": d.reason,
+            "rule": d.rule,
+            "stop_at": local_time(d.stop_at, tz, now) if d.stop_at else None,
+        })
+    return {"at": res.started_at, "age": relative(res.started_at, now), "ok": res.ok, "error": res.error,
+            "safety_tripped": res.safety_tripped, "rows": rows}
+
+
+class MetricsHandler(BaseHandler):
+    """Prometheus text format. No login (no user data in it), as Prometheus scrapes it."""
+
+    async def prepare(self) -> None:
+        self._hub_auth_user_cache = None
+
+    async def get(self) -> None:
+        m = self.ctx.metrics
+        store = self.ctx.service.store
+        if store is not None:
+            try:
+                if hasattr(store, "outbox_depth"):
+                    m.set_outbox_depth(await asyncio.to_thread(store.outbox_depth))
+                if hasattr(store, "last_successful_sweep"):
+                    m.set_last_successful_sweep(as_dt(await asyncio.to_thread(store.last_successful_sweep)))
+            except Exception as e:  # the scrape still answers; /health tells about the database
+                log.warning("metrics: could not read the store: %s", e)
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(m.exposition())
+
+
+class HealthHandler(BaseHandler):
+    """200 while sweeps succeed (the last one younger than 3 x sweep_every), 503 otherwise."""
+
+    async def prepare(self) -> None:
+        self._hub_auth_user_cache = None
+
+    async def get(self) -> None:
+        now = self.ctx.now()
+        limit = self.ctx.settings.sweep_every * 3
+        last: datetime | None = None
+        problem = ""
+        result = getattr(self.ctx.service, "last_result", None)
+        if result is not None and result.ok and not result.dry_run and result.finished_at is not None:
+            last = as_dt(result.finished_at)
+        store = self.ctx.service.store
+        if store is not None:
+            try:
+                recorded = as_dt(await asyncio.to_thread(store.last_successful_sweep))
+                if recorded is not None and (last is None or recorded > last):
+                    last = recorded
+            except Exception as e:
+                problem = f"database: {type(e).__name__}: {e}"
+        age = now - last if last is not None else None
+        up = now - self.ctx.started_at
+        if problem:
+            ok, why = False, problem
+        elif age is not None and age <= limit:
+            ok, why = True, f"last successful sweep {humanize(age)} ago"
+        elif age is None and up <= limit:
+            ok, why = True, f"starting: no successful sweep yet ({humanize(up)} since start)"
+        elif age is None:
+            ok, why = False, f"no successful sweep in {humanize(up)} since start (limit {humanize(limit)})"
+        else:
+            assert age is not None
+            ok, why = False, f"last successful sweep {humanize(age)} ago (limit {humanize(limit)})"
+        if result is not None and not result.ok and result.error:
+            why += f"; last sweep failed: {result.error}"
+        self.set_status(200 if ok else 503)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"status": "ok" if ok else "failing", "reason": why,
+                                "last_successful_sweep": last.isoformat() if last else None}))
+
+
+class CallbackHandler(HubOAuthCallbackHandler):  # type: ignore[misc]
+    """HubOAuth's callback, with our HubOAuth instance and security headers."""
+
+    def initialize(self, ctx: WebContext) -> None:
+        self.hub_auth = ctx.hub_auth
+
+    def set_default_headers(self) -> None:
+        BaseHandler.set_default_headers(self)  # type: ignore[arg-type]
