@@ -22,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, or_, select, tuple_, update
@@ -31,6 +30,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
+
+from alembic import command
 
 from ..model import Decision, History, NoticeKind, Observation, RunKey, SentNotice
 from .models import (
@@ -52,6 +53,7 @@ DEFAULT_LEASE = "reaper"
 # Reminders are numbered 1..n within their spell.
 _NUMBERED = {NoticeKind.REMINDER}
 _CHUNK = 400  # runs per IN (...) query: 3 parameters each, far below SQLite's limit
+_WHOLE_SWEEP = 500  # more runs than this at once: read all open runs instead of looking each up
 
 _RUNS: Table = Run.__table__  # type: ignore[assignment]
 _NOTICES: Table = Notice.__table__  # type: ignore[assignment]
@@ -258,6 +260,15 @@ class Store:
 
     def _select_runs(self, s: Session, keys: Sequence[tuple[str, str, datetime]], *, lock: bool) -> list[Any]:
         rows: list[Any] = []
+        if len(keys) > _WHOLE_SWEEP:
+            # A whole sweep's worth: its runs are (nearly) all the open runs, read in one query.
+            wanted = set(keys)
+            q = select(_RUNS).where(_RUNS.c.ended_at.is_(None))
+            if lock and self.dialect == "postgresql":
+                q = q.order_by(_RUNS.c.id).with_for_update()
+            rows = [r for r in s.execute(q) if (r.user, r.server, r.started) in wanted]
+            found = {(r.user, r.server, r.started) for r in rows}
+            keys = [k for k in keys if k not in found]
         for i in range(0, len(keys), _CHUNK):
             chunk = keys[i : i + _CHUNK]
             q = select(_RUNS).where(tuple_(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started).in_(chunk))
@@ -267,7 +278,13 @@ class Store:
         return rows
 
     def _runs_for(
-        self, s: Session, keys: Iterable[tuple[str, str, datetime]], now: datetime, *, create: bool, lock: bool
+        self,
+        s: Session,
+        keys: Iterable[tuple[str, str, datetime]],
+        now: datetime,
+        *,
+        create: bool,
+        lock: bool,
     ) -> dict[tuple[str, str, datetime], Any]:
         """The rows of these runs (by normalized key), creating missing ones when asked."""
         wanted = sorted(set(keys))
@@ -420,11 +437,17 @@ class Store:
         kind = NoticeKind(kind)
         skey = spell_key(spell)
         if kind in _NUMBERED:
-            earlier = s.execute(
-                select(_NOTICES.c.created_at).where(
-                    _NOTICES.c.run_id == run_id, _NOTICES.c.kind == kind.value, _NOTICES.c.spell_key == skey
+            earlier = (
+                s.execute(
+                    select(_NOTICES.c.created_at).where(
+                        _NOTICES.c.run_id == run_id,
+                        _NOTICES.c.kind == kind.value,
+                        _NOTICES.c.spell_key == skey,
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if any(t >= now for t in earlier):
                 return None  # this reminder was already recorded (the same decision, recorded again)
             seq = len(earlier) + 1
@@ -564,9 +587,9 @@ class Store:
             ).scalar_one_or_none()
             if nid is None or not permanent:
                 return
-            statuses = s.execute(
-                select(_DELIVERIES.c.status).where(_DELIVERIES.c.notice_id == nid)
-            ).scalars().all()
+            statuses = (
+                s.execute(select(_DELIVERIES.c.status).where(_DELIVERIES.c.notice_id == nid)).scalars().all()
+            )
             if statuses and all(st == "failed" for st in statuses):
                 s.execute(
                     update(_NOTICES)
@@ -601,13 +624,15 @@ class Store:
             return int(
                 s.execute(
                     _ACTIONS.insert()
-                    .values(run_id=run_id, at=now, kind=kind, ok=ok, detail=detail, actor=actor, job_id=job_id)
+                    .values(
+                        run_id=run_id, at=now, kind=kind, ok=ok, detail=detail, actor=actor, job_id=job_id
+                    )
                     .returning(_ACTIONS.c.id)
                 ).scalar_one()
             )
 
     def set_kept_until(self, run: RunKey, until: datetime | None, *, by: str, now: datetime) -> None:
-        """"Keep running until": the policy sends nothing and stops nothing for this run until then."""
+        """A "keep running until": the policy sends nothing and stops nothing for this run until then."""
         now = as_utc(now)
         with self._write() as s:
             run_id = self._run_id(s, run, now)
@@ -725,7 +750,11 @@ class Store:
 
     def runs_overview(self) -> list[dict[str, Any]]:
         """The latest state of every open run, ordered by user and server (times are aware datetimes)."""
-        q = select(_RUNS).where(_RUNS.c.ended_at.is_(None)).order_by(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
+        q = (
+            select(_RUNS)
+            .where(_RUNS.c.ended_at.is_(None))
+            .order_by(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
+        )
         with self._read() as s:
             return [dict(r._mapping) for r in s.execute(q)]
 

@@ -113,8 +113,21 @@ def postgres_server(database: str = DATABASE) -> Iterator[str]:
     started = False
     try:
         _check(
-            _cmd(user, str(b / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust",
-                 "-E", "UTF8", "--locale=C.UTF-8", "--no-sync", "--no-instructions"),
+            _cmd(
+                user,
+                str(b / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+                "--no-instructions",
+            ),
             "initdb",
         )
         opts = (
@@ -122,7 +135,20 @@ def postgres_server(database: str = DATABASE) -> Iterator[str]:
             "-c full_page_writes=off -c max_connections=50 -c shared_buffers=32MB"
         )
         _check(
-            _cmd(user, str(b / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(log), "-w", "-t", "30", "start"),
+            _cmd(
+                user,
+                str(b / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                opts,
+                "-l",
+                str(log),
+                "-w",
+                "-t",
+                "30",
+                "start",
+            ),
             "pg_ctl start",
             log,
         )
@@ -133,7 +159,9 @@ def postgres_server(database: str = DATABASE) -> Iterator[str]:
         if started:
             subprocess.run(
                 _cmd(user, str(b / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"),
-                capture_output=True, timeout=60, cwd="/",
+                capture_output=True,
+                timeout=60,
+                cwd="/",
             )
         shutil.rmtree(root, ignore_errors=True)
 
@@ -144,9 +172,15 @@ def _create_database(port: int, database: str) -> None:
     deadline = time.monotonic() + 20
     while True:
         try:
-            with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
-                                 autocommit=True, connect_timeout=5) as conn:
-                conn.execute(f'CREATE DATABASE "{database}" ENCODING \'UTF8\' TEMPLATE template0')
+            with psycopg.connect(
+                host="127.0.0.1",
+                port=port,
+                user="postgres",
+                dbname="postgres",
+                autocommit=True,
+                connect_timeout=5,
+            ) as conn:
+                conn.execute(f"CREATE DATABASE \"{database}\" ENCODING 'UTF8' TEMPLATE template0")
             return
         except psycopg.OperationalError as e:
             if time.monotonic() > deadline:
@@ -161,9 +195,14 @@ def fresh_database(url: str, name: str) -> str:
 
     u = make_url(url)
     with psycopg.connect(
-        host=u.host or "127.0.0.1", port=u.port or 5432, user=u.username, password=u.password,
-        dbname="postgres", autocommit=True, connect_timeout=10,
+        host=u.host or "127.0.0.1",
+        port=u.port or 5432,
+        user=u.username,
+        password=u.password,
+        dbname="postgres",
+        autocommit=True,
+        connect_timeout=10,
     ) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
+        conn.execute(f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' TEMPLATE template0")
     return u.set(database=name).render_as_string(hide_password=False)

@@ -174,7 +174,11 @@ def test_alembic_command_line_takes_the_url_from_the_environment(tmp_path: Path)
     db = tmp_path / "cli.sqlite"
     env = {**os.environ, "REAPER_DATABASE_URL": f"sqlite:///{db}"}
     p = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert p.returncode == 0, p.stderr
     s = Store.open(f"sqlite:///{db}", upgrade=False)
@@ -201,7 +205,9 @@ def test_record_and_histories_round_trip_with_aware_utc_datetimes(store: Store) 
     hist = store.histories([key, unknown])
     assert hist[unknown] == History()
     h = hist[key]
-    assert h.first_seen == now and h.first_seen.tzinfo is not None and h.first_seen.utcoffset() == timedelta(0)
+    assert (
+        h.first_seen == now and h.first_seen.tzinfo is not None and h.first_seen.utcoffset() == timedelta(0)
+    )
     (n,) = h.notices
     assert n.kind is NoticeKind.WARNING
     assert n.spell == spell_cest and n.spell.utcoffset() == timedelta(0)  # returned as UTC, equal instant
@@ -230,7 +236,9 @@ def test_restart_keeps_first_seen_detached_since_and_notices(db_url: str) -> Non
     first = T0 + timedelta(minutes=15)
     s = Store.open(db_url)
     s.record(observe(sv, first, detached_since=spell), decision(spell=spell), first)
-    s.record(observe(sv, first + timedelta(hours=1), detached_since=spell), warn(spell), first + timedelta(hours=1))
+    s.record(
+        observe(sv, first + timedelta(hours=1), detached_since=spell), warn(spell), first + timedelta(hours=1)
+    )
     s.set_kept_until(key, None, by="alice", now=first)
     s.close()
 
@@ -285,15 +293,20 @@ def test_the_same_decision_recorded_twice_queues_one_notice(store: Store) -> Non
 
 
 @pytest.mark.parametrize("kind", [NoticeKind.WARNING, NoticeKind.REMINDER])
-def test_two_threads_recording_the_same_notice_concurrently_queue_exactly_one(db_url: str, kind: NoticeKind) -> None:
-    stores = [Store.open(db_url) for _ in range(2)] + []  # two "reaper processes" on one database
+def test_two_threads_recording_the_same_notice_concurrently_queue_exactly_one(
+    db_url: str, kind: NoticeKind
+) -> None:
+    stores = [Store.open(db_url) for _ in range(2)]  # two "reaper processes" on one database
     try:
         sv = server()
         key = sv.run_key()
         assert key is not None
         now = T0 + timedelta(hours=2)
-        stores[0].record(observe(sv, now - timedelta(hours=1)), warn() if kind is NoticeKind.REMINDER else decision(),
-                         now - timedelta(hours=1))
+        stores[0].record(
+            observe(sv, now - timedelta(hours=1)),
+            warn() if kind is NoticeKind.REMINDER else decision(),
+            now - timedelta(hours=1),
+        )
         action = Action.WARN if kind is NoticeKind.WARNING else Action.REMIND
         dec = decision(action, kind, T0)
         n_threads = 6
@@ -327,12 +340,18 @@ def test_reminders_are_numbered_1_2_3_within_a_spell_and_restart_in_a_new_spell(
     sv = server()
     store.record(observe(sv, T0 + timedelta(hours=1)), warn(T0), T0 + timedelta(hours=1))
     for h in (2, 3, 4):
-        nid = store.record(observe(sv, T0 + timedelta(hours=h)), decision(Action.REMIND, NoticeKind.REMINDER, T0),
-                           T0 + timedelta(hours=h))
+        nid = store.record(
+            observe(sv, T0 + timedelta(hours=h)),
+            decision(Action.REMIND, NoticeKind.REMINDER, T0),
+            T0 + timedelta(hours=h),
+        )
         assert nid is not None
     new_spell = T0 + timedelta(hours=5)
-    store.record(observe(sv, T0 + timedelta(hours=6)), decision(Action.REMIND, NoticeKind.REMINDER, new_spell),
-                 T0 + timedelta(hours=6))
+    store.record(
+        observe(sv, T0 + timedelta(hours=6)),
+        decision(Action.REMIND, NoticeKind.REMINDER, new_spell),
+        T0 + timedelta(hours=6),
+    )
     rows = sorted(store.recent_notices(T0), key=lambda r: r["created_at"])
     assert [(r["kind"], r["seq"], r["spell"]) for r in rows] == [
         ("warning", 0, T0),
@@ -346,16 +365,28 @@ def test_reminders_are_numbered_1_2_3_within_a_spell_and_restart_in_a_new_spell(
 def test_add_notice_for_stopped_and_orphan_is_idempotent(store: Store) -> None:
     key = RunKey("carol", "big", T0)  # never recorded by a sweep: the run is created for it
     ctx = {"reason": "idle 8h", "stopped_at": T0 + timedelta(hours=8)}  # datetimes are stored as ISO text
-    first = store.add_notice(key, NoticeKind.STOPPED, None, T0 + timedelta(hours=8), channels=["email", "slack"],
-                             context=ctx)
+    first = store.add_notice(
+        key, NoticeKind.STOPPED, None, T0 + timedelta(hours=8), channels=["email", "slack"], context=ctx
+    )
     assert first is not None
-    assert store.add_notice(key, NoticeKind.STOPPED, None, T0 + timedelta(hours=9), channels=["email"],
-                            context=ctx) is None
-    assert store.add_notice(key, NoticeKind.ORPHAN, None, T0 + timedelta(hours=9), channels=["email"],
-                            context={}) is not None
+    assert (
+        store.add_notice(
+            key, NoticeKind.STOPPED, None, T0 + timedelta(hours=9), channels=["email"], context=ctx
+        )
+        is None
+    )
+    assert (
+        store.add_notice(
+            key, NoticeKind.ORPHAN, None, T0 + timedelta(hours=9), channels=["email"], context={}
+        )
+        is not None
+    )
     due = store.due_deliveries(T0 + timedelta(hours=9))
-    assert sorted((d.kind.value, d.channel) for d in due) == [("orphan", "email"), ("stopped", "email"),
-                                                             ("stopped", "slack")]
+    assert sorted((d.kind.value, d.channel) for d in due) == [
+        ("orphan", "email"),
+        ("stopped", "email"),
+        ("stopped", "slack"),
+    ]
     stopped = [d for d in due if d.kind is NoticeKind.STOPPED][0]
     assert stopped.run == key and stopped.context["stopped_at"] == (T0 + timedelta(hours=8)).isoformat()
 
@@ -369,13 +400,24 @@ def test_the_decisions_log_appends_only_when_action_state_or_rule_changes(store:
         store.record(observe(sv, T0 + timedelta(minutes=m)), decision(), T0 + timedelta(minutes=m))
     assert decisions_logged(store) == [("ok", "detached", "defaults")]
     store.record(observe(sv, T0 + timedelta(hours=1)), warn(), T0 + timedelta(hours=1))
-    store.record(observe(sv, T0 + timedelta(hours=1, minutes=5)), decision(), T0 + timedelta(hours=1, minutes=5))
-    store.record(observe(sv, T0 + timedelta(hours=1, minutes=10), State.ATTACHED), decision(),
-                 T0 + timedelta(hours=1, minutes=10))
-    store.record(observe(sv, T0 + timedelta(hours=1, minutes=15), State.ATTACHED), decision(rule="gpu"),
-                 T0 + timedelta(hours=1, minutes=15))
-    store.record(observe(sv, T0 + timedelta(hours=1, minutes=20), State.ATTACHED), decision(rule="gpu"),
-                 T0 + timedelta(hours=1, minutes=20))
+    store.record(
+        observe(sv, T0 + timedelta(hours=1, minutes=5)), decision(), T0 + timedelta(hours=1, minutes=5)
+    )
+    store.record(
+        observe(sv, T0 + timedelta(hours=1, minutes=10), State.ATTACHED),
+        decision(),
+        T0 + timedelta(hours=1, minutes=10),
+    )
+    store.record(
+        observe(sv, T0 + timedelta(hours=1, minutes=15), State.ATTACHED),
+        decision(rule="gpu"),
+        T0 + timedelta(hours=1, minutes=15),
+    )
+    store.record(
+        observe(sv, T0 + timedelta(hours=1, minutes=20), State.ATTACHED),
+        decision(rule="gpu"),
+        T0 + timedelta(hours=1, minutes=20),
+    )
     assert decisions_logged(store) == [
         ("ok", "detached", "defaults"),
         ("warn", "detached", "defaults"),
@@ -393,10 +435,15 @@ def test_record_many_records_a_large_sweep_in_one_batch(store: Store) -> None:
     assert len(ids) == 1200
     assert [i for i, x in enumerate(ids) if x is not None] == list(range(0, 1200, 100))
     assert len(store.open_runs()) == 1200
+    keys = [sv.run_key() for sv in servers]
+    for k in keys[:3]:  # ended runs are found too (not only the open ones) and are reopened
+        assert k is not None
+        store.end_run(k, now, "gone for a moment")
+    assert len(store.open_runs()) == 1197
     again = store.record_many(items, now + timedelta(minutes=5))
     assert again == [None] * 1200
+    assert len(store.open_runs()) == 1200
     assert len(decisions_logged(store)) == 1200  # nothing changed the second time
-    keys = [sv.run_key() for sv in servers]
     hist = store.histories([k for k in keys if k is not None])
     assert sum(len(h.notices) for h in hist.values()) == 12
     assert all(h.first_seen == now for h in hist.values())
@@ -418,7 +465,9 @@ def test_outbox_retry_waits_until_retry_at_and_delivery_sets_notice_delivered_at
     assert email.context["reason"] == warn().reason
     slack = next(d for d in due if d.channel == "slack")
 
-    store.mark_failed(email.id, now, "SMTP 451 try later", permanent=False, retry_at=now + timedelta(minutes=5))
+    store.mark_failed(
+        email.id, now, "SMTP 451 try later", permanent=False, retry_at=now + timedelta(minutes=5)
+    )
     assert [d.channel for d in store.due_deliveries(now + timedelta(minutes=1))] == ["slack"]
     retry = store.due_deliveries(now + timedelta(minutes=5))
     assert {(d.channel, d.attempts) for d in retry} == {("email", 1), ("slack", 0)}
@@ -445,7 +494,9 @@ def test_permanent_failure_on_every_channel_marks_the_notice_failed(store: Store
     key = sv.run_key()
     assert key is not None
     now = T0 + timedelta(hours=2)
-    store.record(observe(sv, now), decision(Action.FINAL, NoticeKind.FINAL, T0, channels=("email", "slack")), now)
+    store.record(
+        observe(sv, now), decision(Action.FINAL, NoticeKind.FINAL, T0, channels=("email", "slack")), now
+    )
     due = {d.channel: d for d in store.due_deliveries(now)}
     store.mark_failed(due["email"].id, now, "550 no such user", permanent=True, retry_at=None)
     n = store.histories([key])[key].notices[0]
@@ -492,10 +543,18 @@ def test_actions_keep_stop_requests_and_ended_runs(store: Store) -> None:
     store.set_kept_until(ka, None, by="alice", now=T0 + timedelta(hours=1))
     assert store.histories([ka])[ka].kept_until is None
 
-    aid = store.record_action(kb, "stop", True, "idle 8h | hub: stopped (204)", T0 + timedelta(minutes=2),
-                              job_id="42")
-    store.record_action(None, "orphan-cancel", False, "scancel 77 failed", T0 + timedelta(minutes=3),
-                        actor="reaper", job_id="77")
+    aid = store.record_action(
+        kb, "stop", True, "idle 8h | hub: stopped (204)", T0 + timedelta(minutes=2), job_id="42"
+    )
+    store.record_action(
+        None,
+        "orphan-cancel",
+        False,
+        "scancel 77 failed",
+        T0 + timedelta(minutes=3),
+        actor="reaper",
+        job_id="77",
+    )
     store.end_run(kb, T0 + timedelta(minutes=2), "stopped by the reaper")
     assert store.open_runs() == [ka]
     assert [r["user"] for r in store.runs_overview()] == ["alice"]
