@@ -185,6 +185,8 @@ def notice_context(obs: Observation, decision: Decision, now: datetime) -> dict[
 
 class Store:
     def __init__(self, engine: Engine) -> None:
+        if engine.dialect.name not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {engine.dialect.name!r}: use SQLite or PostgreSQL")
         self.engine = engine
         self.dialect = engine.dialect.name
         self._rw = engine.execution_options(reaper_write=True)
