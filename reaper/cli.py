@@ -24,15 +24,9 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     path = args.path or args.config or default_config_path()
     settings = _load(path)
-    problems = []
-    tdir = (settings.notify or {}).get("templates")
-    if tdir:
-        try:
-            from .notify.render import check_templates
+    from .notify.render import check_templates
 
-            problems = check_templates(tdir)
-        except ImportError:
-            pass
+    problems = check_templates(settings.notify.templates) if settings.notify.templates else []
     if problems:
         for p in problems:
             print(f"{path}: notify.templates: {p}", file=sys.stderr)
@@ -49,8 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .notify.outbox import Outbox
-    from .service import make_channels, make_hub_client, make_stop_hook, setup_logging
+    from .service import make_hub_client, make_outbox, make_stop_hook, setup_logging
     from .store import Store
     from .sweep import Sweeper, format_table
 
@@ -62,7 +55,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         store = await asyncio.to_thread(Store.open, settings.database_url)
         hub = make_hub_client(settings)
         try:
-            outbox = Outbox(store, make_channels(settings))
+            outbox = make_outbox(settings, store)
             sweeper = Sweeper(settings, hub, store, notifier=outbox,
                               stop_hook=None if dry else make_stop_hook(settings))
             res = await sweeper.run_once(dry_run=dry)

@@ -112,7 +112,7 @@ class PolicyFields(Strict):
     remind_every: Duration = timedelta(hours=1)
     min_notice: Duration = timedelta(minutes=30)
     exempt: bool = False
-    channels: list[Channel] = Field(default_factory=lambda: ["email"])
+    channels: list[Channel] = Field(default_factory=lambda: ["log"])
 
 
 class Match(Strict):
@@ -287,6 +287,56 @@ class SafetySettings(Strict):
     pending_stop_timeout: Duration = timedelta(minutes=5)
 
 
+class EmailSettings(Strict):
+    host: str = "localhost"
+    port: int = Field(default=25, ge=1, le=65535)
+    security: Literal["none", "starttls", "tls"] = "starttls"  # tls = implicit TLS (port 465)
+    username: str | None = None
+    password: str | None = None  # "${SMTP_PASSWORD}"
+    from_addr: str = "JupyterHub reaper <reaper@localhost>"
+    reply_to: str | None = None
+    list_id: str = "<reaper.jupyterhub>"  # lets people filter these messages
+    timeout: Duration = timedelta(seconds=30)
+    validate_certs: bool = True
+    cert_bundle: str | None = None
+    # Where a user's address comes from, first match wins: address_map (a YAML file of
+    # username: address), then the template.
+    address_map: str | None = None
+    address_template: str = "{username}@example.org"
+
+
+class SlackSettings(Strict):
+    token: str | None = None  # "${SLACK_BOT_TOKEN}" (a bot token with users:read.email, im:write, chat:write)
+    base_url: str = "https://slack.com/api/"
+    user_map: str | None = None  # YAML file of username: Slack member id (skips the e-mail lookup)
+    lookup_ttl: Duration = timedelta(days=7)  # how long an e-mail -> member id lookup is cached
+    fallback_to_email: bool = True  # users_not_found: send the notice by e-mail instead
+
+
+class QuietHours(Strict):
+    start: str = "22:00"
+    end: str = "07:00"
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v):
+            raise ValueError(f"expected a time such as '22:00', got {v!r}")
+        return v
+
+
+class NotifySettings(Strict):
+    templates: str | None = None  # a folder whose files override the shipped templates
+    admin_contact: str = ""  # shown in every notice ("questions: ...")
+    admin_cc: list[str] = Field(default_factory=list)  # copied on "we stopped your server" e-mails
+    quiet_hours: QuietHours | None = None  # postpone warnings and reminders (never final notices)
+    max_notices_per_day: int | None = Field(default=None, ge=1)  # per user, warnings and reminders
+    max_attempts: int = Field(default=8, ge=1, le=50)  # per channel, then the delivery failed for good
+    retry_base: Duration = timedelta(seconds=30)  # first retry delay, doubled each time (capped at 1h)
+    email: EmailSettings | None = None
+    slack: SlackSettings | None = None
+
+
 class Settings(Strict):
     hub: HubSettings = HubSettings()
     probe: ProbeSettings = ProbeSettings()
@@ -298,10 +348,21 @@ class Settings(Strict):
     defaults: PolicyFields = PolicyFields()
     rules: list[Rule] = Field(default_factory=list)
     # Sections owned by the notices, Slurm and web features; validated there.
-    notify: dict[str, Any] = Field(default_factory=dict)
+    notify: NotifySettings = NotifySettings()
     batch: dict[str, Any] = Field(default_factory=dict)
     orphans: dict[str, Any] = Field(default_factory=dict)
     web: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _channels_configured(self) -> Settings:
+        used = set(self.defaults.channels)
+        for r in self.rules:
+            used.update(r.channels or ())
+        for ch in ("email", "slack"):
+            if ch in used and getattr(self.notify, ch) is None:
+                loc = ("defaults", "channels") if ch in self.defaults.channels else ("rules",)
+                raise _PathError(loc, f"channel {ch!r} is used but notify.{ch} is not configured")
+        return self
 
     @field_validator("sweep_every")
     @classmethod

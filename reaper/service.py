@@ -20,7 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .config import ConfigError, Settings, load_settings
 from .hub import HubClient
-from .notify.outbox import LogChannel, Outbox
+from .notify.outbox import Outbox
 from .store import Store
 from .sweep import Sweeper, SweepResult, utcnow
 
@@ -59,14 +59,15 @@ def make_hub_client(settings: Settings) -> HubClient:
     )
 
 
-def make_channels(settings: Settings) -> dict[str, Any]:
-    channels: dict[str, Any] = {"log": LogChannel()}
-    try:
-        from .notify.channels import build_channels  # email and Slack, when configured
-    except ImportError:  # pragma: no cover - the notices feature is not installed
-        return channels
-    channels.update(build_channels(settings))
-    return channels
+def make_outbox(settings: Settings, store: Any) -> Outbox:
+    from .notify.channels import build_channels  # log, and e-mail and Slack when configured
+
+    return Outbox(
+        store,
+        build_channels(settings, store=store),
+        max_attempts=settings.notify.max_attempts,
+        base_delay=settings.notify.retry_base,
+    )
 
 
 def make_stop_hook(settings: Settings) -> Any:
@@ -97,7 +98,7 @@ class ReaperService:
         s = self.settings
         self.store = await asyncio.to_thread(Store.open, s.database_url)
         self.hub = make_hub_client(s)
-        self.outbox = Outbox(self.store, make_channels(s))
+        self.outbox = make_outbox(s, self.store)
         self.sweeper = Sweeper(s, self.hub, self.store, notifier=self.outbox, stop_hook=make_stop_hook(s))
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.scheduler.add_job(
@@ -135,6 +136,10 @@ class ReaperService:
         if self.hub is not None:
             await self.hub.aclose()
         if self.store is not None:
+            try:  # hand over at once to a standby reaper, if any
+                await asyncio.to_thread(self.store.release_lease, self.holder)
+            except Exception as e:
+                log.warning("could not release the lease: %s", e)
             await asyncio.to_thread(self.store.close)
         log.info("reaper stopped")
 

@@ -220,6 +220,7 @@ class Sweeper:
             return Row(obs, dec, rule)
 
         res.rows = list(await asyncio.gather(*(one(sv) for sv in servers)))
+        await self._limit_notices(res.rows, now)
 
         # 5. safety: too many stops at once means something is wrong upstream.
         stops = [r for r in res.rows if r.decision.action is Action.STOP]
@@ -307,6 +308,38 @@ class Sweeper:
 
             await asyncio.gather(*(guarded(r) for r in todo))
 
+    async def _limit_notices(self, rows: list[Row], now: datetime) -> None:
+        """Quiet hours and the per-user daily cap postpone warnings and reminders (never a final
+        notice: the stop waits for the final notice instead, so postponing it gains nothing)."""
+        n = self.settings.notify
+        soft = (NoticeKind.WARNING, NoticeKind.REMINDER)
+        candidates = [r for r in rows if r.decision.notice in soft]
+        if not candidates:
+            return
+        quiet_until = quiet_hours_end(n.quiet_hours, now, self.settings.tz) if n.quiet_hours else None
+        counts: dict[str, int] = {}
+        if n.max_notices_per_day is not None:
+            since = now - timedelta(days=1)
+            for item in await self._db(self.store.recent_notices, since, 100_000):
+                if item.get("kind") in (NoticeKind.WARNING.value, NoticeKind.REMINDER.value):
+                    counts[item["user"]] = counts.get(item["user"], 0) + 1
+        for r in candidates:
+            why = None
+            if quiet_until is not None:
+                why = f"quiet hours until {quiet_until.astimezone(self.settings.tz):%H:%M}"
+            elif n.max_notices_per_day is not None:
+                user = r.obs.server.user
+                if counts.get(user, 0) >= n.max_notices_per_day:
+                    why = f"{user} already got {n.max_notices_per_day} notices in 24 h"
+                else:
+                    counts[user] = counts.get(user, 0) + 1
+            if why:
+                notice = r.decision.notice.value if r.decision.notice else "notice"
+                r.decision = replace(
+                    r.decision, action=Action.OK, notice=None, channels=(),
+                    reason=f"{r.decision.reason} [{notice} postponed: {why}]",
+                )
+
     async def _recheck(self, row: Row) -> tuple[Observation, Decision] | None:
         """Fetch the server again, probe it again, decide again. None if it is gone or restarted."""
         server = row.obs.server
@@ -375,17 +408,53 @@ class Sweeper:
 
 
 def stopped_context(obs: Observation, dec: Decision, now: datetime) -> dict[str, Any]:
-    s = obs.server
-    return {
-        "user": s.user,
-        "server": s.name,
-        "started": s.started.isoformat() if s.started else None,
-        "stopped_at": now.isoformat(),
-        "reason": dec.reason,
-        "job_id": s.job_id,
-        "user_options": s.user_options,
-        "idle_for": humanize(now - obs.idle_since) if obs.idle_since else None,
-    }
+    """The context of a "we stopped your server" notice: the observation and decision that led to
+    the stop, plus when it ran and what it held."""
+    from .store.repo import notice_context
+
+    ctx = notice_context(obs, dec, now)
+    ctx["stopped_at"] = now.isoformat()
+    if obs.server.started is not None:
+        ctx["reclaimed"] = reclaimed_words(obs, now)
+    return ctx
+
+
+def reclaimed_words(obs: Observation, now: datetime) -> str:
+    """What the stop gave back, in words: "4 CPUs, 1 GPU, 16G (job 42; 5h20m before its walltime)"."""
+    opts = obs.server.user_options if isinstance(obs.server.user_options, dict) else {}
+    parts = []
+    for key, unit in (("cpus", "CPU"), ("gpus", "GPU")):
+        v = opts.get(key)
+        if v not in (None, "", 0, "0"):
+            parts.append(f"{v} {unit}{'s' if str(v) != '1' else ''}")
+    if opts.get("mem"):
+        parts.append(str(opts["mem"]))
+    what = ", ".join(parts) if parts else "its CPUs and memory"
+    extra = []
+    if obs.job_id:
+        extra.append(f"job {obs.job_id}")
+    if obs.job_end is not None and obs.job_end > now:
+        extra.append(f"{humanize(obs.job_end - now)} before its walltime")
+    return what + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def quiet_hours_end(q: Any, now: datetime, tz: Any) -> datetime | None:
+    """If ``now`` falls in the quiet hours (hub time zone), when they end; else None."""
+    local = now.astimezone(tz)
+    sh, sm = map(int, q.start.split(":"))
+    eh, em = map(int, q.end.split(":"))
+    start = local.replace(hour=sh, minute=sm, second=0, microsecond=0)
+    end = local.replace(hour=eh, minute=em, second=0, microsecond=0)
+    if start == end:
+        return None
+    if start < end:  # e.g. 12:00-14:00
+        return end if start <= local < end else None
+    # over midnight, e.g. 22:00-07:00
+    if local >= start:
+        return end + timedelta(days=1)
+    if local < end:
+        return end
+    return None
 
 
 def format_table(res: SweepResult, tz: Any, now: datetime | None = None) -> str:

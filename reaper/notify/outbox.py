@@ -63,6 +63,7 @@ class Outbox:
         self.batch = batch
         self.delivered = 0
         self.failed = 0
+        self._lock = asyncio.Lock()  # one drain at a time: a delivery is never tried twice at once
 
     def backoff(self, attempts: int) -> timedelta:
         delay = self.base_delay * (2 ** max(attempts - 1, 0))
@@ -71,6 +72,10 @@ class Outbox:
 
     async def drain(self, now: datetime) -> int:
         """Try every due delivery once. Returns how many were delivered."""
+        async with self._lock:
+            return await self._drain(now)
+
+    async def _drain(self, now: datetime) -> int:
         done = 0
         due = await asyncio.to_thread(self.store.due_deliveries, now, self.batch)
         for d in due:

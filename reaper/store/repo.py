@@ -163,6 +163,7 @@ def notice_context(obs: Observation, decision: Decision, now: datetime) -> dict[
         "started": _iso(s.started),
         "url": s.url,
         "job_id": s.job_id,
+        "spawner_state": {k: v for k, v in (s.state or {}).items() if k in ("job_id", "job_status", "node", "exechost")},
         "user_options": s.user_options,
         "state": obs.state.value,
         "detail": obs.detail,

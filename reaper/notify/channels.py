@@ -1,0 +1,202 @@
+"""The outbox's channels: a stored notice -> rendered message -> e-mail or Slack direct message.
+
+A delivery carries the context recorded with the decision (``store.repo.notice_context``); it is
+turned back into an observation and a decision, and rendered with the configured templates at
+delivery time (times relative to the moment it is sent).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Settings
+from ..model import Action, Decision, HubServer, NoticeKind, Observation, State
+from .outbox import DeliveryError, LogChannel
+from .render import NoticeContext, RenderedNotice, context_from, render
+
+log = logging.getLogger("reaper.notify")
+
+
+def _t(value: Any) -> datetime | None:
+    if not value:
+        return None
+    dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def keep_url(settings: Settings, user: str, server: str) -> str:
+    base = settings.hub.effective_public_url()
+    return f"{base}/services/reaper/"
+
+
+def notice_context(kind: NoticeKind | str, ctx: dict[str, Any], settings: Settings, now: datetime,
+                   *, number: int = 1) -> NoticeContext:
+    """The template context of a stored notice."""
+    state_raw = ctx.get("state") or "detached"
+    try:
+        state = State(state_raw)
+    except ValueError:
+        state = State.DETACHED
+    spawner_state = dict(ctx.get("spawner_state") or {})
+    if ctx.get("job_id") and "job_id" not in spawner_state:
+        spawner_state["job_id"] = ctx["job_id"]
+    server = HubServer(
+        user=str(ctx.get("user", "")),
+        name=str(ctx.get("server", "")),
+        started=_t(ctx.get("started")),
+        last_activity=_t(ctx.get("last_activity")),
+        url=str(ctx.get("url") or ""),
+        user_options=dict(ctx.get("user_options") or {}),
+        state=spawner_state,
+    )
+    obs = Observation(
+        server=server,
+        state=state,
+        at=_t(ctx.get("created_at")) or now,
+        last_activity=_t(ctx.get("last_activity")),
+        detached_since=_t(ctx.get("detached_since")),
+        detail=str(ctx.get("detail") or ""),
+        job_end=_t(ctx.get("job_end")),
+    )
+    try:
+        action = Action(ctx.get("action") or "ok")
+    except ValueError:
+        action = Action.OK
+    dec = Decision(action, str(ctx.get("reason") or ""), rule=str(ctx.get("rule") or ""),
+                   stop_at=_t(ctx.get("stop_at")))
+    return context_from(
+        obs,
+        dec,
+        public_url=settings.hub.effective_public_url(),
+        tz=settings.hub.timezone,
+        now=now,
+        hub_name=settings.hub.name,
+        keep_url=keep_url(settings, server.user, server.name) if NoticeKind(kind) not in (
+            NoticeKind.STOPPED, NoticeKind.ORPHAN) else None,
+        admin_contact=settings.notify.admin_contact,
+        notice_number=number,
+        reclaimed=ctx.get("reclaimed"),
+    )
+
+
+def render_delivery(delivery: Any, settings: Settings, now: datetime) -> RenderedNotice:
+    kind = NoticeKind(delivery.kind)
+    ctx = notice_context(kind, delivery.context or {}, settings, now,
+                         number=int((delivery.context or {}).get("seq") or 1))
+    return render(kind, ctx, template_dir=settings.notify.templates)
+
+
+def _load_map(path: str | None, what: str) -> dict[str, str]:
+    if not path:
+        return {}
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} must be a mapping of username: value")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+class EmailChannel:
+    name = "email"
+
+    def __init__(self, settings: Settings, *, clock: Any = None) -> None:
+        from .email import EmailSender
+
+        cfg = settings.notify.email
+        assert cfg is not None
+        self.settings = settings
+        self.cfg = cfg
+        self.sender = EmailSender(
+            cfg.host,
+            cfg.port,
+            security=cfg.security,
+            username=cfg.username,
+            password=cfg.password,
+            from_addr=cfg.from_addr,
+            reply_to=cfg.reply_to,
+            list_id=cfg.list_id,
+            timeout=cfg.timeout.total_seconds(),
+            validate_certs=cfg.validate_certs,
+            cert_bundle=cfg.cert_bundle,
+        )
+        self.address_map = _load_map(cfg.address_map, "notify.email.address_map")
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    def address(self, username: str) -> str | None:
+        from .email import resolve_address
+
+        return resolve_address(username, template=self.cfg.address_template, mapping=self.address_map)
+
+    async def send(self, username: str, rendered: RenderedNotice, *, kind: NoticeKind) -> str:
+        to = self.address(username)
+        if not to:
+            raise DeliveryError(f"no valid e-mail address for user {username!r}", permanent=True)
+        cc = self.settings.notify.admin_cc if kind in (NoticeKind.STOPPED, NoticeKind.ORPHAN) else None
+        return await self.sender.send(to, rendered, cc=cc or None)
+
+    async def deliver(self, delivery: Any) -> None:
+        rendered = render_delivery(delivery, self.settings, self.clock())
+        await self.send(delivery.run.user, rendered, kind=NoticeKind(delivery.kind))
+
+
+class SlackChannel:
+    name = "slack"
+
+    def __init__(self, settings: Settings, *, email: EmailChannel | None, store: Any = None,
+                 clock: Any = None) -> None:
+        from .slack import SlackSender
+
+        cfg = settings.notify.slack
+        assert cfg is not None
+        if not cfg.token:
+            raise ValueError("notify.slack.token is not set (write \"${SLACK_BOT_TOKEN}\")")
+        self.settings = settings
+        self.cfg = cfg
+        self.sender = SlackSender(cfg.token, base_url=cfg.base_url, found_ttl=cfg.lookup_ttl)
+        self.user_map = _load_map(cfg.user_map, "notify.slack.user_map")
+        self.email = email
+        self.store = store
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    async def member_id(self, username: str) -> str | None:
+        if username in self.user_map:
+            return self.user_map[username]
+        addr = self.email.address(username) if self.email else None
+        if not addr:
+            return None
+        return await self.sender.lookup_user(addr)
+
+    async def deliver(self, delivery: Any) -> None:
+        user = delivery.run.user
+        rendered = render_delivery(delivery, self.settings, self.clock())
+        member = await self.member_id(user)
+        if member is None:
+            if self.cfg.fallback_to_email and self.email is not None:
+                await self.email.send(user, rendered, kind=NoticeKind(delivery.kind))
+                log.warning("slack: %s not found on Slack (users_not_found); notice %s sent by e-mail instead",
+                            user, delivery.kind)
+                if self.store is not None:
+                    import asyncio
+
+                    await asyncio.to_thread(
+                        self.store.record_action, delivery.run, "slack-fallback", True,
+                        f"users_not_found on Slack: {delivery.kind} sent by e-mail", self.clock(),
+                    )
+                return
+            raise DeliveryError(f"{user} not found on Slack (users_not_found) and no e-mail fallback",
+                                permanent=True)
+        await self.sender.send(member, rendered)
+
+
+def build_channels(settings: Settings, *, store: Any = None) -> dict[str, Any]:
+    channels: dict[str, Any] = {"log": LogChannel()}
+    email = EmailChannel(settings) if settings.notify.email is not None else None
+    if email is not None:
+        channels["email"] = email
+    if settings.notify.slack is not None:
+        channels["slack"] = SlackChannel(settings, email=email, store=store)
+    return channels
