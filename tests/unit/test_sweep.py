@@ -213,3 +213,47 @@ async def test_pending_stop_is_recorded_and_not_repeated(store):
     clock.advance(5 * M)
     r = await sw.run_once()
     assert r.rows[0].obs.state is State.PENDING and hub.stops == [("alice", "")]
+
+
+async def test_quiet_hours_postpone_a_warning_but_never_a_final_notice(store):
+    # 12:00 UTC is 07:00 in Montreal: quiet hours 22:00-08:00 local are still on
+    extra = "\nhub: {timezone: America/Montreal}\nnotify: {quiet_hours: {start: '22:00', end: '08:00'}}\n"
+    hub, clock = FakeHub(), Clock(T0)
+    hub.add(server(user="w", la=T0 - 70 * M), detached_probe(T0 - 70 * M))
+    hub.add(server(user="f", la=T0 - 160 * M), detached_probe(T0 - 160 * M))
+    sw = make(store, hub, clock, extra)
+    r = await sw.run_once()
+    by_user = {row.obs.server.user: row for row in r.rows}
+    assert by_user["w"].decision.action is Action.OK
+    assert "warning postponed: quiet hours until 08:00" in by_user["w"].decision.reason
+    assert by_user["f"].decision.action is Action.FINAL
+    clock.advance(61 * M)  # 08:01 local: the warning goes out
+    r = await sw.run_once()
+    assert {row.obs.server.user: row for row in r.rows}["w"].decision.action is Action.WARN
+
+
+async def test_daily_cap_postpones_warnings_and_reminders_per_user(store):
+    extra = "\nnotify: {max_notices_per_day: 2}\n"
+    hub, clock = FakeHub(), Clock(T0)
+    for name in ("a", "b", "c"):
+        hub.add(server(name=name, la=T0 - 70 * M), detached_probe(T0 - 70 * M))
+    r = await make(store, hub, clock, extra).run_once()
+    actions = sorted(row.decision.action.value for row in r.rows)
+    assert actions == ["ok", "warn", "warn"]
+    assert any("already got 2 notices in 24 h" in row.decision.reason for row in r.rows)
+
+
+def test_quiet_hours_over_midnight_and_within_a_day():
+    from zoneinfo import ZoneInfo
+
+    from reaper.config import QuietHours
+    from reaper.sweep import quiet_hours_end
+
+    tz = ZoneInfo("UTC")
+    q = QuietHours(start="22:00", end="07:00")
+    assert quiet_hours_end(q, datetime(2026, 1, 1, 23, 0, tzinfo=UTC), tz) == datetime(2026, 1, 2, 7, 0, tzinfo=UTC)
+    assert quiet_hours_end(q, datetime(2026, 1, 2, 3, 0, tzinfo=UTC), tz) == datetime(2026, 1, 2, 7, 0, tzinfo=UTC)
+    assert quiet_hours_end(q, datetime(2026, 1, 2, 12, 0, tzinfo=UTC), tz) is None
+    lunch = QuietHours(start="12:00", end="13:00")
+    assert quiet_hours_end(lunch, datetime(2026, 1, 2, 12, 30, tzinfo=UTC), tz) == datetime(2026, 1, 2, 13, 0, tzinfo=UTC)
+    assert quiet_hours_end(lunch, datetime(2026, 1, 2, 13, 0, tzinfo=UTC), tz) is None
