@@ -1,0 +1,469 @@
+"""Benchmark runner: our sweep and jupyterhub-idle-culler 2.0.0 against the same hub simulator.
+
+    python -m benchmarks.run                      # every scenario, both tools
+    python -m benchmarks.run --scenarios 1 --tools culler --n 100 --n 1000
+    python -m benchmarks.run --scenarios 1 --scale-culler 100   # culler at N=100, extrapolated
+
+For each (scenario, N, tool) the simulator (benchmarks.hubsim) starts afresh in its own process, so
+its CPU is never counted as the tool's; the tool runs as a child process too and is measured with
+os.wait4: wall time, CPU (user + system) and peak RSS of that process alone. The simulator's counters
+give the requests by route and the stops (with the category of each stopped server: stopping an
+active or computing server is harm and is shown as such).
+
+jupyterhub-idle-culler has no one-shot option (``--cull-every`` only sets its PeriodicCallback), so
+the child runs ``jupyterhub_idle_culler.cull_idle`` once with the settings its own IdleCuller
+application parsed from the same command line: exactly what each of its periodic runs does.
+
+Internal entry points (children): ``python -m benchmarks.run culler-once --url=... --timeout=...``
+and ``python -m benchmarks.run ours-once --api-url ... --n ...``; the token comes in the environment
+(JUPYTERHUB_API_TOKEN), never on a command line.
+
+Only the standard library is imported at module level, so the children pay only for their own tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------ scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    sizes: tuple[int, ...]
+    hub_latency: float = 0.005
+    user_latency: float = 0.0
+    stop_time: float = 0.0
+    population: dict[str, Any] = field(default_factory=dict)
+    idle_limit_s: int = 3600  # the culler's --timeout, and our detached stop threshold
+    culler_scale: int | None = None  # default N for the culler's side (extrapolated), if slow
+
+    def sim_args(self, n: int) -> list[str]:
+        args = [
+            f"--users={n}",
+            f"--hub-latency={self.hub_latency}",
+            f"--user-latency={self.user_latency}",
+            f"--stop-time={self.stop_time}",
+        ]
+        pop = {"idle_detached": 0.0, **self.population}
+        for k in ("active", "idle_attached", "idle_detached", "computing", "named_share"):
+            if k in pop:
+                args.append(f"--{k.replace('_', '-')}={pop[k]}")
+        if "idle_hours" in pop:
+            lo, hi = pop["idle_hours"]
+            args += ["--idle-hours", str(lo), str(hi)]
+        if "seed" in pop:
+            args.append(f"--seed={pop['seed']}")
+        return args
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "1": Scenario(
+        "1",
+        "Slurm-realistic reap: all idle-detached, hub 5 ms, stop 1 s",
+        (1000,),
+        stop_time=1.0,
+        population={"idle_detached": 1.0},
+        culler_scale=100,
+    ),
+    "2": Scenario(
+        "2",
+        "Big hub, all idle: hub 5 ms, instant stops",
+        (10000,),
+        population={"idle_detached": 1.0},
+    ),
+    "3": Scenario(
+        "3",
+        "Big hub, steady state: 95 % active, 2.5 % hidden tabs, 2.5 % idle < 30 min",
+        (10000,),
+        population={"active": 0.95, "idle_attached": 0.025, "idle_detached": 0.025, "idle_hours": (0.25, 0.5)},
+    ),
+    "4": Scenario(
+        "4",
+        "Linear cost: all idle, hub 5 ms, instant stops",
+        (1000, 5000, 10000),
+        population={"idle_detached": 1.0},
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class Measure:
+    tool: str
+    scenario: str
+    n: int  # the N the row stands for
+    ran_n: int  # the N actually run (differs when extrapolated)
+    wall_s: float
+    cpu_s: float
+    rss_mb: float
+    rc: int
+    requests: dict[str, int]
+    stops_completed: int
+    stopped_categories: dict[str, int]
+    inner: dict[str, Any] = field(default_factory=dict)  # what the child reported about itself
+    note: str = ""
+
+    @property
+    def scale(self) -> float:
+        return self.n / self.ran_n if self.ran_n else 1.0
+
+    def scaled(self) -> Measure:
+        """Linear extrapolation to n (wall, CPU, requests, stops); RSS as measured."""
+        if self.ran_n == self.n:
+            return self
+        f = self.scale
+        return Measure(
+            tool=self.tool,
+            scenario=self.scenario,
+            n=self.n,
+            ran_n=self.ran_n,
+            wall_s=self.wall_s * f,
+            cpu_s=self.cpu_s * f,
+            rss_mb=self.rss_mb,
+            rc=self.rc,
+            requests={k: round(v * f) for k, v in self.requests.items()},
+            stops_completed=round(self.stops_completed * f),
+            stopped_categories={k: round(v * f) for k, v in self.stopped_categories.items()},
+            inner=self.inner,
+            note=f"extrapolated ×{f:g} from N={self.ran_n} (RSS as measured)",
+        )
+
+
+class Sim:
+    """The simulator in its own process."""
+
+    def __init__(self, args: Sequence[str], workdir: Path) -> None:
+        self.err = open(workdir / "hubsim.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [PY, "-m", "benchmarks.hubsim", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(5)
+            raise RuntimeError(f"hubsim did not start: see {workdir / 'hubsim.log'}")
+        self.info: dict[str, Any] = json.loads(line)
+        self.url: str = self.info["url"]
+        self.api_url: str = self.info["api_url"]
+        self.token: str = self.info["token"]
+
+    def stats(self) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/sim/stats", timeout=60) as r:
+            data: dict[str, Any] = json.load(r)
+            return data
+
+    def reset(self, repopulate: bool = False) -> None:
+        import urllib.request
+
+        q = "?repopulate=1" if repopulate else ""
+        req = urllib.request.Request(self.url + "/sim/reset" + q, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.err.close()
+
+
+def measure_child(cmd: Sequence[str], env: dict[str, str], timeout: float, log_path: Path) -> tuple[float, float, float, int, str]:
+    """Run cmd; return (wall s, CPU s, peak RSS MB, returncode, stdout) of that child alone."""
+    with open(log_path, "w") as err, tempfile.TemporaryFile("w+") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        deadline = t0 + timeout
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                wall = time.perf_counter() - t0
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, ru = os.wait4(proc.pid, 0)
+                wall = time.perf_counter() - t0
+                break
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4 already
+        out.seek(0)
+        stdout = out.read()
+    cpu = ru.ru_utime + ru.ru_stime
+    rss_mb = ru.ru_maxrss / 1024.0  # Linux: KiB
+    return wall, cpu, rss_mb, proc.returncode, stdout
+
+
+def _last_json(stdout: str) -> dict[str, Any]:
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def _stopped_categories(stats: dict[str, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in stats.get("stops", []):
+        if s.get("completed") is not None:
+            cat = s.get("category") or "?"
+            out[cat] = out.get(cat, 0) + 1
+    return out
+
+
+def _finish(tool: str, sc: Scenario, n: int, ran_n: int, sim: Sim, res: tuple[float, float, float, int, str],
+            settle_s: float) -> Measure:
+    wall, cpu, rss, rc, stdout = res
+    # stops answered 202 finish in the background: let them, within the slow-stop horizon
+    deadline = time.monotonic() + settle_s
+    stats = sim.stats()
+    while stats["stops_completed"] < stats["stops_requested"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        stats = sim.stats()
+    return Measure(
+        tool=tool,
+        scenario=sc.key,
+        n=n,
+        ran_n=ran_n,
+        wall_s=wall,
+        cpu_s=cpu,
+        rss_mb=rss,
+        rc=rc,
+        requests=stats["requests"],
+        stops_completed=stats["stops_completed"],
+        stopped_categories=_stopped_categories(stats),
+        inner=_last_json(stdout),
+    )
+
+
+def child_env(sim: Sim) -> dict[str, str]:
+    env = dict(os.environ)
+    env["JUPYTERHUB_API_TOKEN"] = sim.token
+    env["JUPYTERHUB_API_URL"] = sim.api_url
+    env.pop("JUPYTERHUB_SERVICE_NAME", None)
+    return env
+
+
+def run_culler(sim: Sim, sc: Scenario, n: int, ran_n: int, workdir: Path, timeout: float) -> Measure:
+    """jupyterhub-idle-culler 2.0.0 with its defaults (concurrency 10, hub page size) and
+    --timeout = the scenario's idle limit; one cull, as each of its periodic runs."""
+    cmd = [PY, "-m", "benchmarks.run", "culler-once", f"--url={sim.api_url}", f"--timeout={sc.idle_limit_s}"]
+    res = measure_child(cmd, child_env(sim), timeout, workdir / f"culler-{sc.key}-{ran_n}.log")
+    return _finish("culler", sc, n, ran_n, sim, res, settle_s=30.0)
+
+
+async def run_ours(sim_url: str, token: str, n: int, **kw: Any) -> dict[str, Any]:
+    """One sweep of ours, in THIS process (the child side of ``ours-once``). Returns a summary.
+
+    Plugged in once reaper.sweep exists; ``kw``: idle_limit_s, and settings overrides.
+    """
+    return await _ours_sweep(sim_url, token, n, **kw)
+
+
+async def _ours_sweep(sim_url: str, token: str, n: int, **kw: Any) -> dict[str, Any]:
+    raise NotImplementedError("reaper.sweep is not wired into the benchmark yet")
+
+
+def run_ours_measured(sim: Sim, sc: Scenario, n: int, workdir: Path, timeout: float) -> Measure:
+    cmd = [PY, "-m", "benchmarks.run", "ours-once", f"--api-url={sim.api_url}", f"--n={n}",
+           f"--idle-limit={sc.idle_limit_s}", f"--workdir={workdir}"]
+    res = measure_child(cmd, child_env(sim), timeout, workdir / f"ours-{sc.key}-{n}.log")
+    return _finish("ours", sc, n, n, sim, res, settle_s=30.0)
+
+
+# -------------------------------------------------------------------------------------- report
+
+_SHORT = {
+    "hub GET /hub/api/": "GET /",
+    "hub GET /hub/api/users": "users",
+    "hub GET /hub/api/users/{name}": "user",
+    "hub DELETE /hub/api/users/{name}/server": "DELETE",
+    "hub DELETE /hub/api/users/{name}/servers/{server}": "DELETE named",
+    "hub GET /hub/api/proxy": "proxy",
+}
+
+
+def short_routes(requests: dict[str, int]) -> str:
+    merged: dict[str, int] = {}
+    for k, v in requests.items():
+        if k in _SHORT:
+            name = _SHORT[k]
+        else:  # "direct GET /user/{name}/{server}/api/status" -> "direct status"
+            where, _, rest = k.partition(" ")
+            name = f"{where} {rest.rsplit('/', 1)[-1]}"
+        merged[name] = merged.get(name, 0) + v
+    return ", ".join(f"{k} {v}" for k, v in sorted(merged.items(), key=lambda kv: -kv[1]))
+
+
+def table(rows: list[Measure]) -> str:
+    head = ("scenario", "N", "tool", "wall s", "CPU s", "peak RSS MB", "hub req", "requests by route",
+            "stops done", "stopped (category)", "ours/culler wall", "ours/culler CPU")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_key: dict[tuple[str, int], dict[str, Measure]] = {}
+    for m in rows:
+        by_key.setdefault((m.scenario, m.n), {})[m.tool] = m
+    for m in rows:
+        pair = by_key[(m.scenario, m.n)]
+        ratio_w = ratio_c = ""
+        if m.tool == "ours" and "culler" in pair:
+            c = pair["culler"]
+            ratio_w = f"{m.wall_s / c.wall_s:.3f} ({c.wall_s / m.wall_s:.1f}× faster)" if m.wall_s else ""
+            ratio_c = f"{m.cpu_s / c.cpu_s:.2f}" if c.cpu_s else ""
+        tool = m.tool + (f" ({m.note})" if m.note else "") + ("" if m.rc == 0 else f" [exit {m.rc}]")
+        hub = sum(v for k, v in m.requests.items() if k.startswith("hub "))
+        cats = ", ".join(f"{k} {v}" for k, v in sorted(m.stopped_categories.items())) or "-"
+        out.append("| " + " | ".join([
+            m.scenario, str(m.n), tool, f"{m.wall_s:.2f}", f"{m.cpu_s:.2f}", f"{m.rss_mb:.0f}", str(hub),
+            short_routes(m.requests), str(m.stops_completed), cats, ratio_w, ratio_c,
+        ]) + " |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def bench(args: argparse.Namespace) -> list[Measure]:
+    rows: list[Measure] = []
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="reaper-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    for key in args.scenarios:
+        sc = SCENARIOS[key]
+        sizes = tuple(args.n) if args.n else sc.sizes
+        for n in sizes:
+            for tool in args.tools:
+                ran_n = n
+                if tool == "culler":
+                    scale = args.scale_culler if args.scale_culler is not None else sc.culler_scale
+                    if scale and scale < n and not args.no_scale:
+                        ran_n = scale
+                sim = Sim(sc.sim_args(ran_n), workdir)
+                try:
+                    print(f"# scenario {key} N={ran_n} {tool}: sim at {sim.url}", file=sys.stderr, flush=True)
+                    if tool == "culler":
+                        m = run_culler(sim, sc, n, ran_n, workdir, args.timeout).scaled()
+                    else:
+                        m = run_ours_measured(sim, sc, n, workdir, args.timeout)
+                finally:
+                    sim.stop()
+                rows.append(m)
+                print(table([m]).splitlines()[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def culler_once(argv: Sequence[str]) -> int:
+    """Child: one run of jupyterhub-idle-culler's cull_idle, configured by its own Application."""
+    import asyncio
+
+    from jupyterhub_idle_culler import IdleCuller, cull_idle
+
+    app = IdleCuller()
+    app.initialize(list(argv))
+    try:  # as IdleCuller.start() does (cull_idle then configures the simple client anyway)
+        from tornado.httpclient import AsyncHTTPClient
+
+        AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient")
+    except ImportError as e:
+        app.log.warning(f"Could not load pycurl: {e}")
+    t0 = time.perf_counter()
+    asyncio.run(
+        cull_idle(
+            url=app.url,
+            api_token=os.environ["JUPYTERHUB_API_TOKEN"],
+            inactive_limit=app.timeout,
+            logger=app.log,
+            cull_users=app.cull_users,
+            remove_named_servers=app.remove_named_servers,
+            max_age=app.max_age,
+            concurrency=app.concurrency,
+            ssl_enabled=app.ssl_enabled,
+            internal_certs_location=app.internal_certs_location,
+            cull_admin_users=app.cull_admin_users,
+            api_page_size=app.api_page_size,
+            cull_default_servers=app.cull_default_servers,
+            cull_named_servers=app.cull_named_servers,
+            cull_arbiter=app.cull_arbiter_hook,
+        )
+    )
+    print(json.dumps({"sweep_s": round(time.perf_counter() - t0, 3)}), flush=True)
+    return 0
+
+
+def ours_once(argv: Sequence[str]) -> int:
+    import asyncio
+
+    p = argparse.ArgumentParser(prog="benchmarks.run ours-once")
+    p.add_argument("--api-url", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--idle-limit", type=int, default=3600)
+    p.add_argument("--workdir", default=None)
+    a = p.parse_args(list(argv))
+    summary = asyncio.run(
+        run_ours(a.api_url, os.environ["JUPYTERHUB_API_TOKEN"], a.n, idle_limit_s=a.idle_limit, workdir=a.workdir)
+    )
+    print(json.dumps(summary, default=str), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["culler-once"]:
+        return culler_once(argv[1:])
+    if argv[:1] == ["ours-once"]:
+        return ours_once(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenarios", default="1,2,3,4", type=lambda s: [x.strip() for x in s.split(",") if x.strip()])
+    p.add_argument("--tools", default="culler,ours", type=lambda s: [x.strip() for x in s.split(",") if x.strip()])
+    p.add_argument("--n", type=int, action="append", help="override the scenario's sizes (repeatable)")
+    p.add_argument("--scale-culler", type=int, default=None,
+                   help="run the culler at this N and extrapolate linearly (labeled in the table)")
+    p.add_argument("--no-scale", action="store_true", help="never extrapolate: run the culler at full N")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per tool run before it is killed")
+    p.add_argument("--workdir", default=None, help="logs and the sweep's database go here")
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    args = p.parse_args(argv)
+    for k in args.scenarios:
+        if k not in SCENARIOS:
+            p.error(f"unknown scenario {k!r} (known: {', '.join(SCENARIOS)})")
+    for t in args.tools:
+        if t not in ("culler", "ours"):
+            p.error(f"unknown tool {t!r}")
+    rows = bench(args)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([m.__dict__ for m in rows], indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
