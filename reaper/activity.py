@@ -91,7 +91,7 @@ def classify(
         last = now if last is None or last > now + CLOCK_SKEW else last
     last = min(last, now)
 
-    counts = _kernel_summary(len(kernels), len(busy), connections, probe.terminals)
+    kern = _kernels_words(len(kernels), len(busy), probe.terminals)
     base = dict(
         server=server,
         at=now,
@@ -104,40 +104,35 @@ def classify(
     )
 
     if busy:
-        return Observation(state=State.COMPUTING, detail=f"{counts}; a kernel is busy", **base)  # type: ignore[arg-type]
+        return Observation(state=State.COMPUTING, detail=f"a kernel is busy computing ({kern})", **base)  # type: ignore[arg-type]
     if connections > 0:
-        detail = f"{counts}; browser connected"
+        detail = f"a browser is connected ({connections} connection{'s' if connections != 1 else ''}; {kern})"
         if not status_fresh and status_la is not None:
-            detail += f", no activity for {humanize(now - status_la)} (a tab left open in the background?)"
+            detail += f", no activity for {humanize(now - status_la)}: a tab left open in the background?"
         return Observation(state=State.ATTACHED, detail=detail, **base)  # type: ignore[arg-type]
     if status_fresh:
         return Observation(
             state=State.ATTACHED,
-            detail=f"{counts}; a tab is open (recent activity {humanize(now - last)} ago)",
+            detail=f"a tab is open (activity {humanize(now - last)} ago; {kern})",
             **base,  # type: ignore[arg-type]
         )
     return Observation(
         state=State.DETACHED,
         detached_since=last,
-        detail=f"{counts}; no browser connected since {last:%Y-%m-%d %H:%M} UTC",
+        detail=f"no browser connected, {kern}",
         **base,  # type: ignore[arg-type]
     )
 
 
-def _kernel_summary(kernels: int, busy: int, connections: int, terminals: int) -> str:
+def _kernels_words(kernels: int, busy: int, terminals: int) -> str:
     if kernels == 0:
-        text = "no kernel"
+        text = "no kernel running"
+    elif busy == 0:
+        text = "kernel idle" if kernels == 1 else f"{kernels} kernels, all idle"
     else:
-        idle = kernels - busy
-        parts = []
-        if busy:
-            parts.append(f"{busy} busy")
-        if idle:
-            parts.append(f"{idle} idle")
-        text = f"{kernels} kernel{'s' if kernels != 1 else ''} ({', '.join(parts)})"
-    text += f", {connections} connection{'s' if connections != 1 else ''}"
+        text = f"{busy} of {kernels} kernels busy"
     if terminals:
-        text += f", {terminals} terminal{'s' if terminals != 1 else ''}"
+        text += f", {terminals} terminal{'s' if terminals != 1 else ''} open"
     return text
 
 

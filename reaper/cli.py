@@ -27,9 +27,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from .notify.render import check_templates
 
     problems = check_templates(settings.notify.templates) if settings.notify.templates else []
+    try:
+        from .notify.channels import build_channels
+
+        build_channels(settings)
+    except (ValueError, OSError) as e:
+        problems.append(str(e))
     if problems:
         for p in problems:
-            print(f"{path}: notify.templates: {p}", file=sys.stderr)
+            print(f"{path}: notify: {p}", file=sys.stderr)
         return 2
     print(f"# {path or '(built-in defaults)'}: valid. Effective settings, defaults filled in:")
     print(effective_yaml(settings), end="")
@@ -73,22 +79,44 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from .model import humanize
     from .store import Store
 
     settings = _load(args.config or default_config_path())
+    tz = settings.tz
     store = Store.open(settings.database_url)
+    now = datetime.now(UTC)
     try:
         rows = store.runs_overview()
         last = store.last_successful_sweep()
+        actions = store.recent_actions(now - timedelta(days=1), limit=args.actions)
+        depth = store.outbox_depth()
     finally:
         store.close()
-    print(f"last successful sweep: {last.isoformat() if last else 'never'}")
-    if not rows:
+
+    def when(t: datetime | None) -> str:
+        return t.astimezone(tz).strftime("%Y-%m-%d %H:%M") if t else "-"
+
+    ago = f" ({humanize(now - last)} ago)" if last else ""
+    print(f"last successful sweep: {when(last)}{ago}; notices waiting for delivery: {depth}")
+    print()
+    if rows:
+        table = [("USER", "SERVER", "STATE", "ACTION", "NEXT", "REASON")]
+        for r in rows:
+            table.append((str(r.get("user")), r.get("server") or "-", str(r.get("state") or "-"),
+                          str(r.get("action") or "-"), when(r.get("next_at")), str(r.get("reason") or "")))
+        widths = [max(len(row[i]) for row in table) for i in range(5)]
+        for row in table:
+            print("  ".join(c.ljust(w) for c, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
+    else:
         print("no running servers recorded")
-        return 0
-    cols = ["user", "server", "state", "action", "reason"]
-    for r in rows:
-        print("  ".join(str(r.get(c) or "-") for c in cols))
+    if actions:
+        print("\nrecent actions (24 h):")
+        for a in actions:
+            who = f"{a['user']}/{a['server']}" if a.get("server") else str(a.get("user") or "-")
+            print(f"  {when(a['at'])}  {a['kind']:<14} {'ok ' if a['ok'] else 'FAILED'} {who}: {a['detail']}")
     return 0
 
 
@@ -108,6 +136,74 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(f"database at revision {store.current_revision() or '(empty)'}")
     finally:
         store.close()
+    return 0
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    from .model import NoticeKind
+    from .notify.render import render, sample_context
+
+    settings = _load(args.config or default_config_path())
+    now = datetime.now(UTC)
+    public = settings.hub.effective_public_url()
+    user = args.user or "alice"
+    ctx = replace(
+        sample_context(now),
+        username=user,
+        hub_name=settings.hub.name,
+        hub_url=f"{public}/hub/",
+        server_url=f"{public}/user/{user}/{args.server + '/' if args.server else ''}",
+        control_panel_url=f"{public}/hub/home",
+        keep_url=f"{public}/services/reaper/",
+        server_name=args.server,
+        server_label=f'server "{args.server}"' if args.server else "server",
+        tz=settings.hub.timezone,
+        admin_contact=settings.notify.admin_contact,
+    )
+    kind = NoticeKind(args.kind)
+    rendered = render(kind, ctx, template_dir=settings.notify.templates)
+    if args.action == "preview":
+        print(f"Subject: {rendered.subject}\n")
+        print(rendered.text)
+        if args.html:
+            print("\n----- HTML -----\n" + rendered.html)
+        if args.slack:
+            print("\n----- Slack -----\n" + rendered.slack_text)
+        return 0
+
+    # notify test --to ADDRESS | @slackuser: one real message through the configured channel
+    from .notify.channels import EmailChannel, SlackChannel
+
+    target = args.to
+    if not target:
+        print("notify test needs --to ADDRESS or --to @slack-member-or-email", file=sys.stderr)
+        return 2
+
+    async def send() -> str:
+        if target.startswith("@"):
+            if settings.notify.slack is None:
+                raise SystemExit("notify.slack is not configured")
+            ch = SlackChannel(settings, email=None)
+            who = target[1:]
+            member = await ch.sender.lookup_user(who) if "@" in who else who
+            if member is None:
+                raise SystemExit(f"{who}: not found on Slack (users_not_found)")
+            return await ch.sender.send(member, rendered)
+        if settings.notify.email is None:
+            raise SystemExit("notify.email is not configured")
+        return await EmailChannel(settings).sender.send(target, rendered)
+
+    from .notify.outbox import DeliveryError
+
+    try:
+        ref = asyncio.run(send())
+    except DeliveryError as e:
+        print(f"not delivered ({'permanent' if e.permanent else 'temporary'} failure): {e}", file=sys.stderr)
+        return 1
+    print(f"sent {kind.value} notice to {target} ({ref})")
     return 0
 
 
@@ -135,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", "-v", action="store_true")
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser("status", help="latest state of every server run, from the database")
+    s = sub.add_parser("status", help="latest state of every server run and recent actions, from the database")
+    s.add_argument("--actions", type=int, default=20, help="how many recent actions to show")
     _config_arg(s)
     s.set_defaults(func=cmd_status)
 
@@ -150,9 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(s)
     s.set_defaults(func=cmd_db)
 
+    s = sub.add_parser("notify", help="preview KIND --user NAME | test KIND --to ADDRESS|@slackuser")
+    s.add_argument("action", choices=["preview", "test"])
+    s.add_argument("kind", nargs="?", default="warning",
+                   choices=["warning", "reminder", "final", "stopped", "walltime", "orphan"])
+    s.add_argument("--user", default=None, help="render for this user name")
+    s.add_argument("--server", default="", help="a named server (default: the default server)")
+    s.add_argument("--to", default=None, help="test: an e-mail address, or @member-id / @email for Slack")
+    s.add_argument("--html", action="store_true", help="preview: also print the HTML part")
+    s.add_argument("--slack", action="store_true", help="preview: also print the Slack text")
+    _config_arg(s)
+    s.set_defaults(func=cmd_notify)
+
     s = sub.add_parser("demo", help="start a local demo hub on 127.0.0.1 with the reaper as its service")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--state-dir", default=".demo")
+    s.add_argument("--smtp-port", type=int, default=8025, help="the local mail sink's port (0: log only)")
     s.set_defaults(func=cmd_demo)
     return p
 

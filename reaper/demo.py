@@ -24,6 +24,7 @@ database_url: "sqlite:///reaper.sqlite"
 log_level: INFO
 probe:
   reprobe_every: 15s
+  attached_within: 30s
 defaults:
   detached: {{warn_after: 1m, stop_after: 4m}}
   attached: {{warn_after: 30m, stop_after: 2h}}
@@ -53,8 +54,8 @@ def write_demo_config(state: Path, *, smtp_port: int | None) -> Path:
             "    host: 127.0.0.1\n"
             f"    port: {smtp_port}\n"
             "    security: none\n"
-            '    from_addr: "Reaper demo <reaper@localhost>"\n'
-            '    address_template: "{username}@localhost"\n'
+            '    from_addr: "Reaper demo <reaper@demo.example.org>"\n'
+            '    address_template: "{username}@demo.example.org"\n'
         )
     else:
         channels, notify = "[log]", "  {}\n"
@@ -63,16 +64,54 @@ def write_demo_config(state: Path, *, smtp_port: int | None) -> Path:
     return path
 
 
+class _PrintingHandler:
+    """The demo's mail sink: prints each notice as it arrives, and keeps it under mail/."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        from email import message_from_bytes, policy
+
+        raw = envelope.content  # type: ignore[attr-defined]
+        msg = message_from_bytes(raw, policy=policy.default)
+        self.count += 1
+        path = self.folder / f"{self.count:03d}-{msg.get('X-Reaper-Notice', 'mail')}.eml"
+        path.write_bytes(raw)
+        body = msg.get_body(preferencelist=("plain",))
+        text = body.get_content() if body is not None else ""
+        bar = "=" * 78
+        print(f"\n{bar}\nMAIL to {', '.join(envelope.rcpt_tos)}: {msg['Subject']}  ({path})\n{bar}\n{text}{bar}\n",
+              flush=True)  # type: ignore[attr-defined]
+        return "250 OK"
+
+
+def start_mail_sink(folder: Path, port: int) -> object:
+    from aiosmtpd.controller import Controller
+
+    folder.mkdir(parents=True, exist_ok=True)
+    controller = Controller(_PrintingHandler(folder), hostname="127.0.0.1", port=port)
+    controller.start()
+    return controller
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
     state = Path(args.state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    smtp_port = getattr(args, "smtp_port", None)
+    smtp_port = args.smtp_port
+    sink = start_mail_sink(state / "mail", smtp_port) if smtp_port else None
     config = write_demo_config(state, smtp_port=smtp_port)
     password = os.environ.get("REAPER_HUB_PASSWORD") or "demo-password"
     env = dict(os.environ)
     env.update(
         REAPER_HUB_STATE=str(state / "hub"),
         REAPER_HUB_PORT=str(args.port),
+        REAPER_PROXY_API_PORT=str(args.port + 1),
+        REAPER_HUB_API_PORT=str(args.port + 81),
         REAPER_HUB_PASSWORD=password,
         REAPER_MANAGED="1",
         REAPER_CONFIG=str(config),
@@ -81,22 +120,32 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     env.setdefault("REAPER_HUB_ADMIN_PASSWORD", secrets.token_hex(16))
     jupyterhub = shutil.which("jupyterhub", path=str(Path(sys.executable).parent)) or "jupyterhub"
+    mail = f"a local mail sink on 127.0.0.1:{smtp_port}: notices print here and are kept in {state / 'mail'}" \
+        if smtp_port else "the log only (--smtp-port 0)"
     print(
         f"""
   jupyterhub-reaper demo
   ----------------------
   Hub:      http://127.0.0.1:{args.port}/  (log in with any user name, password: {password})
   Reaper:   policy {config}
-            (window closed: warning after 1 min, reminders every minute, final notice, stop after 4 min)
+            window closed: warning after 1 min, reminders every minute, final notice, stop after 4 min
+  Notices:  {mail}
+  Page:     http://127.0.0.1:{args.port}/services/reaper/
   Database: {state / 'reaper.sqlite'}
 
-  Start your server, open a notebook, then close the browser tab and watch the reaper's lines
-  below ("reaper.sweep") go attached -> detached -> warning -> final -> stopped.
+  Start your server, open a notebook, then close the browser tab and watch the lines of
+  "reaper.sweep" below go attached -> detached -> warning -> final -> stopped.
   In another terminal:  jupyterhub-reaper status -c {config}
   Ctrl-C stops the hub, its servers and the reaper.
 """,
         flush=True,
     )
-    os.chdir(state)
-    os.execve(jupyterhub, [jupyterhub, "-f", str(find_hub_config())], env)
-    return 0  # not reached
+    hub = subprocess.Popen([jupyterhub, "-f", str(find_hub_config())], cwd=state, env=env)
+    try:
+        return hub.wait()
+    except KeyboardInterrupt:
+        hub.send_signal(signal.SIGINT)
+        return hub.wait()
+    finally:
+        if sink is not None:
+            sink.stop()  # type: ignore[attr-defined]

@@ -151,6 +151,8 @@ def _idle_words(obs: Observation, idle_for: timedelta) -> str:
     if obs.state is State.DETACHED:
         return f"window closed, no activity for {h}"
     if obs.state is State.ATTACHED:
+        if idle_for < timedelta(minutes=5):
+            return "in use (a browser tab is open)"
         return f"a browser tab is open but nothing happened for {h}"
     if obs.state is State.COMPUTING:
         return f"kernel busy, counted as idle by policy; no activity for {h}"

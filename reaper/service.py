@@ -200,8 +200,8 @@ def run_service(config_path: str | None) -> int:
     service = ReaperService(config_path, settings)
     try:
         asyncio.run(service.serve())
-    except ConfigError as e:
-        log.error("%s", e)
+    except (ConfigError, ValueError, OSError) as e:
+        log.error("cannot start: %s", e)
         return 2
     return 0
 

@@ -307,6 +307,11 @@ class Sweeper:
                     await self._stop(r, res)
 
             await asyncio.gather(*(guarded(r) for r in todo))
+            if res.stops and self.notifier is not None:
+                try:  # "we stopped your server" right away, not at the next sweep
+                    await self.notifier.drain(self.clock())
+                except Exception as e:
+                    log.error("notice delivery failed after the stops (will retry): %s", e)
 
     async def _limit_notices(self, rows: list[Row], now: datetime) -> None:
         """Quiet hours and the per-user daily cap postpone warnings and reminders (never a final
