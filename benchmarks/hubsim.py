@@ -167,7 +167,9 @@ class SimServer:
             {
                 "id": k.id,
                 "name": "python3",
-                "last_activity": iso(k.last_activity if k.last_activity is not None else self.su_activity(now)),
+                "last_activity": iso(
+                    k.last_activity if k.last_activity is not None else self.su_activity(now)
+                ),
                 "execution_state": k.execution_state,
                 "connections": k.connections,
             }
@@ -203,7 +205,10 @@ class SimServer:
             "full_progress_url": None,
         }
         if with_state:
-            state: dict[str, Any] = {"job_id": self.job_id, "job_status": f"RUNNING node{int(self.job_id) % 64:02d}"}
+            state: dict[str, Any] = {
+                "job_id": self.job_id,
+                "job_status": f"RUNNING node{int(self.job_id) % 64:02d}",
+            }
             if self.url_in_state:
                 state["server_url"] = self.target
             model["state"] = state
@@ -376,7 +381,6 @@ class HubSim:
 
     async def start(self, port: int = 0) -> None:
         public = web.Application(middlewares=[self._middleware("proxy")])
-        public["label"] = "hub"
         self._add_hub_routes(public)
         self._add_user_routes(public, via_proxy=True)
         public.router.add_get("/sim/stats", self._h_stats)
@@ -495,7 +499,9 @@ class HubSim:
             if template != "/hub/api/" and template != "<unmatched>":
                 auth = request.headers.get("Authorization", "")
                 scheme, _, value = auth.partition(" ")
-                if scheme.lower() not in ("token", "bearer") or not secrets.compare_digest(value.strip(), token):
+                if scheme.lower() not in ("token", "bearer") or not secrets.compare_digest(
+                    value.strip(), token
+                ):
                     return web.json_response({"status": 403, "message": "Forbidden"}, status=403)
             return await handler(request)
 
@@ -538,14 +544,19 @@ class HubSim:
         return paginated, offset, max(1, min(limit, PAGE_MAX))
 
     @staticmethod
-    def _paginated_model(request: web.Request, items: Any, offset: int, limit: int, total: int) -> dict[str, Any]:
+    def _paginated_model(
+        request: web.Request, items: Any, offset: int, limit: int, total: int
+    ) -> dict[str, Any]:
         nxt: dict[str, Any] | None = None
         if offset + limit < total:
             query = dict(parse_qsl(request.url.query_string, keep_blank_values=True))
             query.update(offset=str(offset + limit), limit=str(limit))
             url = str(request.url.with_query(None)) + "?" + urlencode(query)
             nxt = {"offset": offset + limit, "limit": limit, "url": url}
-        return {"items": items, "_pagination": {"offset": offset, "limit": limit, "total": total, "next": nxt}}
+        return {
+            "items": items,
+            "_pagination": {"offset": offset, "limit": limit, "total": total, "next": nxt},
+        }
 
     def _active_users(self) -> list[SimUser]:
         if self._active_cache is None or self._active_cache[0] != self._version:
@@ -653,7 +664,11 @@ class HubSim:
                 table[s.url] = {
                     "routespec": s.url,
                     "target": s.target,
-                    "data": {"user": s.user, "server_name": s.name, "last_activity": iso(s.hub_activity(now))},
+                    "data": {
+                        "user": s.user,
+                        "server_name": s.name,
+                        "last_activity": iso(s.hub_activity(now)),
+                    },
                 }
         # the hub fetches it from the proxy over HTTP and parses it: pay for that too
         routes: dict[str, dict[str, Any]] = json.loads(json.dumps(table))
@@ -670,7 +685,9 @@ class HubSim:
                 keys = sorted(all_routes)[offset : offset + limit]
                 routes = {k: all_routes[k] for k in keys}
             if paginated:
-                return web.json_response(self._paginated_model(request, routes, offset, limit, len(all_routes)))
+                return web.json_response(
+                    self._paginated_model(request, routes, offset, limit, len(all_routes))
+                )
             return web.json_response(routes)
 
         return await self._hub(build)
@@ -800,7 +817,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-hours", type=float, nargs=2, default=(2.0, 8.0), metavar=("MIN", "MAX"))
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--hub-latency", type=float, default=0.005, help="seconds per hub request, one at a time")
-    p.add_argument("--user-latency", type=float, default=0.0, help="seconds per single-user request, concurrent")
+    p.add_argument(
+        "--user-latency", type=float, default=0.0, help="seconds per single-user request, concurrent"
+    )
     p.add_argument("--stop-time", type=float, default=0.0, help="seconds the spawner takes to stop")
     p.add_argument("--slow-stop-timeout", type=float, default=SLOW_STOP_TIMEOUT)
     p.add_argument("--port", type=int, default=0, help="public port (hub API + proxy); 0 = any")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 PY = sys.executable
+OURS_STOP_CONCURRENCY = 64
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,6 +55,7 @@ class Scenario:
     population: dict[str, Any] = field(default_factory=dict)
     idle_limit_s: int = 3600  # the culler's --timeout, and our detached stop threshold
     culler_scale: int | None = None  # default N for the culler's side (extrapolated), if slow
+    warmup_s: int = 2400  # our previous sweep ran this long ago (its final notices are that old)
 
     def sim_args(self, n: int) -> list[str]:
         args = [
@@ -93,7 +95,13 @@ SCENARIOS: dict[str, Scenario] = {
         "3",
         "Big hub, steady state: 95 % active, 2.5 % hidden tabs, 2.5 % idle < 30 min",
         (10000,),
-        population={"active": 0.95, "idle_attached": 0.025, "idle_detached": 0.025, "idle_hours": (0.25, 0.5)},
+        population={
+            "active": 0.95,
+            "idle_attached": 0.025,
+            "idle_detached": 0.025,
+            "idle_hours": (0.25, 0.5),
+        },
+        warmup_s=300,  # the previous sweep, one sweep_every ago
     ),
     "4": Scenario(
         "4",
@@ -124,6 +132,15 @@ class Measure:
     note: str = ""
 
     @property
+    def sweep_s(self) -> float:
+        """Wall of the cull / sweep itself, measured in the child (no interpreter start, no imports)."""
+        return float(self.inner.get("sweep_s", self.wall_s))
+
+    @property
+    def sweep_cpu_s(self) -> float:
+        return float(self.inner.get("sweep_cpu_s", self.cpu_s))
+
+    @property
     def scale(self) -> float:
         return self.n / self.ran_n if self.ran_n else 1.0
 
@@ -144,7 +161,10 @@ class Measure:
             requests={k: round(v * f) for k, v in self.requests.items()},
             stops_completed=round(self.stops_completed * f),
             stopped_categories={k: round(v * f) for k, v in self.stopped_categories.items()},
-            inner=self.inner,
+            inner={
+                **self.inner,
+                **{k: self.inner[k] * f for k in ("sweep_s", "sweep_cpu_s") if k in self.inner},
+            },
             note=f"extrapolated ×{f:g} from N={self.ran_n} (RSS as measured)",
         )
 
@@ -197,7 +217,9 @@ class Sim:
         self.err.close()
 
 
-def measure_child(cmd: Sequence[str], env: dict[str, str], timeout: float, log_path: Path) -> tuple[float, float, float, int, str]:
+def measure_child(
+    cmd: Sequence[str], env: dict[str, str], timeout: float, log_path: Path
+) -> tuple[float, float, float, int, str]:
     """Run cmd; return (wall s, CPU s, peak RSS MB, returncode, stdout) of that child alone."""
     with open(log_path, "w") as err, tempfile.TemporaryFile("w+") as out:
         t0 = time.perf_counter()
@@ -242,8 +264,15 @@ def _stopped_categories(stats: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def _finish(tool: str, sc: Scenario, n: int, ran_n: int, sim: Sim, res: tuple[float, float, float, int, str],
-            settle_s: float) -> Measure:
+def _finish(
+    tool: str,
+    sc: Scenario,
+    n: int,
+    ran_n: int,
+    sim: Sim,
+    res: tuple[float, float, float, int, str],
+    settle_s: float,
+) -> Measure:
     wall, cpu, rss, rc, stdout = res
     # stops answered 202 finish in the background: let them, within the slow-stop horizon
     deadline = time.monotonic() + settle_s
@@ -283,21 +312,134 @@ def run_culler(sim: Sim, sc: Scenario, n: int, ran_n: int, workdir: Path, timeou
     return _finish("culler", sc, n, ran_n, sim, res, settle_s=30.0)
 
 
-async def run_ours(sim_url: str, token: str, n: int, **kw: Any) -> dict[str, Any]:
-    """One sweep of ours, in THIS process (the child side of ``ours-once``). Returns a summary.
+async def run_ours(
+    sim_url: str,
+    token: str,
+    n: int,
+    *,
+    idle_limit_s: int = 3600,
+    warmup_s: int = 2400,
+    stop_concurrency: int = 64,
+    workdir: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Our sweep against the simulator, in THIS process (the child side of ``ours-once``).
 
-    Plugged in once reaper.sweep exists; ``kw``: idle_limit_s, and settings overrides.
+    A long-running service has swept before: a warm-up sweep runs with its clock ``warmup_s``
+    earlier (its notices, sent to the log channel, are then ``warmup_s`` old), the simulator's
+    counters are reset, and the measured sweep runs at the real time with the same Sweeper, store and
+    client. Policy: detached servers warned after idle_limit/2, stopped after idle_limit, 30 min of
+    notice; the safety limits are raised so that a sweep may stop every server (the benchmark reaps
+    a whole hub on purpose). Returns the measured sweep's wall and CPU (in-process) and its summary.
     """
-    return await _ours_sweep(sim_url, token, n, **kw)
+    import asyncio
+    import logging
+    import resource
+    import urllib.request
+    from datetime import UTC, datetime, timedelta
+
+    from reaper.config import Settings
+    from reaper.service import make_hub_client, make_outbox
+    from reaper.store import Store
+    from reaper.sweep import Sweeper
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    folder = Path(workdir or tempfile.mkdtemp(prefix="reaper-bench-ours-"))
+    db = folder / f"ours-{n}-{os.getpid()}.sqlite"
+    half = max(idle_limit_s // 2, 60)
+    config: dict[str, Any] = {
+        "hub": {
+            "api_url": sim_url.rstrip("/") + "/hub/api"
+            if not sim_url.rstrip("/").endswith("/hub/api")
+            else sim_url
+        },
+        "database_url": f"sqlite:///{db}",
+        "log_level": "WARNING",
+        "safety": {
+            "max_stops_per_sweep": 10 * n + 10,
+            "max_stop_fraction": 1.0,
+            "stop_concurrency": stop_concurrency,
+        },
+        "defaults": {
+            "detached": {"warn_after": f"{half}s", "stop_after": f"{idle_limit_s}s"},
+            "min_notice": "30m",
+            "channels": ["log"],
+        },
+    }
+    for k, v in (overrides or {}).items():
+        config[k] = v
+    os.environ["JUPYTERHUB_API_TOKEN"] = token
+    settings = Settings.model_validate(config)
+    store = await asyncio.to_thread(Store.open, settings.database_url)
+    hub = make_hub_client(settings)
+    public = settings.hub.effective_api_url().removesuffix("/hub/api")
+    offset = timedelta(seconds=warmup_s)
+    shifted = {"on": True}
+
+    def clock() -> datetime:
+        now = datetime.now(UTC)
+        return now - offset if shifted["on"] else now
+
+    try:
+        outbox = make_outbox(settings, store)
+        sweeper = Sweeper(settings, hub, store, notifier=outbox, clock=clock)
+        warm = await sweeper.run_once(dry_run=False)
+        # setup, not measured: deliver every queued notice (one drain delivers a bounded batch)
+        for _ in range(10 * n + 10):
+            if not await outbox.drain(clock()):
+                break
+        shifted["on"] = False
+        req = urllib.request.Request(public + "/sim/reset", method="POST")
+        await asyncio.to_thread(lambda: urllib.request.urlopen(req, timeout=60).read())
+        prof = None
+        if os.environ.get("BENCH_PROFILE"):
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+        ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        res = await sweeper.run_once(dry_run=False)
+        wall = time.perf_counter() - t0
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(os.environ["BENCH_PROFILE"])
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        await hub.aclose()
+        await asyncio.to_thread(store.close)
+    return {
+        "sweep_s": round(wall, 3),
+        "sweep_cpu_s": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 3),
+        "warmup": warm.summary(),
+        "summary": res.summary(),
+        "actions": _actions(res),
+        "warmup_actions": _actions(warm),
+    }
 
 
-async def _ours_sweep(sim_url: str, token: str, n: int, **kw: Any) -> dict[str, Any]:
-    raise NotImplementedError("reaper.sweep is not wired into the benchmark yet")
+def _actions(res: Any) -> dict[str, Any]:
+    """Decisions of a sweep by action, with one sample reason each (for the README and debugging)."""
+    out: dict[str, Any] = {}
+    for r in res.rows:
+        a = r.decision.action.value + (f" ({r.outcome})" if r.outcome else "")
+        entry = out.setdefault(a, {"count": 0, "sample": r.decision.reason})
+        entry["count"] += 1
+    return out
 
 
 def run_ours_measured(sim: Sim, sc: Scenario, n: int, workdir: Path, timeout: float) -> Measure:
-    cmd = [PY, "-m", "benchmarks.run", "ours-once", f"--api-url={sim.api_url}", f"--n={n}",
-           f"--idle-limit={sc.idle_limit_s}", f"--workdir={workdir}"]
+    cmd = [
+        PY,
+        "-m",
+        "benchmarks.run",
+        "ours-once",
+        f"--api-url={sim.api_url}",
+        f"--n={n}",
+        f"--idle-limit={sc.idle_limit_s}",
+        f"--workdir={workdir}",
+        f"--warmup={sc.warmup_s}",
+        f"--stop-concurrency={OURS_STOP_CONCURRENCY}",
+    ]
     res = measure_child(cmd, child_env(sim), timeout, workdir / f"ours-{sc.key}-{n}.log")
     return _finish("ours", sc, n, n, sim, res, settle_s=30.0)
 
@@ -327,8 +469,22 @@ def short_routes(requests: dict[str, int]) -> str:
 
 
 def table(rows: list[Measure]) -> str:
-    head = ("scenario", "N", "tool", "wall s", "CPU s", "peak RSS MB", "hub req", "requests by route",
-            "stops done", "stopped (category)", "ours/culler wall", "ours/culler CPU")
+    head = (
+        "scenario",
+        "N",
+        "tool",
+        "sweep wall s",
+        "sweep CPU s",
+        "process wall s",
+        "process CPU s",
+        "peak RSS MB",
+        "hub req",
+        "requests by route",
+        "stops done",
+        "stopped (category)",
+        "ours/culler wall",
+        "ours/culler CPU",
+    )
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_key: dict[tuple[str, int], dict[str, Measure]] = {}
     for m in rows:
@@ -338,15 +494,35 @@ def table(rows: list[Measure]) -> str:
         ratio_w = ratio_c = ""
         if m.tool == "ours" and "culler" in pair:
             c = pair["culler"]
-            ratio_w = f"{m.wall_s / c.wall_s:.3f} ({c.wall_s / m.wall_s:.1f}× faster)" if m.wall_s else ""
-            ratio_c = f"{m.cpu_s / c.cpu_s:.2f}" if c.cpu_s else ""
+            ratio_w = (
+                f"{m.sweep_s / c.sweep_s:.3f} ({c.sweep_s / m.sweep_s:.1f}× faster)" if m.sweep_s else ""
+            )
+            ratio_c = f"{m.sweep_cpu_s / c.sweep_cpu_s:.2f}" if c.sweep_cpu_s else ""
         tool = m.tool + (f" ({m.note})" if m.note else "") + ("" if m.rc == 0 else f" [exit {m.rc}]")
         hub = sum(v for k, v in m.requests.items() if k.startswith("hub "))
         cats = ", ".join(f"{k} {v}" for k, v in sorted(m.stopped_categories.items())) or "-"
-        out.append("| " + " | ".join([
-            m.scenario, str(m.n), tool, f"{m.wall_s:.2f}", f"{m.cpu_s:.2f}", f"{m.rss_mb:.0f}", str(hub),
-            short_routes(m.requests), str(m.stops_completed), cats, ratio_w, ratio_c,
-        ]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    m.scenario,
+                    str(m.n),
+                    tool,
+                    f"{m.sweep_s:.2f}",
+                    f"{m.sweep_cpu_s:.2f}",
+                    f"{m.wall_s:.2f}",
+                    f"{m.cpu_s:.2f}",
+                    f"{m.rss_mb:.0f}",
+                    str(hub),
+                    short_routes(m.requests),
+                    str(m.stops_completed),
+                    cats,
+                    ratio_w,
+                    ratio_c,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 
@@ -367,7 +543,7 @@ def bench(args: argparse.Namespace) -> list[Measure]:
                     scale = args.scale_culler if args.scale_culler is not None else sc.culler_scale
                     if scale and scale < n and not args.no_scale:
                         ran_n = scale
-                sim = Sim(sc.sim_args(ran_n), workdir)
+                sim = Sim(sc.sim_args(ran_n) + list(args.sim_arg or []), workdir)
                 try:
                     print(f"# scenario {key} N={ran_n} {tool}: sim at {sim.url}", file=sys.stderr, flush=True)
                     if tool == "culler":
@@ -395,7 +571,9 @@ def culler_once(argv: Sequence[str]) -> int:
         AsyncHTTPClient.configure("tornado.curl_httpclient.CurlAsyncHTTPClient")
     except ImportError as e:
         app.log.warning(f"Could not load pycurl: {e}")
-    t0 = time.perf_counter()
+    import resource
+
+    ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     asyncio.run(
         cull_idle(
             url=app.url,
@@ -415,7 +593,10 @@ def culler_once(argv: Sequence[str]) -> int:
             cull_arbiter=app.cull_arbiter_hook,
         )
     )
-    print(json.dumps({"sweep_s": round(time.perf_counter() - t0, 3)}), flush=True)
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    print(json.dumps({"sweep_s": round(wall, 3), "sweep_cpu_s": round(cpu, 3)}), flush=True)
     return 0
 
 
@@ -427,31 +608,53 @@ def ours_once(argv: Sequence[str]) -> int:
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--idle-limit", type=int, default=3600)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--warmup", type=int, default=2400)
+    p.add_argument("--stop-concurrency", type=int, default=64)
     a = p.parse_args(list(argv))
     summary = asyncio.run(
-        run_ours(a.api_url, os.environ["JUPYTERHUB_API_TOKEN"], a.n, idle_limit_s=a.idle_limit, workdir=a.workdir)
+        run_ours(
+            a.api_url,
+            os.environ["JUPYTERHUB_API_TOKEN"],
+            a.n,
+            idle_limit_s=a.idle_limit,
+            warmup_s=a.warmup,
+            stop_concurrency=a.stop_concurrency,
+            workdir=a.workdir,
+        )
     )
     print(json.dumps(summary, default=str), flush=True)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global OURS_STOP_CONCURRENCY
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["culler-once"]:
         return culler_once(argv[1:])
     if argv[:1] == ["ours-once"]:
         return ours_once(argv[1:])
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenarios", default="1,2,3,4", type=lambda s: [x.strip() for x in s.split(",") if x.strip()])
-    p.add_argument("--tools", default="culler,ours", type=lambda s: [x.strip() for x in s.split(",") if x.strip()])
+    p.add_argument(
+        "--scenarios", default="1,2,3,4", type=lambda s: [x.strip() for x in s.split(",") if x.strip()]
+    )
+    p.add_argument(
+        "--tools", default="culler,ours", type=lambda s: [x.strip() for x in s.split(",") if x.strip()]
+    )
     p.add_argument("--n", type=int, action="append", help="override the scenario's sizes (repeatable)")
-    p.add_argument("--scale-culler", type=int, default=None,
-                   help="run the culler at this N and extrapolate linearly (labeled in the table)")
+    p.add_argument(
+        "--scale-culler",
+        type=int,
+        default=None,
+        help="run the culler at this N and extrapolate linearly (labeled in the table)",
+    )
     p.add_argument("--no-scale", action="store_true", help="never extrapolate: run the culler at full N")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per tool run before it is killed")
     p.add_argument("--workdir", default=None, help="logs and the sweep's database go here")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    p.add_argument("--sim-arg", action="append", help="extra hubsim argument, e.g. --sim-arg=--shared-target")
+    p.add_argument("--ours-stop-concurrency", type=int, default=OURS_STOP_CONCURRENCY)
     args = p.parse_args(argv)
+    OURS_STOP_CONCURRENCY = args.ours_stop_concurrency
     for k in args.scenarios:
         if k not in SCENARIOS:
             p.error(f"unknown scenario {k!r} (known: {', '.join(SCENARIOS)})")
