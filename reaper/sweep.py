@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from .activity import classify, needs_probe
+from .faults import crashpoint
 from .config import ResolvedRule, Settings
 from .model import (
     Action,
@@ -290,6 +291,8 @@ class Sweeper:
                     self._last_probed.pop(k, None)
                     self._last_logged.pop(k, None)
 
+        if not dry_run:
+            crashpoint("after-record")
         # 7. deliver notices now (a final notice must be delivered before its stop can come)
         if not dry_run and self.notifier is not None:
             try:
@@ -297,6 +300,8 @@ class Sweeper:
             except Exception as e:
                 log.error("notice delivery failed this sweep (will retry): %s", e)
 
+        if not dry_run:
+            crashpoint("after-notify")
         # 8. stops, re-checked, concurrently up to a limit
         if not dry_run and not res.safety_tripped:
             todo = [r for r in res.rows if r.decision.action is Action.STOP]
@@ -405,6 +410,7 @@ class Sweeper:
             row.outcome = f"stop failed: {result.detail}"
             log.error("%s stop FAILED: %s", server.label, result.detail)
             await self._db(self.store.record_action, key, "stop-failed", False, detail, now, job_id=server.job_id)
+        crashpoint("after-stop")
         if self.stop_hook is not None:
             try:
                 await self.stop_hook.after_stop(server, result.outcome, now)
