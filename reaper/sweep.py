@@ -121,6 +121,9 @@ class Sweeper:
 
     # ------------------------------------------------------------------ helpers
 
+    def _rule_for_key(self, key: RunKey) -> ResolvedRule:
+        return self._rule(HubServer(user=key.user, name=key.server, started=key.started, last_activity=None))
+
     def _rule(self, server: HubServer) -> ResolvedRule:
         s = self.settings
         return select_rule(s.resolved_rules(), s.default_rule(), server)
@@ -284,12 +287,26 @@ class Sweeper:
                     else:
                         r.outcome = f"{r.decision.notice.value} already queued"
             # servers the hub no longer lists: their runs have ended
-            current = {k for k in keys}
-            for k in await self._db(self.store.open_runs):
-                if k not in current:
+            current = set(keys)
+            gone = [k for k in await self._db(self.store.open_runs) if k not in current]
+            gone_hist = await self._db(self.store.histories, gone) if gone else {}
+            for k in gone:
+                h = gone_hist.get(k)
+                if h is not None and h.stop_requested_at is not None:
+                    # We asked the hub to stop it and then lost track (a crash, a 202 that completed
+                    # later): make sure the user still hears that we stopped it. Idempotent.
+                    await self._db(
+                        self.store.add_notice, k, NoticeKind.STOPPED, None, now,
+                        channels=list(self._rule_for_key(k).channels),
+                        context={"user": k.user, "server": k.server, "started": k.started.isoformat(),
+                                 "state": "detached", "reason": "stopped by the reaper after the notices",
+                                 "stopped_at": h.stop_requested_at.isoformat()},
+                    )
+                    await self._db(self.store.end_run, k, now, "stopped by the reaper")
+                else:
                     await self._db(self.store.end_run, k, now, "no longer running on the hub")
-                    self._last_probed.pop(k, None)
-                    self._last_logged.pop(k, None)
+                self._last_probed.pop(k, None)
+                self._last_logged.pop(k, None)
 
         if not dry_run:
             crashpoint("after-record")

@@ -257,3 +257,19 @@ def test_quiet_hours_over_midnight_and_within_a_day():
     lunch = QuietHours(start="12:00", end="13:00")
     assert quiet_hours_end(lunch, datetime(2026, 1, 2, 12, 30, tzinfo=UTC), tz) == datetime(2026, 1, 2, 13, 0, tzinfo=UTC)
     assert quiet_hours_end(lunch, datetime(2026, 1, 2, 13, 0, tzinfo=UTC), tz) is None
+
+
+async def test_a_stop_that_completed_after_a_pending_202_still_tells_the_user(store):
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(stop_outcome="pending"), Clock(T0)
+    srv = server(la=since)
+    hub.add(srv, detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(31 * M)
+    await sw.run_once()  # 202: stop pending
+    del hub.servers[("alice", "")]  # the spawner finished stopping later
+    clock.advance(5 * M)
+    await sw.run_once()
+    assert NoticeKind.STOPPED in kinds(store, srv.run_key())
+    assert srv.run_key() not in store.open_runs()
