@@ -47,13 +47,12 @@ class KeepPolicy(BaseModel):
 
     max_extension: Duration = timedelta(hours=8)
     max_per_day: int = Field(default=3, ge=0, le=100)
-    choices: list[Duration] = Field(
-        default_factory=lambda: [timedelta(hours=1), timedelta(hours=2), timedelta(hours=4), timedelta(hours=8)]
-    )
+    # The durations offered on the page; default: 1h, 2h, 4h, 8h up to max_extension, and max_extension.
+    choices: list[Duration] | None = None
 
     @model_validator(mode="after")
     def _choices_fit(self) -> KeepPolicy:
-        for c in self.choices:
+        for c in self.choices or ():
             if c <= timedelta(0):
                 raise ValueError("keep.choices: every choice must be longer than 0")
             if c > self.max_extension:
@@ -62,6 +61,12 @@ class KeepPolicy(BaseModel):
                     f"({format_duration(self.max_extension)})"
                 )
         return self
+
+    def offered(self) -> list[timedelta]:
+        if self.choices:
+            return sorted(set(self.choices))
+        hours = [timedelta(hours=h) for h in (1, 2, 4, 8) if timedelta(hours=h) < self.max_extension]
+        return [*hours, self.max_extension] if self.max_extension > timedelta(0) else []
 
 
 class WebSettings(BaseModel):

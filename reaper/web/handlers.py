@@ -288,6 +288,12 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
             except UserNotAllowed:
                 model = None
         self._hub_auth_user_cache = model
+        self.current_user = model
+
+    def get_current_user(self) -> Any:
+        # Never ask the hub synchronously from the event loop (HubAuthenticated would, e.g. when the
+        # xsrf check runs before prepare()): prepare() above has asked already, asynchronously.
+        return getattr(self, "_hub_auth_user_cache", None)
 
     def get_login_url(self) -> str:
         if self.api:

@@ -82,6 +82,7 @@ class Web:
     metrics: Metrics
     hub_auth: Any
     client: httpx.AsyncClient
+    ctx: Any  # reaper.web.app.WebContext of the running app
     cookies: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def url(self, path: str = "") -> str:
@@ -95,7 +96,8 @@ class Web:
         return {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
 
     async def get(self, path: str, who: str | None, **kw: Any) -> httpx.Response:
-        r = await self.client.get(self.url(path), headers=self.cookie_header(who), **kw)
+        headers = {**self.cookie_header(who), **kw.pop("headers", {})}
+        r = await self.client.get(self.url(path), headers=headers, **kw)
         m = re.search(r'_xsrf="?([^";]+)', r.headers.get("set-cookie", ""))
         if m and who:
             self.cookies.setdefault(who, {})["_xsrf"] = m.group(1)
@@ -112,7 +114,8 @@ class Web:
                    **kw: Any) -> httpx.Response:
         if xsrf and who:
             data = {**data, "_xsrf": await self.xsrf(who)}
-        return await self.client.post(self.url(path), data=data, headers=self.cookie_header(who), **kw)
+        headers = {**self.cookie_header(who), **kw.pop("headers", {})}
+        return await self.client.post(self.url(path), data=data, headers=headers, **kw)
 
 
 def settings(extra: str = "") -> Any:
@@ -155,7 +158,8 @@ async def make_web(tmp_path):
         server.listen(port, address="127.0.0.1")
         client = httpx.AsyncClient(timeout=30, follow_redirects=False)
         made.append((server, client, store))
-        return Web(f"http://127.0.0.1:{port}", service, hub, store, metrics, hub_auth, client)
+        return Web(f"http://127.0.0.1:{port}", service, hub, store, metrics, hub_auth, client,
+                   app.settings["reaper_ctx"])
 
     yield make
     for server, client, store in made:
