@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -34,6 +35,14 @@ def slurm() -> Iterator[SlurmCluster]:
         create_unix_user(OWNER)
         create_unix_user(OTHER)
         yield cluster
+
+
+@pytest.fixture(autouse=True)
+def _no_jobs_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts on an empty cluster (8 CPUs fill up quickly with sleeping jobs)."""
+    yield
+    if "slurm" in request.fixturenames:
+        request.getfixturevalue("slurm").cancel_all()
 
 
 def batch_for(slurm: SlurmCluster, **kwargs: object) -> SlurmBatch:
@@ -307,3 +316,138 @@ def test_make_batch_system_reads_the_config_section() -> None:
         make_batch_system({"system": "slurm", "comands": {}})
     with pytest.raises(ValueError):
         make_batch_system({"system": "lsf"})
+
+
+# --- the shipped hub with our SlurmSpawner, on the real Slurm ----------------------------------------
+# Real parts: the Slurm above, plus a real JupyterHub 6 (tests/harness/hub.py) from the shipped
+# hub/jupyterhub_config.py in Slurm mode (REAPER_HUB_SPAWNER=slurm), loaded from a small wrapper
+# config that adds test settings (fast polls, option choices). Servers run as Slurm jobs of real
+# unix users, started through runuser (no sudo here: the spawner's default picks runuser).
+
+HUB_USER = "reaperhub1"
+
+
+@pytest.fixture(scope="module")
+def slurm_hub(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.harness.hub import HUB_CONFIG, RealHub
+    from tests.harness.hub import missing_parts as hub_missing
+
+    missing = hub_missing()
+    require_real_part(not missing, f"a real JupyterHub ({', '.join(missing)} missing)")
+    create_unix_user(HUB_USER)
+    work = tmp_path_factory.mktemp("slurmhub")
+    wrapper = work / "jupyterhub_config.py"
+    wrapper.write_text(
+        f"load_subconfig({str(HUB_CONFIG)!r})\n"
+        "c = get_config()  # noqa: F821\n"
+        "c.Spawner.poll_interval = 1\n"
+        "c.SlurmSpawner.batch_command_timeout = 10\n"
+        "c.SlurmSpawner.startup_poll_interval = 0.3\n"
+        "c.SlurmSpawner.req_srun = ''\n"
+        "c.SlurmSpawner.partition_choices = ['cpu', 'gpu']\n"
+        "c.SlurmSpawner.gpu_partitions = ['gpu']\n"
+        "c.SlurmSpawner.runtime_choices = ['1:00:00', '4:00:00']\n"
+        "c.SlurmSpawner.memory_choices = ['1G', '2G']\n"
+        "c.SlurmSpawner.max_gpus = 2\n"
+    )
+    hub = RealHub(work / "hub", spawner="slurm", extra_env=slurm.env, config_file=wrapper)
+    hub.start()
+    try:
+        hub.create_user(HUB_USER)
+        yield hub
+    finally:
+        hub.stop()
+
+
+def _wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not within {timeout} s")
+        time.sleep(0.3)
+
+
+@pytest.mark.integration
+async def test_hub_server_runs_as_a_slurm_job_with_its_options_and_stopping_it_removes_the_job(
+    slurm: SlurmCluster, slurm_hub: Any
+) -> None:
+    options = {"partition": "gpu", "gpus": 1, "runtime": "4:00:00", "memory": "2G"}
+    model = await asyncio.to_thread(slurm_hub.start_server, HUB_USER, "", options)
+    state = model["state"]
+    job_id = state["job_id"]
+    batch = batch_for(slurm)
+
+    job = await batch.job(job_id)
+    assert job is not None and job.state is JobState.RUNNING
+    assert (job.name, job.user, job.partition, job.gpus, job.mem_mb) == (
+        "jupyterhub-reaper",
+        HUB_USER,
+        "gpu",
+        1,
+        2048,
+    )
+    assert job.start is not None and job.end == job.start + timedelta(hours=4)
+    assert [j.id for j in await batch.jobs(name="jupyterhub-reaper", user=HUB_USER)] == [job_id]
+    # The spawner's state carries the server's own address; it answers there, on loopback.
+    assert state["server_url"].startswith("http://127.0.0.1:")
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        r = await client.get(f"{state['server_url']}{model['url']}api/status",
+                             headers={"Authorization": f"token {slurm_hub.admin_token}"})  # fmt: skip
+    assert r.status_code in (200, 403), r.text  # it is the user's jupyter_server answering
+
+    await asyncio.to_thread(slurm_hub.stop_server, HUB_USER)
+    await wait_gone(batch, job_id)
+    assert slurm_hub.server_model(HUB_USER) is None
+
+
+@pytest.mark.integration
+async def test_options_outside_the_admins_choices_are_refused_and_no_job_is_submitted(
+    slurm: SlurmCluster, slurm_hub: Any
+) -> None:
+    batch = batch_for(slurm)
+    before = {j.id for j in await batch.jobs(name="jupyterhub-reaper")}
+    for bad in (
+        {"gpus": 1, "partition": "cpu"},
+        {"gpus": 3, "partition": "gpu"},
+        {"memory": "64G"},
+        {"cmd": "x"},
+    ):
+        r = slurm_hub.api("POST", f"users/{HUB_USER}/server", json=bad)
+        if r.status_code in (201, 202):
+            _wait_until(
+                lambda: not (slurm_hub.server_model(HUB_USER) or {}).get("pending"), 30, "spawn to end"
+            )
+            assert slurm_hub.server_model(HUB_USER) is None, f"{bad} was accepted"
+        else:
+            assert r.status_code >= 400
+    assert {j.id for j in await batch.jobs(name="jupyterhub-reaper")} == before
+
+
+@pytest.mark.integration
+async def test_an_squeue_error_does_not_make_the_hub_forget_a_running_job(
+    slurm: SlurmCluster, slurm_hub: Any
+) -> None:
+    model = await asyncio.to_thread(slurm_hub.start_server, HUB_USER, "", {"partition": "cpu"})
+    job_id = model["state"]["job_id"]
+    good = slurm.conf_path.read_text()
+    log_offset = slurm_hub.log_size()
+    try:
+        # squeue now fails with "Unable to process configuration file": not batchspawner's
+        # "unknown" pattern, so stock batchspawner would take the job as gone and the hub would
+        # drop the server. The daemons already read their config and keep running the job.
+        slurm.conf_path.write_text("ClusterName=broken\nNotASlurmKey=1\n")
+        _wait_until(
+            lambda: slurm_hub.log_since(log_offset).count("Could not query job") >= 3,
+            30,
+            "three failed polls",
+        )
+        assert slurm_hub.server_model(HUB_USER) is not None, "the hub forgot the server"
+    finally:
+        slurm.conf_path.write_text(good)
+    assert slurm.squeue_state(job_id) == "RUNNING"
+    model = slurm_hub.server_model(HUB_USER)
+    assert model is not None and model["ready"] and model["state"]["job_id"] == job_id
+    await asyncio.to_thread(slurm_hub.stop_server, HUB_USER)
+    await wait_gone(batch_for(slurm), job_id)
