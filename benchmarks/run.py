@@ -264,6 +264,20 @@ def _stopped_categories(stats: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+def _max_parallel(stats: dict[str, Any]) -> int:
+    """The most stops in progress at once (from request arrival to completion)."""
+    events: list[tuple[float, int]] = []
+    for st in stats.get("stops", []):
+        end = st.get("completed") or st.get("answered")
+        if end is not None:
+            events += [(st["requested"], 1), (end, -1)]
+    cur = best = 0
+    for _, d in sorted(events, key=lambda e: (e[0], e[1])):
+        cur += d
+        best = max(best, cur)
+    return best
+
+
 def _finish(
     tool: str,
     sc: Scenario,
@@ -292,7 +306,7 @@ def _finish(
         requests=stats["requests"],
         stops_completed=stats["stops_completed"],
         stopped_categories=_stopped_categories(stats),
-        inner=_last_json(stdout),
+        inner={**_last_json(stdout), "max_parallel_stops": _max_parallel(stats)},
     )
 
 
@@ -516,6 +530,7 @@ def table(rows: list[Measure]) -> str:
                     str(hub),
                     short_routes(m.requests),
                     str(m.stops_completed),
+                    str(m.inner.get("max_parallel_stops", "")),
                     cats,
                     ratio_w,
                     ratio_c,
