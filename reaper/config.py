@@ -324,6 +324,15 @@ class QuietHours(Strict):
             raise ValueError(f"expected a time such as '22:00', got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if self.start == self.end:
+            raise ValueError(
+                f"start and end are the same ({self.start}): quiet hours would be empty or the whole day; "
+                "leave quiet_hours out to send at any time"
+            )
+        return self
+
 
 class NotifySettings(Strict):
     templates: str | None = None  # a folder whose files override the shipped templates
@@ -335,6 +344,20 @@ class NotifySettings(Strict):
     retry_base: Duration = timedelta(seconds=30)  # first retry delay, doubled each time (capped at 1h)
     email: EmailSettings | None = None
     slack: SlackSettings | None = None
+
+
+class SlurmSettings(Strict):
+    """The batch guard: what the reaper does to the hub's jobs (the adapter itself is `batch`)."""
+
+    job_name: str = "jupyterhub-reaper"  # must match SlurmSpawner.job_name in the hub config
+    cancel_grace: Duration = timedelta(seconds=30)  # after a stop, wait this long for the job to go
+    cancel_retries: int = Field(default=3, ge=1, le=20)
+    walltime_notice: Duration | None = timedelta(minutes=30)  # tell users before the walltime ends
+
+
+class OrphanSettings(Strict):
+    grace: Duration = timedelta(minutes=10)  # a job no server owns, for this long, is an orphan
+    cancel: bool = True  # false: report only
 
 
 class Settings(Strict):
@@ -349,20 +372,30 @@ class Settings(Strict):
     rules: list[Rule] = Field(default_factory=list)
     # Sections owned by the notices, Slurm and web features; validated there.
     notify: NotifySettings = NotifySettings()
-    batch: dict[str, Any] = Field(default_factory=dict)
-    orphans: dict[str, Any] = Field(default_factory=dict)
+    batch: dict[str, Any] = Field(default_factory=dict)  # the batch-system adapter (reaper/batch)
+    slurm: SlurmSettings = SlurmSettings()
+    orphans: OrphanSettings = OrphanSettings()
     web: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _channels_configured(self) -> Settings:
-        used = set(self.defaults.channels)
-        for r in self.rules:
-            used.update(r.channels or ())
+        users: list[tuple[tuple[Any, ...], list[str]]] = [(("defaults", "channels"), list(self.defaults.channels))]
+        users += [(("rules", i, "channels"), list(r.channels)) for i, r in enumerate(self.rules) if r.channels]
         for ch in ("email", "slack"):
-            if ch in used and getattr(self.notify, ch) is None:
-                loc = ("defaults", "channels") if ch in self.defaults.channels else ("rules",)
-                raise _PathError(loc, f"channel {ch!r} is used but notify.{ch} is not configured")
+            if getattr(self.notify, ch) is not None:
+                continue
+            for loc, chans in users:
+                if ch in chans:
+                    raise _PathError(loc, f"channel {ch!r} is used but notify.{ch} is not configured")
         return self
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .batch import make_batch_system
+
+        make_batch_system(v)  # raises ValueError naming the bad key
+        return v
 
     @field_validator("sweep_every")
     @classmethod
@@ -479,6 +512,63 @@ def _substitute_env(data: Any, loc: tuple[Any, ...], env: dict[str, str], proble
     return data
 
 
+def _duplicate_keys(node: yaml.Node | None, loc: tuple[Any, ...]) -> list[tuple[int | None, str, str]]:
+    """Keys given twice in one mapping (PyYAML silently keeps the last one)."""
+    out: list[tuple[int | None, str, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else None
+            if key is not None and key != "<<":
+                line = k.start_mark.line + 1
+                if key in first:
+                    out.append((line, _fmt_loc((*loc, key)),
+                                f"duplicate key (also on line {first[key]}); give each key once"))
+                else:
+                    first[key] = line
+            out += _duplicate_keys(v, (*loc, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out += _duplicate_keys(v, (*loc, i))
+    return out
+
+
+def _section_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping at loc accepts, for messages ("expected a mapping of keys (start, end)")."""
+    model: Any = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        for c in candidates:
+            if isinstance(c, type) and issubclass(c, BaseModel):
+                model = c
+                break
+            inner = [a for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if inner:
+                model = inner[0]
+                break
+        else:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _template_problems(settings: Settings, root: yaml.Node | None) -> list[tuple[int | None, str, str]]:
+    """Render every notice kind with notify.templates (strict undefined): problems at that key."""
+    tdir = settings.notify.templates
+    if not tdir:
+        return []
+    from .notify.render import check_templates  # late: render imports the model, not this module
+
+    loc = ("notify", "templates")
+    line = _line_of(root, loc)
+    return [(line, _fmt_loc(loc), p) for p in check_templates(tdir)]
+
+
 def load_settings(path: str | os.PathLike[str] | None, *, env: dict[str, str] | None = None) -> Settings:
     """Read and validate a config file. Raises ConfigError with file, key path and line."""
     env = dict(os.environ) if env is None else env
@@ -507,7 +597,11 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(name, [(1, "", "the top level must be a mapping of keys")])
+        line = root.start_mark.line + 1 if root is not None else 1
+        raise ConfigError(name, [(line, "", "the top level must be a mapping of keys")])
+    dups = _duplicate_keys(root, ())
+    if dups:
+        raise ConfigError(name, dups)
 
     env_problems: list[tuple[tuple[Any, ...], str]] = []
     data = _substitute_env(data, (), env, env_problems)
@@ -520,6 +614,13 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
         rel = db.removeprefix("sqlite:///")
         if rel and rel != ":memory:":
             data["database_url"] = "sqlite:///" + str((base_dir / rel).resolve())
+
+    # A relative template folder is relative to the config file too.
+    notify = data.get("notify")
+    if isinstance(notify, dict) and base_dir is not None:
+        tdir = notify.get("templates")
+        if isinstance(tdir, str) and tdir and not os.path.isabs(os.path.expanduser(tdir)):
+            data["notify"] = {**notify, "templates": str((base_dir / tdir).resolve())}
 
     try:
         settings = Settings.model_validate(data)
@@ -535,6 +636,9 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
                 msg = msg.removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; see config.yaml for every key)"
+            elif err["type"] in ("model_type", "dict_type"):
+                keys = _section_keys(loc)
+                msg = "expected a mapping of keys" + (f" ({', '.join(keys)})" if keys else "")
             problems.append((_line_of(root, loc), _fmt_loc(loc), msg))
         raise ConfigError(name, problems) from None
 
@@ -567,6 +671,7 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
                 problems.append((_line_of(root, loc), _fmt_loc(loc), "an empty list can never match"))
     if settings.hub.effective_token() is None:
         pass  # checked when the service starts (check-config may run without the hub environment)
+    problems += _template_problems(settings, root)
     if problems:
         raise ConfigError(name, problems)
     return settings
