@@ -247,7 +247,7 @@ def _jsonable(v: Any) -> Any:
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
         return [_jsonable(x) for x in v]
-    if hasattr(v, "value") and isinstance(getattr(v, "value"), str):
+    if hasattr(v, "value") and isinstance(v.value, str):
         return v.value
     return v
 
@@ -360,6 +360,8 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
         idle_since = detached if r.get("state") == "detached" and detached else last
         kept = h.kept_until if h and h.kept_until and h.kept_until > now else None
         stop_at = as_dt(r.get("stop_at"))
+        if kept is not None and stop_at is not None and stop_at < kept:
+            stop_at = None  # decided before the keep; the next sweep schedules anew
         job_end = job_end_of(r)
 
         def t(when: datetime | None) -> dict[str, Any] | None:
@@ -532,7 +534,8 @@ class KeepHandler(ActionHandler):
                 return self.write_json({"result": "refused", "message": str(e)}, status=409)
             raise web.HTTPError(409, str(e)) from None
         await self.db("set_kept_until", key, until, by=self.me, now=now)
-        detail = f"kept running until {until.isoformat()} ({format_duration(requested)} asked by {self.me})"
+        local = until.astimezone(self.tz()).strftime("%Y-%m-%d %H:%M %Z")
+        detail = f"kept running until {local} ({format_duration(requested)} asked by {self.me})"
         if note:
             detail += f"; {note}"
         await self.db("record_action", key, "keep", True, detail, now, actor=self.me, job_id=server.job_id)

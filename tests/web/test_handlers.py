@@ -1,9 +1,11 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.web are parameters here)
 """The reaper's page: authorization, xsrf, keep running, stop now, admin views, escaping, headers,
 /health. A real tornado server, real HubOAuth (cookies, xsrf), a real SQLite store and a real
 Sweeper; the hub is scripted (tests/fakes.py) and only HubOAuth.user_for_token is replaced."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -117,6 +119,9 @@ async def test_keep_running_moves_kept_until_records_who_and_shows_on_the_page(w
     assert a["actor"] == "alice" and a["user"] == "alice" and a["ok"]
     page = (await web.get("?msg=kept", "alice")).text
     assert "Kept running until" in page and "your server keeps running" in page
+    # a scheduled stop still shown is never before the time the server is kept until
+    for iso in re.findall(r'class="stop-at" datetime="([^"]+)"', page):
+        assert datetime.fromisoformat(iso) >= until
     api = (await web.get("api/servers/alice", "alice")).json()
     assert datetime.fromisoformat(api["kept_until"]["iso"]) == until
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.web are parameters here)
 """/metrics: scraped after real sweeps (real Sweeper, real SQLite store, scripted hub) and checked
 against what the sweeps did; the helper counters for the outbox and the batch guard."""
 
