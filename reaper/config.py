@@ -569,6 +569,30 @@ def _template_problems(settings: Settings, root: yaml.Node | None) -> list[tuple
     return [(line, _fmt_loc(loc), p) for p in check_templates(tdir)]
 
 
+def _web_problems(settings: Settings, root: yaml.Node | None) -> list[tuple[int | None, str, str]]:
+    """The `web` section is typed by the web page (reaper.web.app.WebSettings): check it here too,
+    so that check-config and a SIGHUP reload catch its mistakes with a line."""
+    raw = settings.web
+    if not isinstance(raw, dict) or not raw:
+        return []
+    try:
+        from .web.app import WebSettings
+    except ImportError:  # pragma: no cover - the web extra is not installed
+        return []
+    try:
+        WebSettings.model_validate(raw)
+    except ValidationError as e:
+        out: list[tuple[int | None, str, str]] = []
+        for err in e.errors():
+            loc = ("web", *err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see config.yaml for every key)"
+            out.append((_line_of(root, loc), _fmt_loc(loc), msg))
+        return out
+    return []
+
+
 def load_settings(path: str | os.PathLike[str] | None, *, env: dict[str, str] | None = None) -> Settings:
     """Read and validate a config file. Raises ConfigError with file, key path and line."""
     env = dict(os.environ) if env is None else env
@@ -672,6 +696,7 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
     if settings.hub.effective_token() is None:
         pass  # checked when the service starts (check-config may run without the hub environment)
     problems += _template_problems(settings, root)
+    problems += _web_problems(settings, root)
     if problems:
         raise ConfigError(name, problems)
     return settings
