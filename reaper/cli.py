@@ -63,7 +63,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         try:
             outbox = make_outbox(settings, store)
             sweeper = Sweeper(settings, hub, store, notifier=outbox,
-                              stop_hook=None if dry else make_stop_hook(settings))
+                              stop_hook=make_stop_hook(settings, store))
             res = await sweeper.run_once(dry_run=dry)
         finally:
             await hub.aclose()

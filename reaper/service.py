@@ -70,12 +70,10 @@ def make_outbox(settings: Settings, store: Any) -> Outbox:
     )
 
 
-def make_stop_hook(settings: Settings) -> Any:
-    try:
-        from .batch.guard import build_guard
-    except ImportError:
-        return None
-    return build_guard(settings)
+def make_stop_hook(settings: Settings, store: Any) -> Any:
+    from .batch.guard import build_guard
+
+    return build_guard(settings, store)
 
 
 class ReaperService:
@@ -99,7 +97,7 @@ class ReaperService:
         self.store = await asyncio.to_thread(Store.open, s.database_url)
         self.hub = make_hub_client(s)
         self.outbox = make_outbox(s, self.store)
-        self.sweeper = Sweeper(s, self.hub, self.store, notifier=self.outbox, stop_hook=make_stop_hook(s))
+        self.sweeper = Sweeper(s, self.hub, self.store, notifier=self.outbox, stop_hook=make_stop_hook(s, self.store))
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.scheduler.add_job(
             self.tick,

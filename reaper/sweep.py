@@ -76,6 +76,7 @@ class SweepResult:
     stops_pending: int = 0
     stops_failed: int = 0
     safety_tripped: bool = False
+    orphans: int = 0
 
     def counts(self) -> dict[str, int]:
         by_state: dict[str, int] = {}
@@ -93,6 +94,7 @@ class SweepResult:
             "stops_pending": self.stops_pending,
             "stops_failed": self.stops_failed,
             "safety_tripped": self.safety_tripped,
+            "orphans": self.orphans,
             "dry_run": self.dry_run,
             "error": self.error,
         }
@@ -124,9 +126,12 @@ class Sweeper:
     def _rule_for_key(self, key: RunKey) -> ResolvedRule:
         return self._rule(HubServer(user=key.user, name=key.server, started=key.started, last_activity=None))
 
-    def _rule(self, server: HubServer) -> ResolvedRule:
+    def _rule(self, server: HubServer, job: Any = None) -> ResolvedRule:
         s = self.settings
-        return select_rule(s.resolved_rules(), s.default_rule(), server)
+        return select_rule(
+            s.resolved_rules(), s.default_rule(), server,
+            job_gpus=getattr(job, "gpus", None), job_partition=getattr(job, "partition", None),
+        )
 
     async def _db(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kw)
@@ -202,6 +207,9 @@ class Sweeper:
             if any(not sv.target and not (sv.state or {}).get("server_url") for sv in servers):
                 await self.hub.refresh_targets()
 
+        guard = self.stop_hook if hasattr(self.stop_hook, "hub_jobs") else None
+        jobs = await guard.hub_jobs() if guard is not None else None  # type: ignore[union-attr]
+
         keys = [k for k in (sv.run_key() for sv in servers) if k is not None]
         histories = await self._db(self.store.histories, keys)
         rules = s.resolved_rules()
@@ -209,7 +217,8 @@ class Sweeper:
 
         # 2-4. probe (bounded by the client), classify, decide
         async def one(server: HubServer) -> Row:
-            rule = self._rule(server)
+            job = jobs.get(server.job_id) if jobs is not None and server.job_id else None
+            rule = self._rule(server, job)
             probe: Probe | None = None
             if self._should_probe(server, rule, now, horizon):
                 probe = await self._probe(server)
@@ -218,6 +227,8 @@ class Sweeper:
                 if key is not None and probe.ok:
                     self._last_probed[key] = now
             obs = classify(server, probe, now, fresh_within=s.probe.attached_within)
+            if job is not None:
+                obs = replace(obs, job_end=job.end)
             key = server.run_key()
             hist = histories.get(key) if key else None
             dec = decide(obs, hist or History(), rule, now, s.tz)
@@ -308,6 +319,8 @@ class Sweeper:
                 self._last_probed.pop(k, None)
                 self._last_logged.pop(k, None)
 
+        if not dry_run and self.settings.slurm.walltime_notice is not None:
+            await self._walltime_notices(res.rows, now)
         if not dry_run:
             crashpoint("after-record")
         # 7. deliver notices now (a final notice must be delivered before its stop can come)
@@ -329,11 +342,31 @@ class Sweeper:
                     await self._stop(r, res)
 
             await asyncio.gather(*(guarded(r) for r in todo))
-            if res.stops and self.notifier is not None:
+            if guard is not None:
+                orphans = await guard.reconcile(servers, jobs, now)  # type: ignore[union-attr]
+                res.orphans = len(orphans)
+            if (res.stops or res.orphans) and self.notifier is not None:
                 try:  # "we stopped your server" right away, not at the next sweep
                     await self.notifier.drain(self.clock())
                 except Exception as e:
                     log.error("notice delivery failed after the stops (will retry): %s", e)
+
+    async def _walltime_notices(self, rows: list[Row], now: datetime) -> None:
+        """Tell users their server will end at its walltime (once per run)."""
+        from .store.repo import notice_context
+
+        lead = self.settings.slurm.walltime_notice
+        assert lead is not None
+        for r in rows:
+            end = r.obs.job_end
+            key = r.obs.server.run_key()
+            if end is None or key is None or r.rule.exempt or r.obs.state is State.PENDING:
+                continue
+            if now < end <= now + lead:
+                nid = await self._db(self.store.add_notice, key, NoticeKind.WALLTIME, None, now,
+                                     channels=list(r.rule.channels), context=notice_context(r.obs, r.decision, now))
+                if nid is not None:
+                    log.info("%s: walltime ends at %s: notice queued", r.obs.server.label, end.isoformat())
 
     async def _limit_notices(self, rows: list[Row], now: datetime) -> None:
         """Quiet hours and the per-user daily cap postpone warnings and reminders (never a final
