@@ -132,6 +132,18 @@ if SPAWNER == "slurm":
         c.Spawner.environment["SLURM_CONF"] = os.environ["SLURM_CONF"]
     # batchspawner ignores Spawner.ip and binds 0.0.0.0: keep the server on loopback unless
     # the site sets REAPER_HUB_IP to something else (real clusters need the node's address).
+    # What users may ask for (the spawn form, and user_options over the REST API); anything
+    # else is refused before a job is submitted. Policy rules in the reaper's config.yaml can
+    # match on these options (partition, gpus).
+    c.SlurmSpawner.partition_choices = ["cpu", "gpu"]
+    c.SlurmSpawner.gpu_partitions = ["gpu"]
+    c.SlurmSpawner.max_gpus = 2
+    c.SlurmSpawner.runtime_choices = ["2:00:00", "8:00:00", "1-00:00:00"]
+    c.SlurmSpawner.memory_choices = ["4G", "16G", "32G"]
+    # The name the reaper looks for to find the hub's jobs (its slurm.job_name).
+    c.SlurmSpawner.job_name = "jupyterhub-reaper"
+    # How often the hub polls each job (squeue); the default 30 s is fine on a real cluster.
+    c.Spawner.poll_interval = int(_env("REAPER_HUB_POLL_INTERVAL", "30"))
     if IP in ("127.0.0.1", "localhost"):
         c.Spawner.args = ["--ServerApp.ip=127.0.0.1"]
 elif SPAWNER == "local":
@@ -226,6 +238,13 @@ c.JupyterHub.load_roles = [
         "services": ["reaper"],
     }
 ]
+
+# Users may open the reaper's page (their own servers, "Keep running", "Stop now"), linked from
+# every notice: the default user role only grants "self".
+c.JupyterHub.load_roles.append(
+    {"name": "user", "description": "Default user role, plus the reaper's page",
+     "scopes": ["self", "access:services!service=reaper"]}
+)
 
 # Optional: an admin token for automation and the test harness (never needed by the reaper).
 if os.environ.get("REAPER_HUB_ADMIN_TOKEN"):

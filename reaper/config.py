@@ -389,6 +389,14 @@ class Settings(Strict):
                     raise _PathError(loc, f"channel {ch!r} is used but notify.{ch} is not configured")
         return self
 
+    @field_validator("web")
+    @classmethod
+    def _web(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .web.app import web_settings
+
+        web_settings(v)  # raises ValueError naming the web.* key
+        return v
+
     @field_validator("batch")
     @classmethod
     def _batch(cls, v: dict[str, Any]) -> dict[str, Any]:

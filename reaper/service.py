@@ -59,7 +59,7 @@ def make_hub_client(settings: Settings) -> HubClient:
     )
 
 
-def make_outbox(settings: Settings, store: Any) -> Outbox:
+def make_outbox(settings: Settings, store: Any, *, observer: Any = None) -> Outbox:
     from .notify.channels import build_channels  # log, and e-mail and Slack when configured
 
     return Outbox(
@@ -67,6 +67,7 @@ def make_outbox(settings: Settings, store: Any) -> Outbox:
         build_channels(settings, store=store),
         max_attempts=settings.notify.max_attempts,
         base_delay=settings.notify.retry_base,
+        observer=observer,
     )
 
 
@@ -96,7 +97,9 @@ class ReaperService:
         s = self.settings
         self.store = await asyncio.to_thread(Store.open, s.database_url)
         self.hub = make_hub_client(s)
-        self.outbox = make_outbox(s, self.store)
+        from .web.metrics import count_notice
+
+        self.outbox = make_outbox(s, self.store, observer=count_notice)
         self.sweeper = Sweeper(s, self.hub, self.store, notifier=self.outbox, stop_hook=make_stop_hook(s, self.store))
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.scheduler.add_job(
@@ -108,6 +111,15 @@ class ReaperService:
             coalesce=True,
             misfire_grace_time=None,
             id="sweep",
+        )
+        # Retries of notices that failed are due between sweeps too.
+        self.scheduler.add_job(
+            self.drain_outbox,
+            "interval",
+            seconds=min(30.0, s.sweep_every.total_seconds()),
+            max_instances=1,
+            coalesce=True,
+            id="outbox",
         )
         self.scheduler.start()
         await self.start_web()
@@ -153,7 +165,29 @@ class ReaperService:
         if not mine:
             log.warning("another reaper process holds the lease on this database; waiting (not acting)")
             return
+        guard = self.sweeper.stop_hook
+        before = (getattr(guard, "scancels", 0), getattr(guard, "orphans_cancelled", 0))
         self.last_result = await self.sweeper.run_once()
+        from .web import metrics
+
+        metrics.record_sweep(self.last_result)
+        scancels = getattr(guard, "scancels", 0) - before[0]
+        orphans = getattr(guard, "orphans_cancelled", 0) - before[1]
+        if scancels:
+            metrics.count_scancel(scancels)
+        if orphans:
+            metrics.count_orphan(orphans)
+
+    async def drain_outbox(self) -> None:
+        if self.outbox is None or self.store is None:
+            return
+        try:
+            mine = await asyncio.to_thread(self.store.acquire_lease, self.holder, utcnow(),
+                                           max(self.settings.sweep_every * 3, timedelta(minutes=2)))
+            if mine:
+                await self.outbox.drain(utcnow())
+        except Exception as e:
+            log.error("outbox drain failed (will retry): %s", e)
 
     def reload(self) -> None:
         if self.config_path is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -54,6 +54,7 @@ class Outbox:
         base_delay: timedelta = timedelta(seconds=30),
         max_delay: timedelta = timedelta(hours=1),
         batch: int = 100,
+        observer: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.channels = dict(channels)
@@ -63,12 +64,20 @@ class Outbox:
         self.batch = batch
         self.delivered = 0
         self.failed = 0
+        self.observer = observer  # (channel, kind, "sent" | "retry" | "failed"), e.g. metrics
         self._lock = asyncio.Lock()  # one drain at a time: a delivery is never tried twice at once
 
     def backoff(self, attempts: int) -> timedelta:
         delay = self.base_delay * (2 ** max(attempts - 1, 0))
         delay = min(delay, self.max_delay)
         return delay * (0.8 + 0.4 * random.random())
+
+    def _observe(self, channel: str, kind: Any, result: str) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(channel, str(getattr(kind, "value", kind)), result)
+            except Exception:  # metrics must never break delivery
+                log.debug("notice observer failed", exc_info=True)
 
     async def drain(self, now: datetime) -> int:
         """Try every due delivery once. Returns how many were delivered."""
@@ -86,6 +95,7 @@ class Outbox:
                     permanent=True, retry_at=None,
                 )
                 self.failed += 1
+                self._observe(d.channel, d.kind, "failed")
                 log.error("notice %s for %s: channel %s is not configured", d.kind, d.run.label, d.channel)
                 continue
             try:
@@ -97,6 +107,7 @@ class Outbox:
                 await asyncio.to_thread(
                     self.store.mark_failed, d.id, now, str(e), permanent=permanent, retry_at=retry_at
                 )
+                self._observe(d.channel, d.kind, "failed" if permanent else "retry")
                 if permanent:
                     self.failed += 1
                     log.error("notice %s for %s via %s FAILED permanently: %s", d.kind, d.run.label, d.channel, e)
@@ -113,6 +124,7 @@ class Outbox:
                 log.exception("notice %s for %s via %s: unexpected error", d.kind, d.run.label, d.channel)
                 continue
             await asyncio.to_thread(self.store.mark_delivered, d.id, now)
+            self._observe(d.channel, d.kind, "sent")
             self.delivered += 1
             done += 1
         return done

@@ -679,7 +679,7 @@ class Store:
 
     def recent_actions(self, since: datetime, limit: int = 200) -> list[dict[str, Any]]:
         q = (
-            select(_ACTIONS, _RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
+            select(_ACTIONS, _RUNS.c.user, _RUNS.c.server, _RUNS.c.started, _RUNS.c.user_options)
             .outerjoin(_RUNS, _RUNS.c.id == _ACTIONS.c.run_id)
             .where(_ACTIONS.c.at >= since)
             .order_by(_ACTIONS.c.at.desc(), _ACTIONS.c.id.desc())
@@ -698,6 +698,7 @@ class Store:
                     "detail": r.detail,
                     "actor": r.actor,
                     "job_id": r.job_id,
+                    "user_options": r.user_options or {},
                 }
                 for r in s.execute(q)
             ]
