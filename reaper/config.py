@@ -272,6 +272,9 @@ class ProbeSettings(Strict):
     concurrency: int = Field(default=32, ge=1, le=512)
     skip_fresh: bool = True  # don't probe servers whose hub activity is fresher than every threshold
     reprobe_every: Duration = timedelta(minutes=30)  # ... but probe each at least this often
+    # Also list terminals (/api/terminals): only adds "1 terminal open" to reasons; their activity
+    # is already in /api/status. One more request per probe.
+    terminals: bool = False
     # A separate token for probes, holding only access:servers (${VAR}); default: the hub token.
     # Probes go to servers that users control; a narrower token limits what a hostile server learns.
     token: str | None = None

@@ -603,21 +603,30 @@ class HubClient:
                 )
             base = target.rstrip("/") + path
 
-        tasks: list[Any] = [
-            self._probe_get(base + "api/status", "status"),
-            self._probe_get(base + "api/kernels", "kernels"),
-        ]
+        # One request where one suffices: /api/status says how many kernels run; only when some
+        # do is /api/kernels needed (their execution_state and connections).
+        first: list[Any] = [self._probe_get(base + "api/status", "status")]
         if self.probe_terminals:
-            tasks.append(self._probe_get(base + "api/terminals", "terminals", missing_ok=True))
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+            first.append(self._probe_get(base + "api/terminals", "terminals", missing_ok=True))
+        results = list(await asyncio.gather(*first, return_exceptions=True))
+        status = results[0]
+        kernel_count = status.get("kernels") if isinstance(status, dict) else None
+        no_kernels = isinstance(kernel_count, int) and not isinstance(kernel_count, bool) and kernel_count == 0
+        if isinstance(status, dict) and not no_kernels:
+            try:
+                results.append(await self._probe_get(base + "api/kernels", "kernels"))
+            except _ProbeFailure as exc:
+                results.append(exc)
+        else:
+            results.append([])
         errors = [str(r) for r in results if isinstance(r, _ProbeFailure)]
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, _ProbeFailure):
                 raise r
         if errors:
             return Probe.failed("; ".join(errors), via=via)
-        status, kernels_raw = results[0], results[1]
-        terminals_raw = results[2] if self.probe_terminals else []
+        kernels_raw = results[-1]
+        terminals_raw = results[1] if self.probe_terminals else []
         try:
             if not isinstance(status, dict):
                 raise _ProbeFailure("status: unexpected answer (not an object)")

@@ -56,6 +56,7 @@ def make_hub_client(settings: Settings) -> HubClient:
         probe_concurrency=settings.probe.concurrency,
         page_size=settings.hub.page_size,
         probe_token=settings.probe.token or None,
+        probe_terminals=settings.probe.terminals,
     )
 
 

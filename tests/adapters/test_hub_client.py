@@ -98,8 +98,10 @@ def running(user: str = "alice", name: str = "", **kw: Any) -> HubServer:
 def probe_routes(
     router: respx.MockRouter, base: str, *, status: Any = None, kernels: Any = None, terminals: Any = None
 ) -> dict[str, respx.Route]:
-    status = fixture("su_GET_api_status.json") if status is None else status
     kernels = fixture("su_GET_api_kernels_after.json") if kernels is None else kernels
+    if status is None:  # the real status answer, made consistent with the kernels listed
+        status = dict(fixture("su_GET_api_status.json"))
+        status["kernels"] = len(kernels) if isinstance(kernels, list) else 1
     terminals = [] if terminals is None else terminals
     return {
         "status": router.get(base + "api/status").mock(return_value=_resp(status)),
@@ -518,10 +520,10 @@ async def test_probe_via_proxy_is_opt_in_and_uses_the_public_url(router):
     ("status", "kernels", "reason", "kernel_calls"),
     [
         (None, httpx.Response(502, text="Bad Gateway"), "kernels: HTTP 502", 2),
-        (httpx.ReadTimeout, None, "status: timeout after 5s", 1),
-        (httpx.Response(200, text="<html>oops"), None, "status: invalid JSON", 1),
-        (httpx.Response(403, text="Forbidden"), None, "status: HTTP 403", 1),
-        (httpx.ConnectError, httpx.ConnectError, "status: ConnectError", 2),
+        (httpx.ReadTimeout, None, "status: timeout after 5s", 0),
+        (httpx.Response(200, text="<html>oops"), None, "status: invalid JSON", 0),
+        (httpx.Response(403, text="Forbidden"), None, "status: HTTP 403", 0),
+        (httpx.ConnectError, httpx.ConnectError, "status: ConnectError", 0),
         ({"connections": "many"}, None, "status: connections is not an integer", 1),
         (None, [{"name": "python3"}], "kernels: malformed entry", 1),
     ],
@@ -647,3 +649,11 @@ async def test_probe_token_is_sent_to_single_user_servers_instead_of_the_admin_t
         await client.stop("alice")
     assert routes["status"].calls.last.request.headers["Authorization"] == "token probe-only"
     assert hubcall.calls.last.request.headers["Authorization"] == f"token {TOKEN}"
+
+
+async def test_a_server_without_kernels_is_probed_with_one_request(router, hub):
+    base = "http://10.0.0.5:1/user/alice/"
+    routes = probe_routes(router, base, status=fixture("su_GET_api_status.json"))  # kernels: 0
+    probe = await hub.probe(running(target="http://10.0.0.5:1"))
+    assert probe.ok and probe.kernels == ()
+    assert routes["status"].call_count == 1 and routes["kernels"].call_count == 0
