@@ -604,6 +604,30 @@ def _web_problems(settings: Settings, root: yaml.Node | None) -> list[tuple[int 
     return []
 
 
+def _map_problems(settings: Settings, root: yaml.Node | None) -> list[tuple[int | None, str, str]]:
+    """notify.email.address_map and notify.slack.user_map: readable YAML mappings of username: value."""
+    out: list[tuple[int | None, str, str]] = []
+    for section, key in (("email", "address_map"), ("slack", "user_map")):
+        cfg = getattr(settings.notify, section)
+        path = getattr(cfg, key, None) if cfg is not None else None
+        if not path:
+            continue
+        loc = ("notify", section, key)
+        try:
+            data = yaml.safe_load(Path(os.path.expanduser(path)).read_text(encoding="utf-8"))
+        except OSError as e:
+            out.append((_line_of(root, loc), _fmt_loc(loc), f"cannot read {path}: {e.strerror or e}"))
+            continue
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else path
+            out.append((_line_of(root, loc), _fmt_loc(loc), f"{where}: YAML syntax error"))
+            continue
+        if data is not None and not isinstance(data, dict):
+            out.append((_line_of(root, loc), _fmt_loc(loc), f"{path} must be a mapping of username: value"))
+    return out
+
+
 def load_settings(path: str | os.PathLike[str] | None, *, env: dict[str, str] | None = None) -> Settings:
     """Read and validate a config file. Raises ConfigError with file, key path and line."""
     env = dict(os.environ) if env is None else env
@@ -650,12 +674,23 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
         if rel and rel != ":memory:":
             data["database_url"] = "sqlite:///" + str((base_dir / rel).resolve())
 
-    # A relative template folder is relative to the config file too.
+    # Relative paths of the notices (template folder, address and member maps) are relative to
+    # the config file too.
     notify = data.get("notify")
     if isinstance(notify, dict) and base_dir is not None:
-        tdir = notify.get("templates")
-        if isinstance(tdir, str) and tdir and not os.path.isabs(os.path.expanduser(tdir)):
-            data["notify"] = {**notify, "templates": str((base_dir / tdir).resolve())}
+        notify = data["notify"] = dict(notify)
+        for section, key in ((None, "templates"), ("email", "address_map"), ("slack", "user_map")):
+            holder = notify if section is None else notify.get(section)
+            if not isinstance(holder, dict):
+                continue
+            value = holder.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+                holder = dict(holder)
+                holder[key] = str((base_dir / value).resolve())
+                if section is None:
+                    notify = data["notify"] = holder
+                else:
+                    notify[section] = holder
 
     try:
         settings = Settings.model_validate(data)
@@ -708,6 +743,7 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
         pass  # checked when the service starts (check-config may run without the hub environment)
     problems += _template_problems(settings, root)
     problems += _web_problems(settings, root)
+    problems += _map_problems(settings, root)
     if problems:
         raise ConfigError(name, problems)
     return settings

@@ -119,8 +119,14 @@ def test_corpus_has_at_least_twenty_files_each_with_a_header() -> None:
 def test_check_config_rejects_with_file_key_path_and_line(case: Case, corpus_copy: Path) -> None:
     path = corpus_copy / case.path.name
     before = _files(corpus_copy)
-    r = subprocess.run([str(SCRIPT), "check-config", str(path)], capture_output=True, text=True,
-                       env=_env(), cwd=corpus_copy, timeout=60)
+    r = subprocess.run(
+        [str(SCRIPT), "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=corpus_copy,
+        timeout=60,
+    )
     assert r.returncode != 0, f"check-config accepted {case.path.name} ({case.what}):\n{r.stdout}"
     assert "valid" not in r.stdout
     _check(case, r.stderr, str(path))
@@ -135,8 +141,14 @@ def test_run_refuses_to_start_with_the_same_message(case: Case, corpus_copy: Pat
     before = _files(corpus_copy)
     t0 = time.monotonic()
     try:
-        r = subprocess.run([str(SCRIPT), "run", "--config", str(path)], capture_output=True, text=True,
-                           env=_env(), cwd=corpus_copy, timeout=30)
+        r = subprocess.run(
+            [str(SCRIPT), "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            cwd=corpus_copy,
+            timeout=30,
+        )
     except subprocess.TimeoutExpired as e:  # it started and kept running: the config was accepted
         pytest.fail(f"run kept running with {case.path.name} ({case.what}):\n{e.stderr!r}")
     elapsed = time.monotonic() - t0
@@ -153,7 +165,13 @@ def test_a_corrected_corpus_file_is_accepted(corpus_copy: Path) -> None:
     """The harness can tell a good file from a bad one: fixing the one mistake makes it valid."""
     path = corpus_copy / "12_stop_before_warn_defaults.yaml"
     path.write_text(path.read_text().replace("stop_after: 1h", "stop_after: 3h"))
-    r = subprocess.run([str(SCRIPT), "check-config", str(path)], capture_output=True, text=True,
-                       env=_env(), cwd=corpus_copy, timeout=60)
+    r = subprocess.run(
+        [str(SCRIPT), "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=corpus_copy,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "stop_after: 3h" in r.stdout

@@ -37,23 +37,31 @@ safety: {max_stops_per_sweep: 0}
 """
 
 # A: nothing is due for hours.
-POLICY_A = BASE + """\
+POLICY_A = (
+    BASE
+    + """\
 defaults:
   detached: {warn_after: 10h, stop_after: 20h}
   attached: {warn_after: 10h, stop_after: 20h}
   channels: [log]
 """
+)
 
 # B: a rule exempts our user.
-POLICY_B = POLICY_A + """\
+POLICY_B = (
+    POLICY_A
+    + """\
 rules:
   - name: hup-exempt
     match: {users: [hup-user]}
     exempt: true
 """
+)
 
 # C: invalid (line 17: stop before warn) - if it were taken, the user would be warned at once.
-POLICY_C = BASE + """\
+POLICY_C = (
+    BASE
+    + """\
 defaults:
   detached: {warn_after: 1s, stop_after: 20h}
   attached: {warn_after: 10h, stop_after: 20h}
@@ -66,16 +74,20 @@ rules:
       warn_after: 2h
       stop_after: 1h
 """
+)
 C_LINE = 17
 
 # D: valid again; warn after 1s.
-POLICY_D = BASE + """\
+POLICY_D = (
+    BASE
+    + """\
 defaults:
   detached: {warn_after: 1s, stop_after: 20h}
   attached: {warn_after: 1s, stop_after: 20h}
   remind_every: 10h
   channels: [log]
 """
+)
 
 
 class ServiceLog:
@@ -88,8 +100,9 @@ class ServiceLog:
     def size(self) -> int:
         return len(self.text())
 
-    def wait_for(self, pattern: str, since: int, proc: subprocess.Popen[bytes], timeout: float = 30,
-                 count: int = 1) -> list[re.Match[str]]:
+    def wait_for(
+        self, pattern: str, since: int, proc: subprocess.Popen[bytes], timeout: float = 30, count: int = 1
+    ) -> list[re.Match[str]]:
         rx = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
         while True:
@@ -97,11 +110,13 @@ class ServiceLog:
             if len(found) >= count:
                 return found
             if proc.poll() is not None:
-                raise AssertionError(f"the service exited ({proc.returncode}) waiting for {pattern!r}:\n"
-                                     f"{self.text()[-4000:]}")
+                raise AssertionError(
+                    f"the service exited ({proc.returncode}) waiting for {pattern!r}:\n{self.text()[-4000:]}"
+                )
             if time.monotonic() > deadline:
-                raise AssertionError(f"{pattern!r} x{count} not in the log within {timeout}s:\n"
-                                     f"{self.text()[since:][-4000:]}")
+                raise AssertionError(
+                    f"{pattern!r} x{count} not in the log within {timeout}s:\n{self.text()[since:][-4000:]}"
+                )
             time.sleep(0.2)
 
 
@@ -119,16 +134,23 @@ def service(real_hub, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes],
     cfg.write_text(POLICY_A)
     log = ServiceLog(tmp_path / "service.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REAPER_", "JUPYTERHUB_"))}
-    env.update({
-        "JUPYTERHUB_API_TOKEN": real_hub.service_token,
-        "JUPYTERHUB_API_URL": real_hub.api_url,
-        "JUPYTERHUB_PUBLIC_URL": real_hub.base_url,
-        "PYTHONPATH": str(REPO),
-    })
+    env.update(
+        {
+            "JUPYTERHUB_API_TOKEN": real_hub.service_token,
+            "JUPYTERHUB_API_URL": real_hub.api_url,
+            "JUPYTERHUB_PUBLIC_URL": real_hub.base_url,
+            "PYTHONPATH": str(REPO),
+        }
+    )
     with open(log.path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "reaper.cli", "run", "--config", str(cfg)],
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reaper.cli", "run", "--config", str(cfg)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc, cfg, log
     finally:
@@ -164,11 +186,18 @@ def test_sighup_applies_a_new_policy_and_keeps_the_last_good_one_on_an_invalid_f
     mark = log.size()
     cfg.write_text(POLICY_C)
     proc.send_signal(signal.SIGHUP)
-    expected = f"{cfg}:{C_LINE}: rules[0].detached.stop_after: stop_after (1h) must be later than warn_after (2h)"
+    expected = (
+        f"{cfg}:{C_LINE}: rules[0].detached.stop_after: stop_after (1h) must be later than warn_after (2h)"
+    )
     log.wait_for(r"SIGHUP: config rejected, keeping the last good policy", mark, proc)
     log.wait_for(re.escape(expected), mark, proc)
-    check = subprocess.run([sys.executable, "-m", "reaper.cli", "check-config", str(cfg)],
-                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    check = subprocess.run(
+        [sys.executable, "-m", "reaper.cli", "check-config", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert check.returncode != 0 and expected in check.stderr
     after_reject = log.size()
     log.wait_for(r"sweep done", after_reject, proc, count=3)
