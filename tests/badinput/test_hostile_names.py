@@ -158,9 +158,9 @@ def _slack_control(text: str) -> list[str]:
 
 
 async def test_hostile_names_are_probed_decided_recorded_and_rendered_escaped(
-    real_hub,
+    real_hub,  # noqa: F811
     hostile_servers,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     (tmp_path / "addresses.yaml").write_text(
         yaml.safe_dump({u: address(u) for u in USERS}, allow_unicode=True)
