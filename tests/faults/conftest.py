@@ -143,14 +143,17 @@ def server_processes(user: str) -> set[int]:
     return processes_with_env(exact=[f"JUPYTERHUB_USER={user}".encode()])
 
 
-def stop_leftovers(hub: RealHub, users: list[str]) -> None:
-    for u in users:
-        try:
-            if hub.running and hub.server_model(u) is not None:
-                hub.stop_server(u)
-        except Exception as e:  # cleanup must not hide the test's own failure
-            print(f"cleanup of {u}: {e}")
-
+def stop_leftovers(hub: RealHub, users: list[str], timeout: float = 60) -> None:
+    """Stop whatever servers of `users` still run (all at once) and wait until they are gone."""
+    try:
+        if not hub.running:
+            return
+        left = running(hub, users)
+        for u in left:
+            hub.api("DELETE", f"users/{u}/server")
+        hub.wait_for(lambda: not running(hub, left), timeout=timeout, what=f"servers of {left} stopped")
+    except Exception as e:  # cleanup must not hide the test's own failure
+        print(f"cleanup of {users}: {e}")
 
 # --------------------------------------------------------------------------- the reaper in-process
 
