@@ -208,6 +208,7 @@ class HubClient:
         probe_retries: int = 1,
         hub_concurrency: int = 4,
         probe_concurrency: int = 32,
+        stop_concurrency: int = 8,
         page_size: int = 200,
         probe_terminals: bool = True,
         probe_token: str | None = None,
@@ -236,12 +237,25 @@ class HubClient:
         self._probe_token = probe_token or token
         self._hub_sem = asyncio.Semaphore(hub_concurrency)
         self._probe_sem = asyncio.Semaphore(probe_concurrency)
-        # A probe makes up to 3 requests at once (status, kernels, terminals).
-        conns = hub_concurrency + 3 * probe_concurrency
+        # A stop's DELETE lasts as long as the spawner takes to stop (Slurm: ~1 s): the hub is
+        # waiting, not working, so stops have their own limit instead of holding hub-call slots.
+        self._stop_sem = asyncio.Semaphore(max(stop_concurrency, 1))
+        # Hub calls: one small keep-alive pool to one host.
+        hub_conns = hub_concurrency + max(stop_concurrency, 1)
         self._client = httpx.AsyncClient(
             transport=transport,
-            limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns),
+            limits=httpx.Limits(max_connections=hub_conns, max_keepalive_connections=hub_conns),
             timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+        )
+        # Probes: one host per server. httpx scans its whole idle pool on every request, so a pool
+        # holding thousands of servers' connections costs more CPU than the probes themselves:
+        # keep only as many idle connections as probes run at once (status then kernels reuse one).
+        probe_conns = 2 * probe_concurrency + (2 if probe_terminals else 0) * probe_concurrency
+        self._probe_client = httpx.AsyncClient(
+            transport=transport,
+            limits=httpx.Limits(max_connections=probe_conns, max_keepalive_connections=probe_concurrency),
+            timeout=httpx.Timeout(probe_timeout),
             follow_redirects=False,
         )
         self._targets: dict[str, str] | None = None
@@ -264,6 +278,7 @@ class HubClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._probe_client.aclose()
 
     def __repr__(self) -> str:  # never shows the token
         return f"HubClient(api_url={self.api_url!r}, probe_via={self.probe_via!r})"
@@ -304,6 +319,7 @@ class HubClient:
         params: Mapping[str, str | int] | None = None,
         headers: Mapping[str, str] | None = None,
         request_timeout: float | None = None,
+        sem: asyncio.Semaphore | None = None,
     ) -> httpx.Response:
         """One hub call with retries. Returns any non-retryable answer (2xx/3xx/4xx) to the caller;
         raises HubError when retryable failures (transport errors, 5xx, 429) outlast the retries."""
@@ -316,7 +332,7 @@ class HubClient:
             if attempt:
                 await asyncio.sleep(self._delay(attempt - 1))
             try:
-                async with self._hub_sem:
+                async with sem or self._hub_sem:
                     response = await self._client.request(
                         method, url, params=params, headers=hdrs, timeout=request_timeout or self.timeout
                     )
@@ -485,7 +501,8 @@ class HubClient:
         what = f"stop {label}"
         try:
             response = await self._hub_request(
-                "DELETE", self._server_path(user, server_name), what=what, request_timeout=self.stop_timeout
+                "DELETE", self._server_path(user, server_name), what=what, request_timeout=self.stop_timeout,
+                sem=self._stop_sem,
             )
         except HubError as exc:
             log.warning("%s failed: %s", what, exc)
@@ -673,7 +690,7 @@ class HubClient:
         reason = ""
         for attempt in range(self.probe_retries + 1):
             try:
-                response = await self._client.get(
+                response = await self._probe_client.get(
                     url, params=NO_TRACK, headers=headers, timeout=self.probe_timeout
                 )
             except httpx.TimeoutException:

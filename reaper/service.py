@@ -54,6 +54,7 @@ def make_hub_client(settings: Settings) -> HubClient:
         retries=settings.hub.retries,
         hub_concurrency=settings.hub.concurrency,
         probe_concurrency=settings.probe.concurrency,
+        stop_concurrency=settings.safety.stop_concurrency,
         page_size=settings.hub.page_size,
         probe_token=settings.probe.token or None,
         probe_terminals=settings.probe.terminals,

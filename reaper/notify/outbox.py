@@ -53,7 +53,8 @@ class Outbox:
         max_attempts: int = 8,
         base_delay: timedelta = timedelta(seconds=30),
         max_delay: timedelta = timedelta(hours=1),
-        batch: int = 100,
+        batch: int = 200,
+        concurrency: int = 8,
         observer: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.store = store
@@ -62,6 +63,7 @@ class Outbox:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.batch = batch
+        self.concurrency = concurrency
         self.delivered = 0
         self.failed = 0
         self.observer = observer  # (channel, kind, "sent" | "retry" | "failed"), e.g. metrics
@@ -79,52 +81,67 @@ class Outbox:
             except Exception:  # metrics must never break delivery
                 log.debug("notice observer failed", exc_info=True)
 
-    async def drain(self, now: datetime) -> int:
-        """Try every due delivery once. Returns how many were delivered."""
+    async def drain(self, now: datetime, *, max_batches: int = 1000) -> int:
+        """Try every due delivery once (batch after batch). Returns how many were delivered."""
         async with self._lock:
-            return await self._drain(now)
+            done = 0
+            tried: set[int] = set()
+            for _ in range(max_batches):
+                due = [d for d in await asyncio.to_thread(self.store.due_deliveries, now, self.batch)
+                       if d.id not in tried]
+                if not due:
+                    break
+                tried.update(d.id for d in due)
+                done += await self._send(due, now)
+            return done
 
-    async def _drain(self, now: datetime) -> int:
-        done = 0
-        due = await asyncio.to_thread(self.store.due_deliveries, now, self.batch)
-        for d in due:
-            channel = self.channels.get(d.channel)
-            if channel is None:
-                await asyncio.to_thread(
-                    self.store.mark_failed, d.id, now, f"channel {d.channel!r} is not configured",
-                    permanent=True, retry_at=None,
-                )
+    async def _send(self, due: list[Any], now: datetime) -> int:
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def one(d: Any) -> int:
+            async with sem:
+                return await self._one(d, now)
+
+        return sum(await asyncio.gather(*(one(d) for d in due)))
+
+    async def _one(self, d: Any, now: datetime) -> int:
+        """Try one delivery; 1 if it was delivered."""
+        channel = self.channels.get(d.channel)
+        if channel is None:
+            await asyncio.to_thread(
+                self.store.mark_failed, d.id, now, f"channel {d.channel!r} is not configured",
+                permanent=True, retry_at=None,
+            )
+            self.failed += 1
+            self._observe(d.channel, d.kind, "failed")
+            log.error("notice %s for %s: channel %s is not configured", d.kind, d.run.label, d.channel)
+            return 0
+        try:
+            await channel.deliver(d)
+        except DeliveryError as e:
+            attempts = d.attempts + 1
+            permanent = e.permanent or attempts >= self.max_attempts
+            retry_at = None if permanent else now + self.backoff(attempts)
+            await asyncio.to_thread(
+                self.store.mark_failed, d.id, now, str(e), permanent=permanent, retry_at=retry_at
+            )
+            self._observe(d.channel, d.kind, "failed" if permanent else "retry")
+            if permanent:
                 self.failed += 1
-                self._observe(d.channel, d.kind, "failed")
-                log.error("notice %s for %s: channel %s is not configured", d.kind, d.run.label, d.channel)
-                continue
-            try:
-                await channel.deliver(d)
-            except DeliveryError as e:
-                attempts = d.attempts + 1
-                permanent = e.permanent or attempts >= self.max_attempts
-                retry_at = None if permanent else now + self.backoff(attempts)
-                await asyncio.to_thread(
-                    self.store.mark_failed, d.id, now, str(e), permanent=permanent, retry_at=retry_at
-                )
-                self._observe(d.channel, d.kind, "failed" if permanent else "retry")
-                if permanent:
-                    self.failed += 1
-                    log.error("notice %s for %s via %s FAILED permanently: %s", d.kind, d.run.label, d.channel, e)
-                else:
-                    log.warning("notice %s for %s via %s failed (attempt %d), retry at %s: %s",
-                                d.kind, d.run.label, d.channel, attempts, retry_at, e)
-                continue
-            except Exception as e:  # an unexpected bug in a channel: retry later, say so
-                attempts = d.attempts + 1
-                await asyncio.to_thread(
-                    self.store.mark_failed, d.id, now, f"{type(e).__name__}: {e}",
-                    permanent=attempts >= self.max_attempts, retry_at=now + self.backoff(attempts),
-                )
-                log.exception("notice %s for %s via %s: unexpected error", d.kind, d.run.label, d.channel)
-                continue
-            await asyncio.to_thread(self.store.mark_delivered, d.id, now)
-            self._observe(d.channel, d.kind, "sent")
-            self.delivered += 1
-            done += 1
-        return done
+                log.error("notice %s for %s via %s FAILED permanently: %s", d.kind, d.run.label, d.channel, e)
+            else:
+                log.warning("notice %s for %s via %s failed (attempt %d), retry at %s: %s",
+                            d.kind, d.run.label, d.channel, attempts, retry_at, e)
+            return 0
+        except Exception as e:  # an unexpected bug in a channel: retry later, say so
+            attempts = d.attempts + 1
+            await asyncio.to_thread(
+                self.store.mark_failed, d.id, now, f"{type(e).__name__}: {e}",
+                permanent=attempts >= self.max_attempts, retry_at=now + self.backoff(attempts),
+            )
+            log.exception("notice %s for %s via %s: unexpected error", d.kind, d.run.label, d.channel)
+            return 0
+        await asyncio.to_thread(self.store.mark_delivered, d.id, now)
+        self._observe(d.channel, d.kind, "sent")
+        self.delivered += 1
+        return 1
