@@ -395,9 +395,16 @@ class Settings(Strict):
     @field_validator("web")
     @classmethod
     def _web(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from .web.app import web_settings
+        from .web.app import WebSettings
 
-        web_settings(v)  # raises ValueError naming the web.* key
+        try:
+            WebSettings.model_validate(v or {})
+        except ValidationError as e:  # the first problem, at its own key path (and so its line)
+            err = e.errors()[0]
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see config.yaml for every key)"
+            raise _PathError(("web", *err["loc"]), msg) from None
         return v
 
     @field_validator("batch")
@@ -405,7 +412,14 @@ class Settings(Strict):
     def _batch(cls, v: dict[str, Any]) -> dict[str, Any]:
         from .batch import make_batch_system
 
-        make_batch_system(v)  # raises ValueError naming the bad key
+        try:
+            make_batch_system(v)  # raises ValueError naming the bad key ("batch.timeout: ...")
+        except ValueError as e:
+            text = str(e)
+            m = re.match(r"(batch(?:\.[A-Za-z_]+)*):\s*(.*)$", text, re.S)
+            if m:
+                raise _PathError(tuple(m.group(1).split(".")), m.group(2)) from None
+            raise _PathError(("batch",), text) from None
         return v
 
     @field_validator("sweep_every")
@@ -580,30 +594,6 @@ def _template_problems(settings: Settings, root: yaml.Node | None) -> list[tuple
     return [(line, _fmt_loc(loc), p) for p in check_templates(tdir)]
 
 
-def _web_problems(settings: Settings, root: yaml.Node | None) -> list[tuple[int | None, str, str]]:
-    """The `web` section is typed by the web page (reaper.web.app.WebSettings): check it here too,
-    so that check-config and a SIGHUP reload catch its mistakes with a line."""
-    raw = settings.web
-    if not isinstance(raw, dict) or not raw:
-        return []
-    try:
-        from .web.app import WebSettings
-    except ImportError:  # pragma: no cover - the web extra is not installed
-        return []
-    try:
-        WebSettings.model_validate(raw)
-    except ValidationError as e:
-        out: list[tuple[int | None, str, str]] = []
-        for err in e.errors():
-            loc = ("web", *err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see config.yaml for every key)"
-            out.append((_line_of(root, loc), _fmt_loc(loc), msg))
-        return out
-    return []
-
-
 def _map_problems(settings: Settings, root: yaml.Node | None) -> list[tuple[int | None, str, str]]:
     """notify.email.address_map and notify.slack.user_map: readable YAML mappings of username: value."""
     out: list[tuple[int | None, str, str]] = []
@@ -742,7 +732,6 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
     if settings.hub.effective_token() is None:
         pass  # checked when the service starts (check-config may run without the hub environment)
     problems += _template_problems(settings, root)
-    problems += _web_problems(settings, root)
     problems += _map_problems(settings, root)
     if problems:
         raise ConfigError(name, problems)
