@@ -184,6 +184,56 @@ def _kernel(model: Any) -> Kernel:
     )
 
 
+class PerHostTransport(httpx.AsyncBaseTransport):
+    """Probes go to one host per server. httpx's single pool scans all its connections (twice,
+    quadratically) on every request, which on a hub of thousands of servers costs more CPU than the
+    probes themselves. This keeps one tiny keep-alive pool per server address instead, the least
+    recently used ones closed once idle beyond ``max_hosts``."""
+
+    def __init__(self, *, per_host: int = 2, max_hosts: int = 64) -> None:
+        import ssl
+
+        self.per_host = per_host
+        self.max_hosts = max_hosts
+        self._ssl = ssl.create_default_context()  # made once, shared by every pool
+        self._pools: dict[tuple[bytes, bytes, int | None], httpx.AsyncHTTPTransport] = {}
+
+    def _pool_for(self, url: httpx.URL) -> httpx.AsyncHTTPTransport:
+        key = (url.raw_scheme, url.raw_host, url.port)
+        pool = self._pools.pop(key, None)
+        if pool is None:
+            limits = httpx.Limits(max_connections=self.per_host, max_keepalive_connections=self.per_host)
+            pool = httpx.AsyncHTTPTransport(verify=self._ssl, limits=limits)
+        self._pools[key] = pool  # most recently used last
+        return pool
+
+    def _idle_to_close(self) -> list[httpx.AsyncHTTPTransport]:
+        out = []
+        excess = len(self._pools) - self.max_hosts
+        if excess <= 0:
+            return out
+        for key in list(self._pools):
+            if excess <= 0:
+                break
+            pool = self._pools[key]
+            conns = pool._pool.connections
+            if all(c.is_idle() or c.is_closed() for c in conns) and not pool._pool._requests:
+                out.append(self._pools.pop(key))
+                excess -= 1
+        return out
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        pool = self._pool_for(request.url)
+        for old in self._idle_to_close():
+            await old.aclose()
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
+
+
 class HubClient:
     """Async client for the JupyterHub REST API and the single-user servers behind it.
 
@@ -251,9 +301,12 @@ class HubClient:
         # Probes: one host per server. httpx scans its whole idle pool on every request, so a pool
         # holding thousands of servers' connections costs more CPU than the probes themselves:
         # keep only as many idle connections as probes run at once (status then kernels reuse one).
-        probe_conns = 2 * probe_concurrency + (2 if probe_terminals else 0) * probe_concurrency
+        probe_transport: httpx.AsyncBaseTransport | None = transport
+        if probe_transport is None and probe_via == "direct":
+            probe_transport = PerHostTransport(per_host=2, max_hosts=2 * probe_concurrency)
+        probe_conns = (3 if probe_terminals else 2) * probe_concurrency
         self._probe_client = httpx.AsyncClient(
-            transport=transport,
+            transport=probe_transport,
             limits=httpx.Limits(max_connections=probe_conns, max_keepalive_connections=probe_concurrency),
             timeout=httpx.Timeout(probe_timeout),
             follow_redirects=False,
@@ -599,7 +652,18 @@ class HubClient:
             log.exception("probe of %s crashed", server.label)
             return Probe.failed(f"probe crashed: {type(exc).__name__}: {self._redact(str(exc))}", via=via)
 
-    async def _probe(self, server: HubServer) -> Probe:
+    async def probe_status(self, server: HubServer) -> Probe:
+        """Only ``/api/status`` (one request): enough to tell whether anything happened since a
+        full probe (its last_activity counts kernels, terminals and browser requests). ``kernels``
+        is left empty; ``status_kernels`` carries the count. NEVER raises."""
+        try:
+            async with self._probe_sem:
+                return await self._probe(server, status_only=True)
+        except Exception as exc:
+            log.exception("status probe of %s crashed", server.label)
+            return Probe.failed(f"probe crashed: {type(exc).__name__}: {self._redact(str(exc))}", via=self.probe_via)
+
+    async def _probe(self, server: HubServer, *, status_only: bool = False) -> Probe:
         via = self.probe_via
         path = _url_path(server.url)
         if not path:
@@ -622,6 +686,22 @@ class HubClient:
 
         # One request where one suffices: /api/status says how many kernels run; only when some
         # do is /api/kernels needed (their execution_state and connections).
+        if status_only:
+            try:
+                st = await self._probe_get(base + "api/status", "status")
+                if not isinstance(st, dict):
+                    raise _ProbeFailure("status: unexpected answer (not an object)")
+                n = st.get("kernels")
+                c = st.get("connections", 0)
+                return Probe(
+                    ok=True,
+                    status_last_activity=parse_time(st.get("last_activity")),
+                    status_connections=c if isinstance(c, int) and not isinstance(c, bool) else 0,
+                    status_kernels=n if isinstance(n, int) and not isinstance(n, bool) else None,
+                    via=via,
+                )
+            except (_ProbeFailure, ValueError) as exc:
+                return Probe.failed(str(exc), via=via)
         first: list[Any] = [self._probe_get(base + "api/status", "status")]
         if self.probe_terminals:
             first.append(self._probe_get(base + "api/terminals", "terminals", missing_ok=True))
@@ -677,6 +757,8 @@ class HubClient:
             ok=True,
             status_last_activity=status_last,
             status_connections=conns,
+            status_kernels=kernel_count if isinstance(kernel_count, int) and not isinstance(kernel_count, bool)
+            else len(kernels),
             kernels=kernels,
             terminals=len(terminals_raw),
             terminals_last_activity=max(known) if known else None,

@@ -112,6 +112,7 @@ class Probe:
     error: str | None = None
     status_last_activity: datetime | None = None  # /api/status last_activity
     status_connections: int = 0
+    status_kernels: int | None = None  # the kernel count /api/status reports
     kernels: tuple[Kernel, ...] = ()
     terminals: int = 0
     terminals_last_activity: datetime | None = None

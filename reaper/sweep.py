@@ -400,15 +400,38 @@ class Sweeper:
                     reason=f"{r.decision.reason} [{notice} postponed: {why}]",
                 )
 
-    async def _recheck(self, row: Row) -> tuple[Observation, Decision] | None:
-        """Fetch the server again, probe it again, decide again. None if it is gone or restarted."""
+    async def _recheck(self, row: Row, listed_at: datetime) -> tuple[Observation, Decision] | None:
+        """Look again right before the stop and decide again. None if it is gone or restarted.
+
+        If the listing is recent, one ``/api/status`` request tells whether anything happened since
+        the sweep's probe (its last_activity counts kernels, terminals and browsers); only then is
+        the server fetched and probed in full. A listing older than a minute is fetched again."""
         server = row.obs.server
-        fresh = await self.hub.get_server(server.user, server.name)
-        if fresh is None or fresh.started != server.started:
-            return None
-        if not fresh.target and server.target:
-            fresh = replace(fresh, target=server.target)
         now = self.clock()
+        if now - listed_at > timedelta(seconds=60):
+            fresh = await self.hub.get_server(server.user, server.name)
+            if fresh is None or fresh.started != server.started:
+                return None
+            if not fresh.target and server.target:
+                fresh = replace(fresh, target=server.target)
+        else:
+            fresh = server
+            if row.obs.probed and hasattr(self.hub, "probe_status"):
+                st = await self.hub.probe_status(server)
+                unchanged = (
+                    st.ok
+                    and st.status_connections == 0
+                    and not row.obs.browser_connected
+                    and st.status_kernels == row.obs.kernels
+                    and st.status_last_activity is not None
+                    and row.obs.last_activity is not None
+                    and st.status_last_activity <= row.obs.last_activity
+                )
+                if unchanged:
+                    key = server.run_key()
+                    hist = (await self._db(self.store.histories, [key])).get(key) if key else None
+                    obs = replace(row.obs, at=now)
+                    return obs, decide(obs, hist or History(), row.rule, now, self.settings.tz)
         probe = await self._probe(fresh)
         obs = classify(fresh, probe, now, fresh_within=self.settings.probe.attached_within)
         key = fresh.run_key()
@@ -419,7 +442,7 @@ class Sweeper:
     async def _stop(self, row: Row, res: SweepResult) -> None:
         server = row.obs.server
         key = server.run_key()
-        checked = await self._recheck(row)
+        checked = await self._recheck(row, res.started_at)
         if checked is None:
             row.outcome = "gone before the stop"
             return

@@ -42,6 +42,17 @@ class FakeHub:
         self.probe_calls.append(key)
         return self.probes.get(key, Probe.failed("no such server"))
 
+    async def probe_status(self, server: HubServer) -> Probe:
+        """Status only, as the re-check before a stop asks."""
+        if callable(self.before_recheck):
+            self.before_recheck(self, server.user, server.name)
+        full = await self.probe(server)
+        if not full.ok:
+            return full
+        return Probe(ok=True, status_last_activity=full.status_last_activity,
+                     status_connections=sum(k.connections for k in full.kernels),
+                     status_kernels=len(full.kernels))
+
     async def get_server(self, user: str, name: str = "") -> HubServer | None:
         if callable(self.before_recheck):
             self.before_recheck(self, user, name)

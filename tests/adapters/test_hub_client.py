@@ -657,3 +657,13 @@ async def test_a_server_without_kernels_is_probed_with_one_request(router, hub):
     probe = await hub.probe(running(target="http://10.0.0.5:1"))
     assert probe.ok and probe.kernels == ()
     assert routes["status"].call_count == 1 and routes["kernels"].call_count == 0
+
+
+async def test_status_only_recheck_is_one_request_and_reports_the_kernel_count(router, hub):
+    base = "http://10.0.0.5:1/user/alice/"
+    routes = probe_routes(router, base)
+    probe = await hub.probe_status(running(target="http://10.0.0.5:1"))
+    assert probe.ok and probe.status_kernels == 1 and probe.kernels == ()
+    assert probe.status_last_activity == datetime(2026, 11, 25, 20, 11, 20, 807385, tzinfo=UTC)
+    assert routes["status"].call_count == 1 and routes["kernels"].call_count == 0
+    assert routes["status"].calls.last.request.url.params["no_track_activity"] == "1"
