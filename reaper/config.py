@@ -272,6 +272,8 @@ class ProbeSettings(Strict):
     concurrency: int = Field(default=32, ge=1, le=512)
     skip_fresh: bool = True  # don't probe servers whose hub activity is fresher than every threshold
     reprobe_every: Duration = timedelta(minutes=30)  # ... but probe each at least this often
+    # The HTTP client of direct probes: aiohttp (a fraction of httpx's CPU per request) or httpx.
+    http: Literal["aiohttp", "httpx"] = "aiohttp"
     # Also list terminals (/api/terminals): only adds "1 terminal open" to reasons; their activity
     # is already in /api/status. One more request per probe.
     terminals: bool = False

@@ -262,6 +262,7 @@ class HubClient:
         page_size: int = 200,
         probe_terminals: bool = True,
         probe_token: str | None = None,
+        probe_http: Literal["aiohttp", "httpx"] = "aiohttp",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if probe_via not in ("direct", "proxy"):
@@ -303,7 +304,12 @@ class HubClient:
         # keep only as many idle connections as probes run at once (status then kernels reuse one).
         probe_transport: httpx.AsyncBaseTransport | None = transport
         if probe_transport is None and probe_via == "direct":
-            probe_transport = PerHostTransport(per_host=2, max_hosts=2 * probe_concurrency)
+            if probe_http == "aiohttp":
+                from .aiohttp_transport import AiohttpTransport
+
+                probe_transport = AiohttpTransport(limit=(3 if probe_terminals else 2) * probe_concurrency)
+            else:
+                probe_transport = PerHostTransport(per_host=2, max_hosts=2 * probe_concurrency)
         probe_conns = (3 if probe_terminals else 2) * probe_concurrency
         self._probe_client = httpx.AsyncClient(
             transport=probe_transport,

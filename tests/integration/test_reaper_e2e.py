@@ -169,8 +169,10 @@ async def test_probe_through_the_proxy_opt_in_does_count_as_activity(real_hub, t
     real_hub.start_server(user)
     await asyncio.sleep(6)
     before = real_hub.hub_last_activity(user)
-    settings = parse_settings(FAST + "\nprobe: {via: proxy, skip_fresh: false, attached_within: 3s}\n".replace(
-        "probe: {skip_fresh: false, attached_within: 3s, timeout: 5s}\n", ""), env={})
+    settings = parse_settings(
+        FAST.replace("probe: {skip_fresh: false", "probe: {via: proxy, skip_fresh: false"), env={}
+    )
+    assert settings.probe.via == "proxy"
     store = Store.open(f"sqlite:///{tmp_path / 'p.sqlite'}")
     client = HubClient(real_hub.api_url, real_hub.service_token, public_url=real_hub.base_url, probe_via="proxy")
     sweeper = Sweeper(settings, client, store, notifier=Outbox(store, {"log": LogChannel()}))
