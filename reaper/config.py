@@ -83,6 +83,14 @@ Duration = Annotated[
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def __repr_args__(self) -> Any:
+        # repr()/str() of settings (in a log line, a traceback) never show a secret.
+        for name, value in super().__repr_args__():
+            if name and re.search(r"(password|token|secret)$", name, re.I) and value:
+                yield name, "***"
+            else:
+                yield name, value
+
 
 # --------------------------------------------------------------------------- policy
 

@@ -37,7 +37,6 @@ from reaper.store import Store
 from reaper.sweep import Sweeper
 from tests.adapters.slack_standin import SlackStandin
 from tests.adapters.smtp_sink import SmtpSink
-from tests.integration.conftest import hub_factory, real_hub  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 

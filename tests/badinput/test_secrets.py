@@ -33,7 +33,6 @@ from reaper.store import Store
 from reaper.sweep import Sweeper
 from tests.adapters.slack_standin import SlackStandin
 from tests.adapters.smtp_sink import SmtpSink
-from tests.integration.conftest import hub_factory, real_hub  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 SMTP_PASSWORD = "SMTP-PASS-5678"

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import hub_factory, real_hub  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 

@@ -126,3 +126,12 @@ def test_check_config_cli_exits_nonzero_with_file_key_line(tmp_path):
     r = _cli("check-config", str(bad))
     assert r.returncode != 0
     assert f"{bad}:3: defaults.detached.stop_after:" in r.stderr
+
+
+def test_repr_of_settings_never_shows_a_secret():
+    s = parse_settings(
+        'hub: {api_token: "${T}"}\nnotify: {email: {password: "${P}"}}\n', env={"T": "TOK-123", "P": "PW-456"}
+    )
+    assert s.hub.effective_token() == "TOK-123"
+    for text in (repr(s), str(s), repr(s.notify.email)):
+        assert "TOK-123" not in text and "PW-456" not in text
