@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+from yarl import URL
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -44,7 +45,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         try:
             async with session.request(
                 request.method,
-                str(request.url),
+                URL(str(request.url), encoded=True),  # as httpx quoted it: never re-quoted
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,
