@@ -248,6 +248,9 @@ class HubSettings(Strict):
     retries: int = Field(default=3, ge=0, le=10)
     concurrency: int = Field(default=4, ge=1, le=64)
     page_size: int = Field(default=200, ge=1, le=200)
+    # The HTTP client under httpx for hub calls and probes: aiohttp (a fraction of httpx's own
+    # CPU per request, and no quadratic pool scans) or httpx.
+    http: Literal["aiohttp", "httpx"] = "aiohttp"
 
     @field_validator("timezone")
     @classmethod
@@ -280,8 +283,6 @@ class ProbeSettings(Strict):
     concurrency: int = Field(default=32, ge=1, le=512)
     skip_fresh: bool = True  # don't probe servers whose hub activity is fresher than every threshold
     reprobe_every: Duration = timedelta(minutes=30)  # ... but probe each at least this often
-    # The HTTP client of direct probes: aiohttp (a fraction of httpx's CPU per request) or httpx.
-    http: Literal["aiohttp", "httpx"] = "aiohttp"
     # Also list terminals (/api/terminals): only adds "1 terminal open" to reasons; their activity
     # is already in /api/status. One more request per probe.
     terminals: bool = False

@@ -262,7 +262,7 @@ class HubClient:
         page_size: int = 200,
         probe_terminals: bool = True,
         probe_token: str | None = None,
-        probe_http: Literal["aiohttp", "httpx"] = "aiohttp",
+        http: Literal["aiohttp", "httpx"] = "aiohttp",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if probe_via not in ("direct", "proxy"):
@@ -293,8 +293,15 @@ class HubClient:
         self._stop_sem = asyncio.Semaphore(max(stop_concurrency, 1))
         # Hub calls: one small keep-alive pool to one host.
         hub_conns = hub_concurrency + max(stop_concurrency, 1)
+        hub_transport: httpx.AsyncBaseTransport | None = transport
+        if hub_transport is None and http == "aiohttp":
+            from .aiohttp_transport import AiohttpTransport
+
+            # httpx's pool scans every connection twice per request: with dozens of stops in
+            # flight that costs more than the stops themselves.
+            hub_transport = AiohttpTransport(limit=hub_conns, limit_per_host=hub_conns)
         self._client = httpx.AsyncClient(
-            transport=transport,
+            transport=hub_transport,
             limits=httpx.Limits(max_connections=hub_conns, max_keepalive_connections=hub_conns),
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
@@ -304,7 +311,7 @@ class HubClient:
         # keep only as many idle connections as probes run at once (status then kernels reuse one).
         probe_transport: httpx.AsyncBaseTransport | None = transport
         if probe_transport is None and probe_via == "direct":
-            if probe_http == "aiohttp":
+            if http == "aiohttp":
                 from .aiohttp_transport import AiohttpTransport
 
                 probe_transport = AiohttpTransport(limit=(3 if probe_terminals else 2) * probe_concurrency)

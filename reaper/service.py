@@ -58,7 +58,7 @@ def make_hub_client(settings: Settings) -> HubClient:
         page_size=settings.hub.page_size,
         probe_token=settings.probe.token or None,
         probe_terminals=settings.probe.terminals,
-        probe_http=settings.probe.http,
+        http=settings.hub.http,
     )
 
 

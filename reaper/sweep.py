@@ -332,16 +332,11 @@ class Sweeper:
 
         if not dry_run:
             crashpoint("after-notify")
-        # 8. stops, re-checked, concurrently up to a limit
+        # 8. stops: re-checked, the intent recorded, issued concurrently, the outcome recorded
         if not dry_run and not res.safety_tripped:
             todo = [r for r in res.rows if r.decision.action is Action.STOP]
-            sem = asyncio.Semaphore(s.safety.stop_concurrency)
-
-            async def guarded(r: Row) -> None:
-                async with sem:
-                    await self._stop(r, res)
-
-            await asyncio.gather(*(guarded(r) for r in todo))
+            if todo:
+                await self._stops(todo, res)
             if guard is not None:
                 orphans = await guard.reconcile(servers, jobs, now)  # type: ignore[union-attr]
                 res.orphans = len(orphans)
@@ -400,7 +395,9 @@ class Sweeper:
                     reason=f"{r.decision.reason} [{notice} postponed: {why}]",
                 )
 
-    async def _recheck(self, row: Row, listed_at: datetime) -> tuple[Observation, Decision] | None:
+    async def _recheck(
+        self, row: Row, listed_at: datetime, hist: dict[RunKey, History] | None = None
+    ) -> tuple[Observation, Decision] | None:
         """Look again right before the stop and decide again. None if it is gone or restarted.
 
         If the listing is recent, one ``/api/status`` request tells whether anything happened since
@@ -429,66 +426,86 @@ class Sweeper:
                 )
                 if unchanged:
                     key = server.run_key()
-                    hist = (await self._db(self.store.histories, [key])).get(key) if key else None
+                    h = await self._history(key, hist)
                     obs = replace(row.obs, at=now)
-                    return obs, decide(obs, hist or History(), row.rule, now, self.settings.tz)
+                    return obs, decide(obs, h, row.rule, now, self.settings.tz)
         probe = await self._probe(fresh)
         obs = classify(fresh, probe, now, fresh_within=self.settings.probe.attached_within)
-        key = fresh.run_key()
-        hist = (await self._db(self.store.histories, [key])).get(key) if key else None
-        dec = decide(obs, hist or History(), row.rule, now, self.settings.tz)
-        return obs, dec
+        h = await self._history(fresh.run_key(), hist)
+        return obs, decide(obs, h, row.rule, now, self.settings.tz)
 
-    async def _stop(self, row: Row, res: SweepResult) -> None:
-        server = row.obs.server
-        key = server.run_key()
-        checked = await self._recheck(row, res.started_at)
-        if checked is None:
-            row.outcome = "gone before the stop"
+    async def _history(self, key: RunKey | None, prefetched: dict[RunKey, History] | None) -> History:
+        if key is None:
+            return History()
+        if prefetched is not None and key in prefetched:
+            return prefetched[key]
+        return (await self._db(self.store.histories, [key])).get(key) or History()
+
+    async def _stops(self, todo: list[Row], res: SweepResult) -> None:
+        """Stop many servers: a few transactions in all, not a few per server (a 10,000-server
+        hub must not wait on its database), and never a stop without a fresh look first."""
+        from .store import StopRecord
+
+        keys = [k for k in (r.obs.server.run_key() for r in todo) if k is not None]
+        hist = await self._db(self.store.histories, keys)
+        checked = await asyncio.gather(*(self._recheck(r, res.started_at, hist) for r in todo))
+        go: list[tuple[Row, Observation, Decision]] = []
+        for row, c in zip(todo, checked, strict=True):
+            server = row.obs.server
+            if c is None:
+                row.outcome = "gone before the stop"
+                continue
+            obs, dec = c
+            if dec.action is not Action.STOP:
+                row.obs, row.decision = obs, dec
+                row.outcome = "not stopped: activity on re-check"
+                log.info("%s: not stopped after all, re-check says %s: %s", server.label, obs.state.value, dec.reason)
+                await self._db(self.store.record, obs, dec, self.clock())
+                continue
+            go.append((row, obs, dec))
+        if not go:
             return
-        obs, dec = checked
-        if dec.action is not Action.STOP:
-            row.obs, row.decision = obs, dec
-            row.outcome = "not stopped: activity on re-check"
-            log.info("%s: not stopped after all, re-check says %s: %s", server.label, obs.state.value, dec.reason)
-            await self._db(self.store.record, obs, dec, self.clock())
-            return
+        # The intent first: if we die after the hub stopped a server, the next sweep still knows.
+        await self._db(self.store.mark_stops_requested, [r.obs.server.run_key() for r, _, _ in go], self.clock())
+        results = await asyncio.gather(*(self.hub.stop(r.obs.server.user, r.obs.server.name) for r, _, _ in go))
         now = self.clock()
-        await self._db(self.store.mark_stop_requested, key, now)
-        result = await self.hub.stop(server.user, server.name)
-        now = self.clock()
-        detail = f"{dec.reason} | hub: {result.outcome} ({result.detail})"
-        if result.outcome in ("stopped", "gone"):
-            res.stops += 1
-            row.outcome = "stopped"
-            log.info("%s stopped: %s", server.label, dec.reason)
-            await self._db(self.store.record_action, key, "stop", True, detail, now, job_id=server.job_id)
-            await self._db(self.store.end_run, key, now, "stopped by the reaper")
-            await self._db(
-                self.store.add_notice,
-                key,
-                NoticeKind.STOPPED,
-                None,
-                now,
-                channels=list(row.rule.channels),
-                context=stopped_context(obs, dec, now),
-            )
-        elif result.outcome == "pending":
-            res.stops_pending += 1
-            row.outcome = "stop pending"
-            log.info("%s stop pending at the hub (202); following up", server.label)
-            await self._db(self.store.record_action, key, "stop-pending", True, detail, now, job_id=server.job_id)
-        else:
-            res.stops_failed += 1
-            row.outcome = f"stop failed: {result.detail}"
-            log.error("%s stop FAILED: %s", server.label, result.detail)
-            await self._db(self.store.record_action, key, "stop-failed", False, detail, now, job_id=server.job_id)
+        records = []
+        for (row, obs, dec), result in zip(go, results, strict=True):
+            server = row.obs.server
+            detail = f"{dec.reason} | hub: {result.outcome} ({result.detail})"
+            key = server.run_key()
+            assert key is not None
+            if result.outcome in ("stopped", "gone"):
+                res.stops += 1
+                row.outcome = "stopped"
+                log.info("%s stopped: %s", server.label, dec.reason)
+                records.append(StopRecord(key, "stop", True, detail, job_id=server.job_id,
+                                          end_reason="stopped by the reaper",
+                                          notice_context=stopped_context(obs, dec, now),
+                                          channels=tuple(row.rule.channels)))
+            elif result.outcome == "pending":
+                res.stops_pending += 1
+                row.outcome = "stop pending"
+                log.info("%s stop pending at the hub (202); following up", server.label)
+                records.append(StopRecord(key, "stop-pending", True, detail, job_id=server.job_id))
+            else:
+                res.stops_failed += 1
+                row.outcome = f"stop failed: {result.detail}"
+                log.error("%s stop FAILED: %s", server.label, result.detail)
+                records.append(StopRecord(key, "stop-failed", False, detail, job_id=server.job_id))
+        await self._db(self.store.record_stops, records, now)
         crashpoint("after-stop")
         if self.stop_hook is not None:
-            try:
-                await self.stop_hook.after_stop(server, result.outcome, now)
-            except Exception as e:
-                log.error("%s: after-stop check failed: %s", server.label, e)
+            sem = asyncio.Semaphore(self.settings.safety.stop_concurrency)
+
+            async def after(row: Row, outcome: str) -> None:
+                async with sem:
+                    try:
+                        await self.stop_hook.after_stop(row.obs.server, outcome, now)  # type: ignore[union-attr]
+                    except Exception as e:
+                        log.error("%s: after-stop check failed: %s", row.obs.server.label, e)
+
+            await asyncio.gather(*(after(row, result.outcome) for (row, _, _), result in zip(go, results, strict=True)))
 
 
 def stopped_context(obs: Observation, dec: Decision, now: datetime) -> dict[str, Any]:

@@ -5,7 +5,7 @@ installed reaper upgrades itself at start) and the repository, on SQLite (defaul
 """
 
 from .models import UTCDateTime, as_utc, spell_key
-from .repo import MIGRATIONS, VERSION_TABLE, Delivery, Store, make_engine, notice_context
+from .repo import MIGRATIONS, VERSION_TABLE, Delivery, StopRecord, Store, make_engine, notice_context
 
 __all__ = [
     "MIGRATIONS",

@@ -65,6 +65,21 @@ _LEASES: Table = Lease.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
+class StopRecord:
+    """One stop's outcome, for :meth:`Store.record_stops`."""
+
+    run: RunKey
+    kind: str  # stop | stop-pending | stop-failed
+    ok: bool
+    detail: str
+    job_id: str | None = None
+    actor: str = "reaper"
+    end_reason: str | None = None  # set when the run ended (stopped or gone)
+    notice_context: dict[str, Any] | None = None  # set to queue the "stopped" notice
+    channels: tuple[str, ...] = ("log",)
+
+
+@dataclass(frozen=True)
 class Delivery:
     """One notice due on one channel (what a channel's ``deliver`` gets)."""
 
@@ -650,6 +665,51 @@ class Store:
         with self._write() as s:
             run_id = self._run_id(s, run, now)
             s.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(stop_requested_at=now))
+
+    def mark_stops_requested(self, runs: Iterable[RunKey], now: datetime) -> None:
+        """mark_stop_requested for many runs in one transaction (the intent, written before the stops)."""
+        now = as_utc(now)
+        keys = [self._key(r) for r in runs]
+        if not keys:
+            return
+        with self._write() as s:
+            rows = self._runs_for(s, keys, now, create=True, lock=True)
+            ids = [int(rows[k].id) for k in keys]
+            for i in range(0, len(ids), 500):
+                s.execute(update(_RUNS).where(_RUNS.c.id.in_(ids[i : i + 500])).values(stop_requested_at=now))
+
+    def record_stops(self, items: Iterable[StopRecord], now: datetime) -> list[int | None]:
+        """The outcome of many stops in one transaction: for each, its action row; for each done
+        stop, the end of the run and the "stopped" notice (idempotent). Returns the notice ids."""
+        now = as_utc(now)
+        items = list(items)
+        if not items:
+            return []
+        out: list[int | None] = []
+        with self._write() as s:
+            rows = self._runs_for(s, [self._key(it.run) for it in items], now, create=True, lock=True)
+            actions = []
+            ended = []
+            for it in items:
+                run_id = int(rows[self._key(it.run)].id)
+                actions.append({"run_id": run_id, "at": now, "kind": it.kind, "ok": it.ok, "detail": it.detail,
+                                "actor": it.actor, "job_id": it.job_id})
+                if it.end_reason is not None:
+                    ended.append((run_id, it.end_reason))
+            s.execute(_ACTIONS.insert(), actions)
+            for run_id, reason in ended:
+                s.execute(
+                    update(_RUNS).where(_RUNS.c.id == run_id, _RUNS.c.ended_at.is_(None))
+                    .values(ended_at=now, end_reason=reason)
+                )
+            for it in items:
+                if it.notice_context is None:
+                    out.append(None)
+                    continue
+                run_id = int(rows[self._key(it.run)].id)
+                out.append(self._add_notice(s, run_id, NoticeKind.STOPPED, None, now, list(it.channels),
+                                            it.notice_context))
+        return out
 
     def end_run(self, run: RunKey, now: datetime, reason: str) -> None:
         """The server is no longer on the hub: the run ends (recording it again reopens it)."""
