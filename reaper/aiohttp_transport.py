@@ -8,7 +8,6 @@ small connection pool per server address, kept by aiohttp's connector).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -54,7 +53,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 content = await resp.read()
                 raw_headers = [(k, v) for k, v in resp.raw_headers]
                 status = resp.status
-        except (TimeoutError, asyncio.TimeoutError) as e:
+        except TimeoutError as e:
             raise httpx.ReadTimeout(f"timed out ({e.__class__.__name__})", request=request) from None
         except aiohttp.ClientConnectorError as e:
             raise httpx.ConnectError(str(e), request=request) from None

@@ -21,8 +21,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from .activity import classify, needs_probe
-from .faults import crashpoint
 from .config import ResolvedRule, Settings
+from .faults import crashpoint
 from .model import (
     Action,
     Decision,

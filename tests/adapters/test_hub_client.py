@@ -52,7 +52,7 @@ def router() -> Iterator[respx.MockRouter]:
 
 @pytest.fixture
 async def hub() -> AsyncIterator[HubClient]:
-    async with HubClient(API, TOKEN, probe_http="httpx", public_url=PUBLIC, backoff=0, retries=3, page_size=50) as client:
+    async with HubClient(API, TOKEN, http="httpx", public_url=PUBLIC, backoff=0, retries=3, page_size=50) as client:
         yield client
 
 
@@ -508,12 +508,12 @@ async def test_proxy_table_forbidden_makes_probes_fail_with_the_reason(router, h
 
 async def test_probe_via_proxy_is_opt_in_and_uses_the_public_url(router):
     routes = probe_routes(router, f"{PUBLIC}/user/alice/")
-    async with HubClient(API, TOKEN, probe_http="httpx", public_url=PUBLIC, probe_via="proxy", backoff=0) as client:
+    async with HubClient(API, TOKEN, http="httpx", public_url=PUBLIC, probe_via="proxy", backoff=0) as client:
         probe = await client.probe(running(target="http://10.0.0.5:1"))
     assert probe.ok and probe.via == "proxy"
     assert routes["status"].calls.last.request.url.params["no_track_activity"] == "1"
     with pytest.raises(ValueError):
-        HubClient(API, TOKEN, probe_http="httpx", probe_via="proxy")
+        HubClient(API, TOKEN, http="httpx", probe_via="proxy")
 
 
 @pytest.mark.parametrize(
@@ -598,7 +598,7 @@ async def test_hub_calls_and_probes_are_bounded_by_their_own_semaphores(router):
 
     router.route(host="hub.internal").mock(side_effect=hub_answer)
     router.route(host="10.0.0.9").mock(side_effect=probe_answer)
-    async with HubClient(API, TOKEN, probe_http="httpx", hub_concurrency=2, probe_concurrency=3, backoff=0) as client:
+    async with HubClient(API, TOKEN, http="httpx", hub_concurrency=2, probe_concurrency=3, backoff=0) as client:
         results = await asyncio.gather(*(client.get_server(f"u{i}") for i in range(8)))
         probes = await client.probe_many(
             [running(f"u{i}", target=f"http://10.0.0.9:{5000 + i}") for i in range(9)]
@@ -622,7 +622,7 @@ async def test_authorization_header_is_sent_and_the_token_never_leaks_into_error
     router.get("http://10.0.0.5:1/user/alice/api/kernels").mock(return_value=httpx.Response(500, text=echo))
     router.get("http://10.0.0.5:1/user/alice/api/terminals").mock(return_value=httpx.Response(200, json=[]))
 
-    async with HubClient(API, TOKEN, probe_http="httpx", backoff=0, retries=1) as client:
+    async with HubClient(API, TOKEN, http="httpx", backoff=0, retries=1) as client:
         assert TOKEN not in repr(client)
         with pytest.raises(HubListingError) as listing:
             await client.list_active_servers()
@@ -644,7 +644,7 @@ async def test_authorization_header_is_sent_and_the_token_never_leaks_into_error
 async def test_probe_token_is_sent_to_single_user_servers_instead_of_the_admin_token(router):
     routes = probe_routes(router, "http://10.0.0.5:1/user/alice/")
     hubcall = router.delete(f"{API}/users/alice/server").mock(return_value=httpx.Response(204))
-    async with HubClient(API, TOKEN, probe_http="httpx", probe_token="probe-only", backoff=0) as client:
+    async with HubClient(API, TOKEN, http="httpx", probe_token="probe-only", backoff=0) as client:
         await client.probe(running(target="http://10.0.0.5:1"))
         await client.stop("alice")
     assert routes["status"].calls.last.request.headers["Authorization"] == "token probe-only"
