@@ -11,6 +11,7 @@ __all__ = [
     "MIGRATIONS",
     "VERSION_TABLE",
     "Delivery",
+    "StopRecord",
     "Store",
     "UTCDateTime",
     "as_utc",
