@@ -309,12 +309,14 @@ class HubClient:
         # Probes: one host per server. httpx scans its whole idle pool on every request, so a pool
         # holding thousands of servers' connections costs more CPU than the probes themselves:
         # keep only as many idle connections as probes run at once (status then kernels reuse one).
+        self._probe_aiohttp: Any = None  # set when probes go straight through aiohttp
         probe_transport: httpx.AsyncBaseTransport | None = transport
         if probe_transport is None and probe_via == "direct":
             if http == "aiohttp":
                 from .aiohttp_transport import AiohttpTransport
 
                 probe_transport = AiohttpTransport(limit=(3 if probe_terminals else 2) * probe_concurrency)
+                self._probe_aiohttp = probe_transport
             else:
                 probe_transport = PerHostTransport(per_host=2, max_hosts=2 * probe_concurrency)
         probe_conns = (3 if probe_terminals else 2) * probe_concurrency
@@ -782,6 +784,9 @@ class HubClient:
         """GET one probe URL with ?no_track_activity=1. Returns parsed JSON (None for a 404 when
         missing_ok); raises _ProbeFailure('<what>: <reason>')."""
         headers = {"Authorization": f"token {self._probe_token}", "Accept": "application/json"}
+        direct = self._probe_aiohttp
+        if direct is not None:
+            return await self._probe_get_aiohttp(direct, url, what, headers, missing_ok=missing_ok)
         reason = ""
         for attempt in range(self.probe_retries + 1):
             try:
@@ -800,6 +805,47 @@ class HubClient:
                 if code == 200:
                     try:
                         return response.json()
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        raise _ProbeFailure(f"{what}: invalid JSON") from None
+                if code == 404 and missing_ok:
+                    return None
+                reason = f"{what}: HTTP {code}"
+                if code < 500:
+                    raise _ProbeFailure(reason)
+            if attempt < self.probe_retries:
+                await asyncio.sleep(self._delay(0) / 2)
+        raise _ProbeFailure(reason)
+
+    async def _probe_get_aiohttp(
+        self, transport: Any, url: str, what: str, headers: dict[str, str], *, missing_ok: bool
+    ) -> Any:
+        """The same GET straight through aiohttp: a probe is the sweep's most frequent request, and
+        httpx's request/response objects cost more CPU than the request itself."""
+        import aiohttp
+        from yarl import URL
+
+        target = URL(url + ("&" if "?" in url else "?") + "no_track_activity=1", encoded=True)
+        timeout = aiohttp.ClientTimeout(total=self.probe_timeout)
+        reason = ""
+        for attempt in range(self.probe_retries + 1):
+            try:
+                async with transport._get_session().get(
+                    target, headers=headers, timeout=timeout, allow_redirects=False
+                ) as resp:
+                    code = resp.status
+                    body = await resp.read()
+            except TimeoutError:
+                reason = f"{what}: timeout after {self.probe_timeout:g}s"
+            except aiohttp.ClientError as exc:
+                kind = "ConnectError" if isinstance(exc, aiohttp.ClientConnectorError) else type(exc).__name__
+                reason = f"{what}: {kind}"
+                detail = self._redact(str(exc))
+                if detail:
+                    reason += f" ({detail[:100]})"
+            else:
+                if code == 200:
+                    try:
+                        return json.loads(body)
                     except (json.JSONDecodeError, UnicodeDecodeError):
                         raise _ProbeFailure(f"{what}: invalid JSON") from None
                 if code == 404 and missing_ok:
