@@ -232,8 +232,14 @@ async def test_two_reaper_processes_on_one_database_only_one_acts_the_other_wait
         pids = server_processes(user)
         procs = [await ReaperProcess(cfg, api, real_hub.service_token, tmp_path / f"reaper{i}.log").start()
                  for i in (1, 2)]
-        await until(lambda: "stopped" in kinds_for(sink, user), 40, "the stopped notice")
+        await until(lambda: "stopped" in kinds_for(sink, user) or any(p.returncode is not None for p in procs),
+                    40, "the stopped notice")
         await asyncio.sleep(2 * SWEEP + 0.5)
+        died = [(i, p.returncode, p.log()[-1500:]) for i, p in enumerate(procs) if p.returncode is not None]
+        if died:
+            fault_tally.add("two reapers", "second reaper process on the same SQLite database", 1,
+                            note=f"process {died[0][0]} exited {died[0][1]} at start")
+        assert not died, f"a reaper process died instead of waiting: {died}"
         for p in procs:
             await p.stop()
         logs = [p.log() for p in procs]

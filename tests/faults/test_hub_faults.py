@@ -180,8 +180,15 @@ async def test_hub_restart_between_listing_and_stop_stops_nothing_and_the_next_s
         assert running(hub, users) == []
         await reaper.sweeper.notifier.drain(reaper.sweeper.clock())  # type: ignore[union-attr]
         counts = notice_counts(reaper.notices(users))
-        assert all(counts.get((u, k)) == 1 for u in users for k in ("final", "stopped")), counts
-        assert max(counts.values()) == 1, counts
+        dup = sum(max(0, n - 1) for n in counts.values())
+        lost = sum(1 for u in users for k in ("final", "stopped") if counts.get((u, k), 0) == 0)
+        fault_tally.add("hub restart", "next sweep after the two restarts", 2, duplicate_notices=dup,
+                        lost_notices=lost, note=f"stopped 2 of 2; notices {sorted(counts.items())}")
+        assert lost == 0, counts
+        # A duplicate here is a warning sent again for the same idle spell: while the hub was down
+        # the probes failed, the server was 'unreachable' and its spell was taken from the hub's
+        # last_activity instead of detached_since, which looked like a new spell.
+        assert dup == 0, f"duplicate notices after the hub restart: {counts}"
         hub.wait_for(lambda: not any(server_processes(u) for u in users), timeout=15, what="servers gone")
     finally:
         await reaper.close()
