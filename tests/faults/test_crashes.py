@@ -70,7 +70,7 @@ class ReaperProcess:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("REAPER_", "JUPYTERHUB_"))}
         env.update(JUPYTERHUB_API_URL=self.api_url, JUPYTERHUB_API_TOKEN=self.token, **self.extra)
-        self._out = open(self.log_path, "ab")  # noqa: SIM115 (closed in wait/stop)
+        self._out = open(self.log_path, "ab")  # noqa: SIM115, ASYNC230 (closed in wait/stop; a local file)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "reaper.cli", "run", "--config", str(self.cfg),
             cwd=ROOT, env=env, stdout=self._out, stderr=asyncio.subprocess.STDOUT,

@@ -268,7 +268,7 @@ class FaultProxy:
                 data = await up.read()
                 status = up.status
                 out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _HOP_BY_HOP}
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return await self._drop(request)
         if self._diverted and status == 200 and re.match(r"^/hub/api/proxy/?(\?|$)", request.path_qs):
             data = self._rewrite_routes(data)
