@@ -16,9 +16,10 @@ No I/O, no clock: ``now`` is passed in.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
-from .model import HubServer, Observation, Probe, State, humanize
+from .model import History, HubServer, Observation, Probe, State, humanize
 
 # /api/status last_activity younger than this means a tab is open and polling (Lab polls every ~10 s
 # while visible; a hidden tab stops within ~35 s). Generous on purpose: a false "attached" only delays.
@@ -147,3 +148,16 @@ def needs_probe(server: HubServer, now: datetime, horizon: timedelta) -> bool:
     if la > now + CLOCK_SKEW:
         return False  # the future: treat as active
     return now - la >= horizon
+
+
+def continue_spell(obs: Observation, history: History) -> Observation:
+    """A failed probe in the middle of a detached spell must not start a new spell (and so a second
+    warning): if the server was detached at the last sweep and the hub has seen no activity since,
+    the spell goes on from where it was."""
+    if obs.state is not State.UNREACHABLE or history.last_state != State.DETACHED.value:
+        return obs
+    since, seen = history.detached_since, history.last_seen
+    hub_la = obs.server.last_activity
+    if since is None or seen is None or (hub_la is not None and hub_la > seen):
+        return obs
+    return replace(obs, last_activity=since, detail=f"{obs.detail}; detached since {since:%H:%M} UTC before that")

@@ -174,6 +174,9 @@ class History:
     notices: tuple[SentNotice, ...] = ()
     kept_until: datetime | None = None  # "keep running" chosen by the user
     stop_requested_at: datetime | None = None
+    last_state: str | None = None  # as of the last recorded sweep
+    last_seen: datetime | None = None
+    detached_since: datetime | None = None  # the last recorded start of a detached spell
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,20 @@ def make_stop_hook(settings: Settings, store: Any) -> Any:
     return build_guard(settings, store)
 
 
+def lease_holder_is_dead(holder: str) -> bool:
+    """A lease holder is "host:pid". True only when it is on this host and that process is gone."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class ReaperService:
     def __init__(self, config_path: str | None, settings: Settings) -> None:
         self.config_path = config_path
@@ -166,7 +180,14 @@ class ReaperService:
             log.error("cannot reach the database, skipping this sweep: %s", e)
             return
         if not mine:
-            log.warning("another reaper process holds the lease on this database; waiting (not acting)")
+            holder = await asyncio.to_thread(self.store.lease_holder, now)
+            if holder and lease_holder_is_dead(holder):
+                log.warning("the lease is held by %s, which is no longer running (killed?): taking over", holder)
+                await asyncio.to_thread(self.store.release_lease, holder)
+                mine = await asyncio.to_thread(self.store.acquire_lease, self.holder, now, ttl)
+        if not mine:
+            log.warning("another reaper process (%s) holds the lease on this database; waiting (not acting)",
+                        await asyncio.to_thread(self.store.lease_holder, now))
             return
         guard = self.sweeper.stop_hook
         before = (getattr(guard, "scancels", 0), getattr(guard, "orphans_cancelled", 0))

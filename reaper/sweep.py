@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from .activity import classify, needs_probe
+from .activity import classify, continue_spell, needs_probe
 from .config import ResolvedRule, Settings
 from .faults import crashpoint
 from .model import (
@@ -170,8 +170,10 @@ class Sweeper:
     async def _run(self, dry_run: bool) -> SweepResult:
         now = self.clock()
         res = SweepResult(started_at=now, dry_run=dry_run)
-        sweep_id = None if dry_run else await self._db(self.store.start_sweep, now, dry_run=dry_run)
+        sweep_id = None
         try:
+            if not dry_run:
+                sweep_id = await self._db(self.store.start_sweep, now, dry_run=dry_run)
             await self._sweep(res, now, dry_run)
             res.ok = True
         except Exception as e:  # the sweep fails cleanly; the next one starts afresh
@@ -230,8 +232,9 @@ class Sweeper:
             if job is not None:
                 obs = replace(obs, job_end=job.end)
             key = server.run_key()
-            hist = histories.get(key) if key else None
-            dec = decide(obs, hist or History(), rule, now, s.tz)
+            hist = (histories.get(key) if key else None) or History()
+            obs = continue_spell(obs, hist)
+            dec = decide(obs, hist, rule, now, s.tz)
             return Row(obs, dec, rule)
 
         res.rows = list(await asyncio.gather(*(one(sv) for sv in servers)))
@@ -448,6 +451,25 @@ class Sweeper:
 
         keys = [k for k in (r.obs.server.run_key() for r in todo) if k is not None]
         hist = await self._db(self.store.histories, keys)
+        # A stop the hub accepted (202) but has not finished is not asked again every sweep: once
+        # pending_stop_timeout has passed, it is reported and asked once more.
+        timeout = self.settings.safety.pending_stop_timeout
+        now = self.clock()
+        waiting = []
+        for r in todo:
+            h = hist.get(r.obs.server.run_key())  # type: ignore[arg-type]
+            asked = h.stop_requested_at if h is not None else None
+            if asked is None:
+                continue
+            if now - asked < timeout:
+                waiting.append(r)
+                r.outcome = f"stop pending since {asked.astimezone(self.settings.tz):%H:%M}"
+            else:
+                log.error("%s: stop pending since %s, longer than safety.pending_stop_timeout (%s): "
+                          "asking the hub again; check the spawner", r.obs.server.label, asked.isoformat(), timeout)
+                await self._db(self.store.record_action, r.obs.server.run_key(), "stop-pending-timeout", False,
+                               f"stop pending since {asked.isoformat()}", now, job_id=r.obs.server.job_id)
+        todo = [r for r in todo if r not in waiting]
         checked = await asyncio.gather(*(self._recheck(r, res.started_at, hist) for r in todo))
         go: list[tuple[Row, Observation, Decision]] = []
         for row, c in zip(todo, checked, strict=True):

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sqlite3
+import time
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -116,7 +119,10 @@ def make_engine(url: str | URL) -> Engine:
         return create_engine(u, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800)
 
     memory = _sqlite_memory(u)
-    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    # How long a writer waits for another's lock (REAPER_SQLITE_BUSY_TIMEOUT seconds, default 30).
+    busy_timeout_s = float(os.environ.get("REAPER_SQLITE_BUSY_TIMEOUT", "30"))
+    busy_timeout_ms = int(busy_timeout_s * 1000)
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": busy_timeout_s}}
     if memory:
         kwargs["poolclass"] = StaticPool  # one database shared by every thread (tests)
     engine = create_engine(u, **kwargs)
@@ -126,10 +132,19 @@ def make_engine(url: str | URL) -> Engine:
         dbapi_conn.isolation_level = None  # pysqlite's own BEGIN handling off: we emit BEGIN below
         cur = dbapi_conn.cursor()
         try:
+            # The busy timeout first: switching to WAL needs a moment of exclusive access, and two
+            # reapers started together on a new file must wait for each other, not fail.
+            cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
             if not memory:
-                cur.execute("PRAGMA journal_mode=WAL")
+                for attempt in range(50):
+                    try:
+                        cur.execute("PRAGMA journal_mode=WAL")
+                        break
+                    except sqlite3.OperationalError as e:
+                        if "locked" not in str(e) or attempt == 49:
+                            raise
+                        time.sleep(0.1)
                 cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
         finally:
             cur.close()
@@ -364,6 +379,9 @@ class Store:
                 notices=tuple(notices[int(r.id)]),
                 kept_until=r.kept_until,
                 stop_requested_at=r.stop_requested_at,
+                last_state=r.state,
+                last_seen=r.last_seen,
+                detached_since=r.detached_since,
             )
         return out
 
@@ -697,6 +715,9 @@ class Store:
                 if it.end_reason is not None:
                     ended.append((run_id, it.end_reason))
             s.execute(_ACTIONS.insert(), actions)
+            failed = [int(rows[self._key(it.run)].id) for it in items if it.kind == "stop-failed"]
+            if failed:  # the hub refused: nothing is pending, the next sweep may ask again
+                s.execute(update(_RUNS).where(_RUNS.c.id.in_(failed)).values(stop_requested_at=None))
             for run_id, reason in ended:
                 s.execute(
                     update(_RUNS).where(_RUNS.c.id == run_id, _RUNS.c.ended_at.is_(None))
@@ -872,6 +893,15 @@ class Store:
                 .values(holder=holder, expires_at=until, acquired_at=now)
             )
             return upd.rowcount == 1
+
+    def lease_holder(self, now: datetime, *, name: str = DEFAULT_LEASE) -> str | None:
+        """Who holds an unexpired lease, if anyone."""
+        now = as_utc(now)
+        with self._read() as s:
+            row = s.execute(select(_LEASES.c.holder, _LEASES.c.expires_at).where(_LEASES.c.name == name)).first()
+        if row is None or row.expires_at <= now:
+            return None
+        return str(row.holder)
 
     def release_lease(self, holder: str, *, name: str = DEFAULT_LEASE) -> None:
         """Give the lease up (on a clean shutdown) so another reaper can take over at once."""

@@ -120,3 +120,17 @@ def test_real_fixture_busy_kernel_is_computing():
                   kernels=tuple(_kernel(k) for k in data["kernels"]))
     now = datetime(2026, 11, 25, 20, 30, tzinfo=UTC)
     assert classify(server(), probe, now).state is State.COMPUTING
+
+
+def test_a_failed_probe_mid_spell_continues_the_detached_spell():
+    from reaper.activity import continue_spell
+    from reaper.model import History
+
+    since = ts(200)
+    hist = History(last_state="detached", last_seen=ts(5), detached_since=since)
+    obs = classify(server(last_activity=ts(190)), Probe.failed("status: HTTP 502"), NOW)
+    assert continue_spell(obs, hist).idle_since == since  # same spell: no second warning
+    moved = classify(server(last_activity=ts(1)), Probe.failed("status: HTTP 502"), NOW)
+    assert continue_spell(moved, hist).idle_since == ts(1)  # the hub saw activity since: new spell
+    attached_before = History(last_state="attached", last_seen=ts(5), detached_since=None)
+    assert continue_spell(obs, attached_before) is obs

@@ -1,6 +1,7 @@
 """The sweep's wiring (collect -> probe -> classify -> decide -> act -> record) with a scripted hub,
 a real SQLite store and the log channel; time is driven by a fake clock."""
 
+import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -273,3 +274,49 @@ async def test_a_stop_that_completed_after_a_pending_202_still_tells_the_user(st
     await sw.run_once()
     assert NoticeKind.STOPPED in kinds(store, srv.run_key())
     assert srv.run_key() not in store.open_runs()
+
+
+async def test_a_stop_the_hub_refused_is_asked_again_next_sweep(store):
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(stop_outcome="error"), Clock(T0)
+    hub.add(server(la=since), detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(31 * M)
+    r = await sw.run_once()
+    assert r.stops_failed == 1
+    clock.advance(5 * M)
+    await sw.run_once()
+    assert hub.stops == [("alice", ""), ("alice", "")]
+
+
+async def test_a_pending_stop_is_not_resent_before_the_timeout_then_reported(store):
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(stop_outcome="pending"), Clock(T0)
+    hub.add(server(la=since), detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(31 * M)
+    await sw.run_once()
+    hub.servers[("alice", "")] = server(la=since)  # the hub dropped the stop: not pending any more
+    for _ in range(3):  # within pending_stop_timeout (5m): not asked again
+        clock.advance(M)
+        await sw.run_once()
+    assert len(hub.stops) == 1
+    clock.advance(5 * M)
+    await sw.run_once()
+    assert len(hub.stops) == 2
+    assert any(a["kind"] == "stop-pending-timeout" for a in store.recent_actions(T0))
+
+
+def test_a_lease_of_a_dead_process_on_this_host_can_be_taken_over():
+    import socket
+    import subprocess
+
+    from reaper.service import lease_holder_is_dead
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    assert lease_holder_is_dead(f"{socket.gethostname()}:{p.pid}")
+    assert not lease_holder_is_dead(f"{socket.gethostname()}:{os.getpid()}")
+    assert not lease_holder_is_dead(f"other-host:{p.pid}")
