@@ -186,7 +186,7 @@ class ReaperService:
                 await asyncio.to_thread(self.store.release_lease, holder)
                 mine = await asyncio.to_thread(self.store.acquire_lease, self.holder, now, ttl)
         if not mine:
-            log.warning("another reaper process (%s) holds the lease on this database; waiting (not acting)",
+            log.warning("another reaper process holds the lease on this database (%s); waiting (not acting)",
                         await asyncio.to_thread(self.store.lease_holder, now))
             return
         guard = self.sweeper.stop_hook
