@@ -51,6 +51,9 @@ async def test_probe_failures_are_unreachable_use_hub_data_and_are_never_stopped
     reaper = Reaper(real_hub, hub_proxy.url + "/hub/api", "pf-", f"sqlite:///{tmp_path / 'r.sqlite'}",
                     page_size=200)
     try:
+        # The hub's last_activity of a fresh server is its start: let it age past stop_after (3 s)
+        # so that hub data alone says "idle long enough to stop" from the first sweep on.
+        await asyncio.sleep(3.5)
         t0 = time.monotonic()
         sweeps = 0
         control_stopped = False
