@@ -801,17 +801,10 @@ class HubClient:
                 if detail:
                     reason += f" ({detail[:100]})"
             else:
-                code = response.status_code
-                if code == 200:
-                    try:
-                        return response.json()
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        raise _ProbeFailure(f"{what}: invalid JSON") from None
-                if code == 404 and missing_ok:
-                    return None
-                reason = f"{what}: HTTP {code}"
-                if code < 500:
-                    raise _ProbeFailure(reason)
+                done, value = _probe_answer(what, response.status_code, response.content, missing_ok)
+                if done:
+                    return value
+                reason = value
             if attempt < self.probe_retries:
                 await asyncio.sleep(self._delay(0) / 2)
         raise _ProbeFailure(reason)
@@ -843,16 +836,10 @@ class HubClient:
                 if detail:
                     reason += f" ({detail[:100]})"
             else:
-                if code == 200:
-                    try:
-                        return json.loads(body)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        raise _ProbeFailure(f"{what}: invalid JSON") from None
-                if code == 404 and missing_ok:
-                    return None
-                reason = f"{what}: HTTP {code}"
-                if code < 500:
-                    raise _ProbeFailure(reason)
+                done, value = _probe_answer(what, code, body, missing_ok)
+                if done:
+                    return value
+                reason = value
             if attempt < self.probe_retries:
                 await asyncio.sleep(self._delay(0) / 2)
         raise _ProbeFailure(reason)
@@ -860,6 +847,22 @@ class HubClient:
     async def probe_many(self, servers: Iterable[HubServer]) -> list[Probe]:
         """Probe several servers concurrently (bounded by probe_concurrency), in order."""
         return list(await asyncio.gather(*(self.probe(s) for s in servers)))
+
+
+def _probe_answer(what: str, code: int, body: bytes, missing_ok: bool) -> tuple[bool, Any]:
+    """A probe's HTTP answer: (True, parsed JSON or None for a tolerated 404), or (False, the
+    reason) for a 5xx worth one retry; raises _ProbeFailure for an answer not worth retrying."""
+    if code == 200:
+        try:
+            return True, json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _ProbeFailure(f"{what}: invalid JSON") from None
+    if code == 404 and missing_ok:
+        return True, None
+    reason = f"{what}: HTTP {code}"
+    if code < 500:
+        raise _ProbeFailure(reason)
+    return False, reason
 
 
 def _plain_keys(data: Any) -> set[str] | None:
