@@ -315,7 +315,12 @@ class HubClient:
             if http == "aiohttp":
                 from .aiohttp_transport import AiohttpTransport
 
-                probe_transport = AiohttpTransport(limit=(3 if probe_terminals else 2) * probe_concurrency)
+                # One host per server: a connection is only worth keeping for the next request
+                # of the same probe. Idle connections to thousands of servers would otherwise
+                # pile up (aiohttp's limit counts only connections in use).
+                probe_transport = AiohttpTransport(
+                    limit=(3 if probe_terminals else 2) * probe_concurrency, keepalive_timeout=1.0
+                )
                 self._probe_aiohttp = probe_transport
             else:
                 probe_transport = PerHostTransport(per_host=2, max_hosts=2 * probe_concurrency)

@@ -119,6 +119,7 @@ class Sweeper:
         self.clock = clock
         self._last_probed: dict[RunKey, datetime] = {}
         self._last_logged: dict[RunKey, tuple[str, str]] = {}
+        self._target_runs: dict[tuple[str, str], datetime | None] = {}  # run whose address is known
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ helpers
@@ -155,6 +156,26 @@ class Sweeper:
             return False
         # Probe one sweep early so a warning is not a whole sweep late.
         return needs_probe(server, now, max(horizon - s.sweep_every, timedelta(0)))
+
+    async def _ensure_targets(self, to_probe: list[HubServer]) -> None:
+        """Fetch the proxy's route table only when a server about to be probed has no address of
+        its own (spawner state) and none known for its current run: on a big hub the table costs
+        one request per 200 routes, and the hub rebuilds the whole table for each of them."""
+        if self.settings.probe.via != "direct" or not hasattr(self.hub, "refresh_targets"):
+            return
+        needed = [
+            sv for sv in to_probe
+            if not sv.target and not (sv.state or {}).get("server_url")
+            and self._target_runs.get((sv.user, sv.name)) != sv.started
+        ]
+        if not needed:
+            return
+        await self.hub.refresh_targets()
+        for sv in needed:
+            self._target_runs[(sv.user, sv.name)] = sv.started
+        # every other server in this listing is covered by the same fresh table
+        for sv in to_probe:
+            self._target_runs.setdefault((sv.user, sv.name), sv.started)
 
     async def _probe(self, server: HubServer) -> Probe:
         return await self.hub.probe(server)
@@ -205,9 +226,7 @@ class Sweeper:
         s = self.settings
         # 1. collect: the whole listing or nothing (HubListingError propagates and ends the sweep).
         servers: list[HubServer] = await self.hub.list_active_servers()
-        if s.probe.via == "direct" and hasattr(self.hub, "refresh_targets"):
-            if any(not sv.target and not (sv.state or {}).get("server_url") for sv in servers):
-                await self.hub.refresh_targets()
+        # (the proxy's route table is fetched below, only when a server to probe needs it)
 
         guard = self.stop_hook if hasattr(self.stop_hook, "hub_jobs") else None
         jobs = await guard.hub_jobs() if guard is not None else None  # type: ignore[union-attr]
@@ -218,11 +237,16 @@ class Sweeper:
         horizon = probe_horizon(rules, s.default_rule())
 
         # 2-4. probe (bounded by the client), classify, decide
-        async def one(server: HubServer) -> Row:
+        plan = []
+        for server in servers:
             job = jobs.get(server.job_id) if jobs is not None and server.job_id else None
             rule = self._rule(server, job)
+            plan.append((server, job, rule, self._should_probe(server, rule, now, horizon)))
+        await self._ensure_targets([sv for sv, _, _, p in plan if p])
+
+        async def one(server: HubServer, job: Any, rule: ResolvedRule, should: bool) -> Row:
             probe: Probe | None = None
-            if self._should_probe(server, rule, now, horizon):
+            if should:
                 probe = await self._probe(server)
                 res.probes += 1
                 key = server.run_key()
@@ -237,7 +261,7 @@ class Sweeper:
             dec = decide(obs, hist, rule, now, s.tz)
             return Row(obs, dec, rule)
 
-        res.rows = list(await asyncio.gather(*(one(sv) for sv in servers)))
+        res.rows = list(await asyncio.gather(*(one(*p) for p in plan)))
         await self._limit_notices(res.rows, now)
 
         # 5. safety: too many stops at once means something is wrong upstream.
