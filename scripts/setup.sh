@@ -39,7 +39,7 @@ chmod 755 "$(dirname "$VENV")"
 extras="demo"
 (( want_test )) && extras="demo,test"
 log "pip install -e .[$extras]"
-"$VENV/bin/pip" install -q --upgrade pip >/dev/null
+"$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || log "pip self-upgrade skipped"
 "$VENV/bin/pip" install -q -e "$here[$extras]" 2>&1 | { grep -vE "^WARNING: Location|BuildBackendWarning|^ *!!|^ *\*+$|^ *corresp|^\s*$" || true; }
 
 if [[ ! -x "$NODE_PREFIX/node_modules/.bin/configurable-http-proxy" ]]; then
