@@ -8,8 +8,10 @@ SQLite store. Sweeps run in-process with the reaper service's token and the Slur
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import stat
 import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,31 @@ def reaper(settings: Any, hub: Any, tmp_path: Path) -> tuple[Sweeper, Store, Hub
     sweeper = Sweeper(settings, client, store, notifier=make_outbox(settings, store),
                       stop_hook=make_stop_hook(settings, store))
     return sweeper, store, client
+
+
+def running_orphan(slurm: Any) -> str:
+    """A job with the hub's job name that no hub server owns, running."""
+    job_id = slurm.sbatch("sleep 600", user=OWNER, name="jupyterhub-reaper", time_limit="1:00:00")
+    slurm.wait_state(job_id, ["RUNNING"])
+    return job_id
+
+
+@contextlib.asynccontextmanager
+async def reaper_on(settings: Any, hub: Any, tmp_path: Path) -> AsyncIterator[tuple[Sweeper, Store]]:
+    sweeper, store, client = reaper(settings, hub, tmp_path)
+    try:
+        yield sweeper, store
+    finally:
+        await client.aclose()
+        store.close()
+
+
+async def past_the_orphan_grace(sweeper: Sweeper) -> Any:
+    """One sweep that sees the orphan, the grace (2 s), one that acts on it."""
+    first = await sweeper.run_once()
+    assert first.orphans == 0  # not before the grace
+    await asyncio.sleep(2.5)
+    return await sweeper.run_once()
 
 
 def flaky_scancel(tmp_path: Path, fails: int) -> str:
@@ -130,70 +157,44 @@ async def test_detached_slurm_server_is_stopped_and_its_job_is_gone(slurm, slurm
 
 
 async def test_a_job_no_hub_server_owns_is_an_orphan_cancelled_after_the_grace(slurm, slurm_hub, tmp_path):
-    job_id = slurm.sbatch("sleep 600", user=OWNER, name="jupyterhub-reaper", time_limit="1:00:00")
-    slurm.wait_state(job_id, ["RUNNING"])
+    job_id = running_orphan(slurm)
     settings = settings_for(slurm)
-    sweeper, store, client = reaper(settings, slurm_hub, tmp_path)
     batch = make_batch_system(settings.batch)
-    try:
-        first = await sweeper.run_once()
-        assert first.orphans == 0  # not before the grace
-        await asyncio.sleep(2.5)
-        res = await sweeper.run_once()
+    async with reaper_on(settings, slurm_hub, tmp_path) as (sweeper, store):
+        res = await past_the_orphan_grace(sweeper)
         assert res.orphans == 1
         assert await job_ends(batch, job_id)
         acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
         assert any(a["kind"] == "scancel" and a["job_id"] == job_id and "orphan" in a["detail"] for a in acts)
         notices = store.recent_notices(sweeper.clock() - timedelta(hours=1))
         assert [n["kind"] for n in notices if n["user"] == OWNER] == ["orphan"]
-    finally:
-        await client.aclose()
-        store.close()
 
 
 async def test_orphans_are_reported_not_cancelled_when_cancel_is_false(slurm, slurm_hub, tmp_path):
-    job_id = slurm.sbatch("sleep 600", user=OWNER, name="jupyterhub-reaper", time_limit="1:00:00")
-    slurm.wait_state(job_id, ["RUNNING"])
-    sweeper, store, client = reaper(settings_for(slurm, cancel=False), slurm_hub, tmp_path)
-    try:
-        await sweeper.run_once()
-        await asyncio.sleep(2.5)
-        await sweeper.run_once()
+    job_id = running_orphan(slurm)
+    async with reaper_on(settings_for(slurm, cancel=False), slurm_hub, tmp_path) as (sweeper, store):
+        await past_the_orphan_grace(sweeper)
         assert slurm.squeue_state(job_id) == "RUNNING"
         acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
         assert any(a["kind"] == "orphan-seen" and a["job_id"] == job_id for a in acts)
-    finally:
-        await client.aclose()
-        store.close()
 
 
 async def test_a_failing_scancel_is_retried_and_then_succeeds(slurm, slurm_hub, tmp_path):
-    job_id = slurm.sbatch("sleep 600", user=OWNER, name="jupyterhub-reaper", time_limit="1:00:00")
-    slurm.wait_state(job_id, ["RUNNING"])
+    running_orphan(slurm)
     scancel = flaky_scancel(tmp_path, fails=2)
-    sweeper, store, client = reaper(settings_for(slurm, scancel=scancel), slurm_hub, tmp_path)
-    try:
-        await sweeper.run_once()
-        await asyncio.sleep(2.5)
-        res = await sweeper.run_once()
+    async with reaper_on(settings_for(slurm, scancel=scancel), slurm_hub, tmp_path) as (sweeper, store):
+        res = await past_the_orphan_grace(sweeper)
         assert res.orphans == 1
         assert int((tmp_path / "scancel-count").read_text()) == 3  # two failures, then the real one
         acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
         assert any(a["kind"] == "scancel" and a["ok"] for a in acts)
-    finally:
-        await client.aclose()
-        store.close()
 
 
 async def test_an_scancel_that_keeps_failing_is_reported_and_the_job_is_not_forgotten(slurm, slurm_hub, tmp_path):
-    job_id = slurm.sbatch("sleep 600", user=OWNER, name="jupyterhub-reaper", time_limit="1:00:00")
-    slurm.wait_state(job_id, ["RUNNING"])
+    job_id = running_orphan(slurm)
     scancel = flaky_scancel(tmp_path, fails=100)
-    sweeper, store, client = reaper(settings_for(slurm, scancel=scancel), slurm_hub, tmp_path)
-    try:
-        await sweeper.run_once()
-        await asyncio.sleep(2.5)
-        await sweeper.run_once()
+    async with reaper_on(settings_for(slurm, scancel=scancel), slurm_hub, tmp_path) as (sweeper, store):
+        await past_the_orphan_grace(sweeper)
         assert slurm.squeue_state(job_id) == "RUNNING"
         acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
         failed = [a for a in acts if a["kind"] == "scancel-failed"]
@@ -201,6 +202,3 @@ async def test_an_scancel_that_keeps_failing_is_reported_and_the_job_is_not_forg
         # the next sweep tries again: a failed cancel is not the end of it
         await sweeper.run_once()
         assert int((tmp_path / "scancel-count").read_text()) == 6
-    finally:
-        await client.aclose()
-        store.close()
