@@ -17,8 +17,8 @@ import contextlib
 import json
 import os
 import sqlite3
-import time
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
