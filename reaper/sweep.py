@@ -171,11 +171,11 @@ class Sweeper:
         if not needed:
             return
         await self.hub.refresh_targets()
+        # Remember only the addresses the fresh table really has: a failed fetch (the hub down)
+        # must be tried again next sweep, not taken as "known".
         for sv in needed:
-            self._target_runs[(sv.user, sv.name)] = sv.started
-        # every other server in this listing is covered by the same fresh table
-        for sv in to_probe:
-            self._target_runs.setdefault((sv.user, sv.name), sv.started)
+            if await self.hub.target_for(sv):
+                self._target_runs[(sv.user, sv.name)] = sv.started
 
     async def _probe(self, server: HubServer) -> Probe:
         return await self.hub.probe(server)

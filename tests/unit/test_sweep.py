@@ -320,3 +320,34 @@ def test_a_lease_of_a_dead_process_on_this_host_can_be_taken_over():
     assert lease_holder_is_dead(f"{socket.gethostname()}:{p.pid}")
     assert not lease_holder_is_dead(f"{socket.gethostname()}:{os.getpid()}")
     assert not lease_holder_is_dead(f"other-host:{p.pid}")
+
+
+async def test_the_route_table_is_fetched_only_when_a_probed_server_has_no_known_address(store):
+    class TableHub(FakeHub):
+        fetches = 0
+        table_ok = False
+
+        async def refresh_targets(self):
+            self.fetches += 1
+            return {"/user/alice/": "http://127.0.0.1:1"} if self.table_ok else {}
+
+        async def target_for(self, server):
+            return "http://127.0.0.1:1" if self.table_ok else None
+
+    since = T0 - 70 * M
+    hub, clock = TableHub(), Clock(T0)
+    srv = HubServer(user="alice", name="", started=T0 - 5 * 60 * M, last_activity=since, url="/user/alice/")
+    hub.add(srv, detached_probe(since))
+    st = settings().model_copy(update={"probe": settings().probe.model_copy(update={"skip_fresh": False})})
+    sw = Sweeper(st, hub, store, notifier=Outbox(store, {"log": LogChannel()}),
+                 clock=clock)
+    await sw.run_once()
+    await sw.run_once()
+    assert hub.fetches == 2  # the fetch failed: tried again, never taken as known
+    hub.table_ok = True
+    await sw.run_once()
+    await sw.run_once()
+    assert hub.fetches == 3  # known now: not fetched again
+    hub.servers[("alice", "")] = HubServer(user="alice", name="", started=T0, last_activity=since, url="/user/alice/")
+    await sw.run_once()
+    assert hub.fetches == 4  # a new run of the server: its address may have changed
