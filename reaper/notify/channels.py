@@ -143,6 +143,24 @@ class EmailChannel:
         await self.send(delivery.run.user, rendered, kind=NoticeKind(delivery.kind))
 
 
+class StoreLookupCache:
+    """Slack e-mail -> member id answers kept in the reaper's database, with their expiry, so that
+    a restart does not look every user up again (the slack.LookupCache protocol)."""
+
+    def __init__(self, store: Any, clock: Any = None) -> None:
+        self.store = store
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    def get(self, email: str) -> Any:
+        from .slack import CachedLookup
+
+        found, user_id = self.store.slack_lookup(email, self.clock())
+        return CachedLookup(user_id) if found else None
+
+    def set(self, email: str, user_id: str | None, ttl: Any) -> None:
+        self.store.slack_remember(email, user_id, self.clock() + ttl)
+
+
 class SlackChannel:
     name = "slack"
 
@@ -156,7 +174,8 @@ class SlackChannel:
             raise ValueError("notify.slack.token is not set (write \"${SLACK_BOT_TOKEN}\")")
         self.settings = settings
         self.cfg = cfg
-        self.sender = SlackSender(cfg.token, base_url=cfg.base_url, found_ttl=cfg.lookup_ttl)
+        cache = StoreLookupCache(store) if store is not None and hasattr(store, "slack_lookup") else None
+        self.sender = SlackSender(cfg.token, base_url=cfg.base_url, found_ttl=cfg.lookup_ttl, cache=cache)
         self.user_map = _load_map(cfg.user_map, "notify.slack.user_map")
         self.email = email
         self.store = store

@@ -221,3 +221,13 @@ class Lease(Base):
     holder: Mapped[str] = mapped_column(String(NAME_LEN))
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class SlackLookup(Base):
+    """A cached Slack users.lookupByEmail answer (user_id None: "no such Slack user")."""
+
+    __tablename__ = "reaper_slack_lookups"
+
+    email: Mapped[str] = mapped_column(String(320), primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -44,6 +44,7 @@ from .models import (
     Lease,
     Notice,
     Run,
+    SlackLookup,
     Sweep,
     as_utc,
     spell_key,
@@ -65,6 +66,7 @@ _DECISIONS: Table = DecisionLog.__table__  # type: ignore[assignment]
 _ACTIONS: Table = ActionRow.__table__  # type: ignore[assignment]
 _SWEEPS: Table = Sweep.__table__  # type: ignore[assignment]
 _LEASES: Table = Lease.__table__  # type: ignore[assignment]
+_SLACK: Table = SlackLookup.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -893,6 +895,23 @@ class Store:
                 .values(holder=holder, expires_at=until, acquired_at=now)
             )
             return upd.rowcount == 1
+
+    # ------------------------------------------------------------ Slack lookups (cache)
+
+    def slack_lookup(self, email: str, now: datetime) -> tuple[bool, str | None]:
+        """(True, member id or None for "not on Slack") while a cached answer is fresh, else (False, None)."""
+        now = as_utc(now)
+        with self._read() as s:
+            row = s.execute(select(_SLACK.c.user_id, _SLACK.c.expires_at).where(_SLACK.c.email == email)).first()
+        if row is None or row.expires_at <= now:
+            return False, None
+        return True, row.user_id
+
+    def slack_remember(self, email: str, user_id: str | None, expires_at: datetime) -> None:
+        expires_at = as_utc(expires_at)
+        with self._write() as s:
+            s.execute(_SLACK.delete().where(_SLACK.c.email == email))
+            s.execute(_SLACK.insert().values(email=email, user_id=user_id, expires_at=expires_at))
 
     def lease_holder(self, now: datetime, *, name: str = DEFAULT_LEASE) -> str | None:
         """Who holds an unexpired lease, if anyone."""

@@ -93,3 +93,19 @@ async def test_invalid_slack_token_fails_permanently_and_is_visible(parts, tmp_p
     assert notes[0]["status"] == "failed"
     assert "invalid_auth" in (notes[0]["deliveries"][0]["last_error"] or "")
     assert outbox.failed == 1
+
+
+async def test_slack_lookups_are_cached_in_the_store_across_a_restart(parts):
+    slack, sink, store = parts
+    record_warning(store, "alice")
+    assert await make_outbox(settings(slack.base_url, sink.port), store).drain(T0) == 1
+    # a restarted reaper: new channels, the same database
+    server = HubServer(user="alice", name="gpu2", started=T0 - timedelta(hours=1),
+                       last_activity=T0 - timedelta(hours=2), url="/user/alice/gpu2/")
+    obs = Observation(server=server, state=State.DETACHED, at=T0, last_activity=T0 - timedelta(hours=2),
+                      detached_since=T0 - timedelta(hours=2))
+    dec = Decision(Action.WARN, "idle", notice=NoticeKind.WARNING, spell=obs.idle_since, channels=("slack",))
+    assert store.record(obs, dec, T0) is not None
+    assert await make_outbox(settings(slack.base_url, sink.port), store).drain(T0) == 1
+    assert len(slack.calls_to("users.lookupByEmail")) == 1  # the second reaper used the stored answer
+    assert len(slack.calls_to("chat.postMessage")) == 2

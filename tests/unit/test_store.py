@@ -139,13 +139,13 @@ def test_migrations_upgrade_to_head_and_downgrade_to_base_cleanly(db_url: str) -
     try:
         assert s.current_revision() is None
         s.upgrade()
-        assert s.current_revision() == "0001"
+        assert s.current_revision() == "0002"
         assert TABLES <= set(inspect(s.engine).get_table_names())
         s.downgrade("base")
         assert s.current_revision() is None
         assert set(inspect(s.engine).get_table_names()) <= {VERSION_TABLE}
         s.upgrade("head")  # and back up again, on the same database
-        assert s.current_revision() == "0001"
+        assert s.current_revision() == "0002"
         assert s.open_runs() == []
     finally:
         s.close()
@@ -183,7 +183,7 @@ def test_alembic_command_line_takes_the_url_from_the_environment(tmp_path: Path)
     assert p.returncode == 0, p.stderr
     s = Store.open(f"sqlite:///{db}", upgrade=False)
     try:
-        assert s.current_revision() == "0001"
+        assert s.current_revision() == "0002"
     finally:
         s.close()
 
