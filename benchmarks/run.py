@@ -403,6 +403,7 @@ async def run_ours(
             if not await outbox.drain(clock()):
                 break
         shifted["on"] = False
+        rss_warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         req = urllib.request.Request(public + "/sim/reset", method="POST")
         await asyncio.to_thread(lambda: urllib.request.urlopen(req, timeout=60).read())
         prof = None
@@ -424,6 +425,8 @@ async def run_ours(
     return {
         "sweep_s": round(wall, 3),
         "sweep_cpu_s": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 3),
+        "rss_after_warmup_mb": round(rss_warm, 1),
+        "rss_after_sweep_mb": round(ru1.ru_maxrss / 1024, 1),
         "warmup": warm.summary(),
         "summary": res.summary(),
         "actions": _actions(res),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -77,6 +78,19 @@ class SweepResult:
     stops_failed: int = 0
     safety_tripped: bool = False
     orphans: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds spent in each step
+    phases_cpu: dict[str, float] = field(default_factory=dict)  # process CPU seconds in each step
+    _cpu_mark: float = field(default=0.0, repr=False)
+
+    def phase(self, name: str, since: float) -> float:
+        """Add the time since ``since`` (time.monotonic()) to the phase, and the process CPU since
+        the last phase ended; returns the new start. Phases that overlap share their CPU."""
+        t, c = time.monotonic(), time.process_time()
+        self.phases[name] = round(self.phases.get(name, 0.0) + t - since, 3)
+        if self._cpu_mark:
+            self.phases_cpu[name] = round(self.phases_cpu.get(name, 0.0) + c - self._cpu_mark, 3)
+        self._cpu_mark = c
+        return t
 
     def counts(self) -> dict[str, int]:
         by_state: dict[str, int] = {}
@@ -97,6 +111,8 @@ class SweepResult:
             "orphans": self.orphans,
             "dry_run": self.dry_run,
             "error": self.error,
+            "phases": self.phases,
+            "phases_cpu": self.phases_cpu,
         }
 
 
@@ -224,6 +240,8 @@ class Sweeper:
 
     async def _sweep(self, res: SweepResult, now: datetime, dry_run: bool) -> None:
         s = self.settings
+        t = time.monotonic()
+        res._cpu_mark = time.process_time()
         # 1. collect: the whole listing or nothing (HubListingError propagates and ends the sweep).
         servers: list[HubServer] = await self.hub.list_active_servers()
         # (the proxy's route table is fetched below, only when a server to probe needs it)
@@ -235,6 +253,7 @@ class Sweeper:
         histories = await self._db(self.store.histories, keys)
         rules = s.resolved_rules()
         horizon = probe_horizon(rules, s.default_rule())
+        t = res.phase("collect", t)
 
         # 2-4. probe (bounded by the client), classify, decide
         plan = []
@@ -262,6 +281,7 @@ class Sweeper:
             return Row(obs, dec, rule)
 
         res.rows = list(await asyncio.gather(*(one(*p) for p in plan)))
+        t = res.phase("probe", t)
         await self._limit_notices(res.rows, now)
 
         # 5. safety: too many stops at once means something is wrong upstream.
@@ -350,6 +370,7 @@ class Sweeper:
             await self._walltime_notices(res.rows, now)
         if not dry_run:
             crashpoint("after-record")
+        t = res.phase("record", t)
         # 7. deliver notices now (a final notice must be delivered before its stop can come)
         if not dry_run and self.notifier is not None:
             try:
@@ -359,19 +380,23 @@ class Sweeper:
 
         if not dry_run:
             crashpoint("after-notify")
+        t = res.phase("notify", t)
         # 8. stops: re-checked, the intent recorded, issued concurrently, the outcome recorded
         if not dry_run and not res.safety_tripped:
             todo = [r for r in res.rows if r.decision.action is Action.STOP]
             if todo:
                 await self._stops(todo, res)
+            t = res.phase("stop", t)
             if guard is not None:
                 orphans = await guard.reconcile(servers, jobs, now)  # type: ignore[union-attr]
                 res.orphans = len(orphans)
+                t = res.phase("orphans", t)
             if (res.stops or res.orphans) and self.notifier is not None:
                 try:  # "we stopped your server" right away, not at the next sweep
                     await self.notifier.drain(self.clock())
                 except Exception as e:
                     log.error("notice delivery failed after the stops (will retry): %s", e)
+                res.phase("notify", t)
 
     async def _walltime_notices(self, rows: list[Row], now: datetime) -> None:
         """Tell users their server will end at its walltime (once per run)."""
@@ -494,7 +519,9 @@ class Sweeper:
                 await self._db(self.store.record_action, r.obs.server.run_key(), "stop-pending-timeout", False,
                                f"stop pending since {asked.isoformat()}", now, job_id=r.obs.server.job_id)
         todo = [r for r in todo if r not in waiting]
+        t = time.monotonic()
         checked = await asyncio.gather(*(self._recheck(r, res.started_at, hist) for r in todo))
+        t = res.phase("stop.recheck", t)
         go: list[tuple[Row, Observation, Decision]] = []
         for row, c in zip(todo, checked, strict=True):
             server = row.obs.server
@@ -514,6 +541,7 @@ class Sweeper:
         # The intent first: if we die after the hub stopped a server, the next sweep still knows.
         await self._db(self.store.mark_stops_requested, [r.obs.server.run_key() for r, _, _ in go], self.clock())
         results = await asyncio.gather(*(self.hub.stop(r.obs.server.user, r.obs.server.name) for r, _, _ in go))
+        t = res.phase("stop.hub", t)
         now = self.clock()
         records = []
         for (row, obs, dec), result in zip(go, results, strict=True):
@@ -541,6 +569,7 @@ class Sweeper:
                 records.append(StopRecord(key, "stop-failed", False, detail, job_id=server.job_id))
         await self._db(self.store.record_stops, records, now)
         crashpoint("after-stop")
+        t = res.phase("stop.record", t)
         if self.stop_hook is not None:
             sem = asyncio.Semaphore(self.settings.safety.stop_concurrency)
 

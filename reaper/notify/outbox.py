@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
+
+from ..groupcommit import GroupWriter
 
 log = logging.getLogger("reaper.notify")
 
@@ -68,6 +70,17 @@ class Outbox:
         self.failed = 0
         self.observer = observer  # (channel, kind, "sent" | "retry" | "failed"), e.g. metrics
         self._lock = asyncio.Lock()  # one drain at a time: a delivery is never tried twice at once
+        # Delivered marks are group-committed: a burst of 10,000 notices is a few dozen
+        # transactions, and each delivery still waits for its own mark to be durable.
+        self._delivered: GroupWriter[tuple[int, datetime]] = GroupWriter(self._mark_delivered)
+
+    def _mark_delivered(self, items: Sequence[tuple[int, datetime]]) -> None:
+        many = getattr(self.store, "mark_delivered_many", None)
+        if many is not None:
+            many(items)
+        else:  # a store without the batch call (test doubles)
+            for delivery_id, at in items:
+                self.store.mark_delivered(delivery_id, at)
 
     def backoff(self, attempts: int) -> timedelta:
         delay = self.base_delay * (2 ** max(attempts - 1, 0))
@@ -141,7 +154,7 @@ class Outbox:
             )
             log.exception("notice %s for %s via %s: unexpected error", d.kind, d.run.label, d.channel)
             return 0
-        await asyncio.to_thread(self.store.mark_delivered, d.id, now)
+        await self._delivered.add((d.id, now))
         self._observe(d.channel, d.kind, "sent")
         self.delivered += 1
         return 1

@@ -582,19 +582,29 @@ class Store:
             ]
 
     def mark_delivered(self, delivery_id: int, now: datetime) -> None:
+        self.mark_delivered_many([(delivery_id, now)])
+
+    def mark_delivered_many(self, items: Sequence[tuple[int, datetime]]) -> None:
+        """Deliveries done, each at its own time, in one transaction. A notice is delivered when
+        its first channel delivers it (a second channel keeps the first time)."""
+        by_time: dict[datetime, list[int]] = {}
+        for delivery_id, at in items:
+            by_time.setdefault(at, []).append(int(delivery_id))
         with self._write() as s:
-            nid = s.execute(
-                update(_DELIVERIES)
-                .where(_DELIVERIES.c.id == delivery_id, _DELIVERIES.c.status == "pending")
-                .values(status="delivered", delivered_at=now, updated_at=now, next_attempt_at=None)
-                .returning(_DELIVERIES.c.notice_id)
-            ).scalar_one_or_none()
-            if nid is not None:
-                s.execute(
-                    update(_NOTICES)
-                    .where(_NOTICES.c.id == nid, _NOTICES.c.delivered_at.is_(None))
-                    .values(delivered_at=now)
-                )
+            for at, ids in sorted(by_time.items()):
+                for i in range(0, len(ids), 500):
+                    nids = s.execute(
+                        update(_DELIVERIES)
+                        .where(_DELIVERIES.c.id.in_(ids[i : i + 500]), _DELIVERIES.c.status == "pending")
+                        .values(status="delivered", delivered_at=at, updated_at=at, next_attempt_at=None)
+                        .returning(_DELIVERIES.c.notice_id)
+                    ).scalars().all()
+                    if nids:
+                        s.execute(
+                            update(_NOTICES)
+                            .where(_NOTICES.c.id.in_(sorted(set(nids))), _NOTICES.c.delivered_at.is_(None))
+                            .values(delivered_at=at)
+                        )
 
     def mark_failed(
         self,
