@@ -118,6 +118,14 @@ def probe_horizon(rules: Iterable[ResolvedRule], default: ResolvedRule) -> timed
     return max(min(values), timedelta(0)) if values else None
 
 
+def could_stop(history: History) -> bool:
+    """Whether ``decide`` could answer STOP for this run, whatever a probe shows: a stop always
+    follows a final notice that was delivered (or failed on every channel). The sweep counts these
+    runs before probing: when even all of them stopping stays within the safety limits, the limits
+    cannot trip, and each stop may go out right after the look that decided it."""
+    return any(n.kind is NoticeKind.FINAL and _final_settled(n) is not None for n in history.notices)
+
+
 # --------------------------------------------------------------------------- deciding
 
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from .activity import classify, continue_spell, needs_probe
 from .config import ResolvedRule, Settings
 from .faults import crashpoint
+from .groupcommit import GroupWriter
 from .model import (
     Action,
     Decision,
@@ -36,7 +37,7 @@ from .model import (
     State,
     humanize,
 )
-from .policy import decide, probe_horizon, select_rule
+from .policy import could_stop, decide, probe_horizon, select_rule
 
 log = logging.getLogger("reaper.sweep")
 
@@ -61,6 +62,8 @@ class Row:
     decision: Decision
     rule: ResolvedRule
     outcome: str = ""  # what was done: "stopped", "stop pending", "notice queued", "would stop" ...
+    streamed: bool = False  # its stop went out during the sweep's look (see Sweeper._stop_streamed)
+    recorded: bool = False  # its observation, decision and stop are already in the store
 
 
 @dataclass
@@ -137,6 +140,17 @@ class Sweeper:
         self._last_logged: dict[RunKey, tuple[str, str]] = {}
         self._target_runs: dict[tuple[str, str], datetime | None] = {}  # run whose address is known
         self._lock = asyncio.Lock()
+        self._after_sem = asyncio.Semaphore(settings.safety.stop_concurrency)
+        self._pending_timeouts: list[tuple[RunKey | None, datetime, str | None]] = []
+        # A streamed sweep's per-server writes, group-committed (see groupcommit.py).
+        self._intents: GroupWriter[tuple[RunKey, datetime]] = GroupWriter(self._write_intents)
+        self._stopped: GroupWriter[tuple[Observation, Decision, Any]] = GroupWriter(self._write_stopped)
+
+    def _write_intents(self, items: Any) -> None:
+        self.store.mark_stops_requested([k for k, _ in items], max(t for _, t in items))
+
+    def _write_stopped(self, items: Any) -> None:
+        self.store.record_stopped(list(items), self.clock())
 
     # ------------------------------------------------------------------ helpers
 
@@ -195,6 +209,13 @@ class Sweeper:
 
     async def _probe(self, server: HubServer) -> Probe:
         return await self.hub.probe(server)
+
+    def _too_many(self, stops: int, running: int) -> bool:
+        """Whether ``stops`` stops among ``running`` servers break the safety limits."""
+        safety = self.settings.safety
+        if stops > safety.max_stops_per_sweep:
+            return True
+        return running > safety.fraction_applies_above and stops > safety.max_stop_fraction * running
 
     # ------------------------------------------------------------------ the sweep
 
@@ -263,7 +284,32 @@ class Sweeper:
             plan.append((server, job, rule, self._should_probe(server, rule, now, horizon)))
         await self._ensure_targets([sv for sv, _, _, p in plan if p])
 
+        # Streaming: a stop needs a final notice already settled (policy.could_stop). If even all
+        # such runs stopping stays within the safety limits, the limits cannot trip this sweep, so
+        # each stop goes out right after the look that decided it, inside its stop slot: the look
+        # is fresh when the hub is asked, and a 10,000-server reap keeps the hub busy from the
+        # first probe on instead of after the last one.
+        def hist_of(server: HubServer) -> History:
+            key = server.run_key()
+            return (histories.get(key) if key else None) or History()
+
+        bound = sum(1 for sv in servers if sv.run_key() is not None and could_stop(hist_of(sv)))
+        stream = not dry_run and bound > 0 and not self._too_many(bound, len(servers))
+        slot = asyncio.Semaphore(s.safety.stop_concurrency)
+        after_tasks: list[asyncio.Task[None]] = []
+
         async def one(server: HubServer, job: Any, rule: ResolvedRule, should: bool) -> Row:
+            if not (stream and could_stop(hist_of(server))):
+                return await look(server, job, rule, should)
+            async with slot:
+                row = await look(server, job, rule, should)
+                if row.decision.action is Action.STOP:
+                    result = await self._stop_streamed(row, hist_of(server), res)
+                    if result is not None and self.stop_hook is not None:
+                        after_tasks.append(asyncio.create_task(self._after_stop(row, result.outcome, slot=None)))
+            return row
+
+        async def look(server: HubServer, job: Any, rule: ResolvedRule, should: bool) -> Row:
             probe: Probe | None = None
             if should:
                 probe = await self._probe(server)
@@ -281,17 +327,17 @@ class Sweeper:
             return Row(obs, dec, rule)
 
         res.rows = list(await asyncio.gather(*(one(*p) for p in plan)))
-        t = res.phase("probe", t)
+        if stream:
+            await self._record_pending_timeouts(now)
+        t = res.phase("probe", t)  # (with the streamed stops)
         await self._limit_notices(res.rows, now)
 
         # 5. safety: too many stops at once means something is wrong upstream.
-        stops = [r for r in res.rows if r.decision.action is Action.STOP]
+        # (A streamed sweep's stops are already done: it streamed because they could not trip it.)
+        stops = [r for r in res.rows if r.decision.action is Action.STOP and not r.streamed]
         running = len(res.rows)
         limit = s.safety.max_stops_per_sweep
-        too_many = len(stops) > limit
-        if running > s.safety.fraction_applies_above and len(stops) > s.safety.max_stop_fraction * running:
-            too_many = True
-        if stops and too_many:
+        if stops and self._too_many(len(stops), running):
             res.safety_tripped = True
             msg = (
                 f"SAFETY LIMIT: this sweep would stop {len(stops)} of {running} servers "
@@ -324,7 +370,7 @@ class Sweeper:
                 r.decision.action.value,
                 r.decision.reason,
             )
-        recordable = [(r.obs, r.decision) for r in res.rows if r.obs.server.run_key() is not None]
+        recordable = [(r.obs, r.decision) for r in res.rows if r.obs.server.run_key() is not None and not r.recorded]
         if dry_run:
             for r in res.rows:
                 if r.decision.notice is not None:
@@ -382,8 +428,11 @@ class Sweeper:
             crashpoint("after-notify")
         t = res.phase("notify", t)
         # 8. stops: re-checked, the intent recorded, issued concurrently, the outcome recorded
+        # (streamed stops went out in step 2; their batch-job checks finish here)
+        if after_tasks:
+            await asyncio.gather(*after_tasks)
         if not dry_run and not res.safety_tripped:
-            todo = [r for r in res.rows if r.decision.action is Action.STOP]
+            todo = [r for r in res.rows if r.decision.action is Action.STOP and not r.streamed]
             if todo:
                 await self._stops(todo, res)
             t = res.phase("stop", t)
@@ -493,32 +542,104 @@ class Sweeper:
             return prefetched[key]
         return (await self._db(self.store.histories, [key])).get(key) or History()
 
-    async def _stops(self, todo: list[Row], res: SweepResult) -> None:
-        """Stop many servers: a few transactions in all, not a few per server (a 10,000-server
-        hub must not wait on its database), and never a stop without a fresh look first."""
+    def _asked_already(self, row: Row, h: History | None, now: datetime) -> bool:
+        """A stop the hub accepted (202) but has not finished is not asked again every sweep: True
+        (and the row says so) while it waits. Once safety.pending_stop_timeout has passed, it is
+        reported and asked once more (False)."""
+        asked = h.stop_requested_at if h is not None else None
+        if asked is None:
+            return False
+        timeout = self.settings.safety.pending_stop_timeout
+        if now - asked < timeout:
+            row.outcome = f"stop pending since {asked.astimezone(self.settings.tz):%H:%M}"
+            return True
+        log.error("%s: stop pending since %s, longer than safety.pending_stop_timeout (%s): "
+                  "asking the hub again; check the spawner", row.obs.server.label, asked.isoformat(), timeout)
+        self._pending_timeouts.append((row.obs.server.run_key(), asked, row.obs.server.job_id))
+        return False
+
+    async def _record_pending_timeouts(self, now: datetime) -> None:
+        items, self._pending_timeouts = self._pending_timeouts, []
+        for key, asked, job_id in items:
+            await self._db(self.store.record_action, key, "stop-pending-timeout", False,
+                           f"stop pending since {asked.isoformat()}", now, job_id=job_id)
+
+    def _stop_record(self, row: Row, obs: Observation, dec: Decision, result: Any, now: datetime,
+                     res: SweepResult) -> Any:
+        """Count and log one stop's outcome; its record for the store."""
         from .store import StopRecord
 
+        server = row.obs.server
+        detail = f"{dec.reason} | hub: {result.outcome} ({result.detail})"
+        key = server.run_key()
+        assert key is not None
+        if result.outcome in ("stopped", "gone"):
+            res.stops += 1
+            row.outcome = "stopped"
+            log.info("%s stopped: %s", server.label, dec.reason)
+            return StopRecord(key, "stop", True, detail, job_id=server.job_id, end_reason="stopped by the reaper",
+                              notice_context=stopped_context(obs, dec, now), channels=tuple(row.rule.channels))
+        if result.outcome == "pending":
+            res.stops_pending += 1
+            row.outcome = "stop pending"
+            log.info("%s stop pending at the hub (202); following up", server.label)
+            return StopRecord(key, "stop-pending", True, detail, job_id=server.job_id)
+        res.stops_failed += 1
+        row.outcome = f"stop failed: {result.detail}"
+        log.error("%s stop FAILED: %s", server.label, result.detail)
+        return StopRecord(key, "stop-failed", False, detail, job_id=server.job_id)
+
+    async def _after_stop(self, row: Row, outcome: str, *, slot: asyncio.Semaphore | None) -> None:
+        """The batch-system guard's look after a stop (is the job gone? cancel it if not)."""
+        if self.stop_hook is None:
+            return
+        async with slot or self._after_sem:
+            try:
+                await self.stop_hook.after_stop(row.obs.server, outcome, self.clock())
+            except Exception as e:
+                log.error("%s: after-stop check failed: %s", row.obs.server.label, e)
+
+    async def _stop_streamed(self, row: Row, h: History, res: SweepResult) -> Any:
+        """Stop one server right after the look that decided it (the caller holds its stop slot):
+        the intent is made durable first, then the hub is asked, then the outcome is written with
+        the observation and decision. Returns the hub's answer, or None when no stop was asked."""
+        row.streamed = True
+        server = row.obs.server
+        key = server.run_key()
+        assert key is not None
+        if self._asked_already(row, h, self.clock()):
+            return None
+        if self.clock() - res.started_at > timedelta(seconds=60):
+            # the listing is old by now: make sure this is still the run that was decided on
+            fresh = await self.hub.get_server(server.user, server.name)
+            if fresh is None or fresh.started != server.started:
+                row.outcome = "gone before the stop"
+                return None
+        try:
+            await self._intents.add((key, self.clock()))
+        except Exception as e:  # never stop what we could not remember asking for
+            row.outcome = f"not stopped: the intent could not be recorded ({e})"
+            log.error("%s: not stopped, the store did not take the intent: %s", server.label, e)
+            return None
+        result = await self.hub.stop(server.user, server.name)
+        rec = self._stop_record(row, row.obs, row.decision, result, self.clock(), res)
+        try:
+            await self._stopped.add((row.obs, row.decision, rec))
+            row.recorded = True
+        except Exception as e:  # the intent is durable: the next sweep finishes the record
+            log.error("%s: the stop could not be recorded now (the next sweep will): %s", server.label, e)
+        crashpoint("after-stop")
+        return result
+
+    async def _stops(self, todo: list[Row], res: SweepResult) -> None:
+        """Stop many servers when the sweep could not stream them: re-checked right before, a few
+        transactions in all, not a few per server (a 10,000-server hub must not wait on its
+        database), and never a stop without a fresh look first."""
         keys = [k for k in (r.obs.server.run_key() for r in todo) if k is not None]
         hist = await self._db(self.store.histories, keys)
-        # A stop the hub accepted (202) but has not finished is not asked again every sweep: once
-        # pending_stop_timeout has passed, it is reported and asked once more.
-        timeout = self.settings.safety.pending_stop_timeout
         now = self.clock()
-        waiting = []
-        for r in todo:
-            h = hist.get(r.obs.server.run_key())  # type: ignore[arg-type]
-            asked = h.stop_requested_at if h is not None else None
-            if asked is None:
-                continue
-            if now - asked < timeout:
-                waiting.append(r)
-                r.outcome = f"stop pending since {asked.astimezone(self.settings.tz):%H:%M}"
-            else:
-                log.error("%s: stop pending since %s, longer than safety.pending_stop_timeout (%s): "
-                          "asking the hub again; check the spawner", r.obs.server.label, asked.isoformat(), timeout)
-                await self._db(self.store.record_action, r.obs.server.run_key(), "stop-pending-timeout", False,
-                               f"stop pending since {asked.isoformat()}", now, job_id=r.obs.server.job_id)
-        todo = [r for r in todo if r not in waiting]
+        todo = [r for r in todo if not self._asked_already(r, hist.get(r.obs.server.run_key()), now)]  # type: ignore[arg-type]
+        await self._record_pending_timeouts(now)
         t = time.monotonic()
         checked = await asyncio.gather(*(self._recheck(r, res.started_at, hist) for r in todo))
         t = res.phase("stop.recheck", t)
@@ -543,44 +664,13 @@ class Sweeper:
         results = await asyncio.gather(*(self.hub.stop(r.obs.server.user, r.obs.server.name) for r, _, _ in go))
         t = res.phase("stop.hub", t)
         now = self.clock()
-        records = []
-        for (row, obs, dec), result in zip(go, results, strict=True):
-            server = row.obs.server
-            detail = f"{dec.reason} | hub: {result.outcome} ({result.detail})"
-            key = server.run_key()
-            assert key is not None
-            if result.outcome in ("stopped", "gone"):
-                res.stops += 1
-                row.outcome = "stopped"
-                log.info("%s stopped: %s", server.label, dec.reason)
-                records.append(StopRecord(key, "stop", True, detail, job_id=server.job_id,
-                                          end_reason="stopped by the reaper",
-                                          notice_context=stopped_context(obs, dec, now),
-                                          channels=tuple(row.rule.channels)))
-            elif result.outcome == "pending":
-                res.stops_pending += 1
-                row.outcome = "stop pending"
-                log.info("%s stop pending at the hub (202); following up", server.label)
-                records.append(StopRecord(key, "stop-pending", True, detail, job_id=server.job_id))
-            else:
-                res.stops_failed += 1
-                row.outcome = f"stop failed: {result.detail}"
-                log.error("%s stop FAILED: %s", server.label, result.detail)
-                records.append(StopRecord(key, "stop-failed", False, detail, job_id=server.job_id))
+        records = [self._stop_record(row, obs, dec, result, now, res)
+                   for (row, obs, dec), result in zip(go, results, strict=True)]
         await self._db(self.store.record_stops, records, now)
         crashpoint("after-stop")
         t = res.phase("stop.record", t)
-        if self.stop_hook is not None:
-            sem = asyncio.Semaphore(self.settings.safety.stop_concurrency)
-
-            async def after(row: Row, outcome: str) -> None:
-                async with sem:
-                    try:
-                        await self.stop_hook.after_stop(row.obs.server, outcome, now)  # type: ignore[union-attr]
-                    except Exception as e:
-                        log.error("%s: after-stop check failed: %s", row.obs.server.label, e)
-
-            await asyncio.gather(*(after(row, result.outcome) for (row, _, _), result in zip(go, results, strict=True)))
+        await asyncio.gather(*(self._after_stop(row, result.outcome, slot=None)
+                               for (row, _, _), result in zip(go, results, strict=True)))
 
 
 def stopped_context(obs: Observation, dec: Decision, now: datetime) -> dict[str, Any]:

@@ -394,72 +394,74 @@ class Store:
 
     def record_many(self, items: list[tuple[Observation, Decision]], now: datetime) -> list[int | None]:
         """Record a sweep's observations and decisions in one transaction (see :meth:`record`)."""
-        now = as_utc(now)
+        with self._write() as s:
+            return self._record_many(s, items, as_utc(now))
+
+    def _record_many(self, s: Session, items: list[tuple[Observation, Decision]], now: datetime) -> list[int | None]:
         results: list[int | None] = [None] * len(items)
         keyed = [(i, obs.server.run_key(), obs, dec) for i, (obs, dec) in enumerate(items)]
         keyed = [(i, k, o, d) for (i, k, o, d) in keyed if k is not None]
         if not keyed:
             return results
-        with self._write() as s:
-            rows = self._runs_for(s, (self._key(k) for _, k, _, _ in keyed), now, create=True, lock=True)
-            prev: dict[int, tuple[str | None, str | None, str | None]] = {
-                int(r.id): (r.action, r.state, r.rule) for r in rows.values()
-            }
-            updates: list[dict[str, Any]] = []
-            log: list[dict[str, Any]] = []
-            notices: list[tuple[int, int, Observation, Decision]] = []
-            for i, key, obs, dec in keyed:
-                run_id = int(rows[self._key(key)].id)
-                now_vals = (dec.action.value, obs.state.value, dec.rule)
-                updates.append(
+        rows = self._runs_for(s, (self._key(k) for _, k, _, _ in keyed), now, create=True, lock=True)
+        prev: dict[int, tuple[str | None, str | None, str | None]] = {
+            int(r.id): (r.action, r.state, r.rule) for r in rows.values()
+        }
+        updates: list[dict[str, Any]] = []
+        log: list[dict[str, Any]] = []
+        notices: list[tuple[int, int, Observation, Decision]] = []
+        for i, key, obs, dec in keyed:
+            run_id = int(rows[self._key(key)].id)
+            now_vals = (dec.action.value, obs.state.value, dec.rule)
+            updates.append(
+                {
+                    "b_id": run_id,
+                    "last_seen": now,
+                    "ended_at": None,
+                    "end_reason": None,
+                    "state": obs.state.value,
+                    "last_activity": obs.last_activity,
+                    "detached_since": obs.detached_since,
+                    "job_id": obs.job_id,
+                    "user_options": _jsonable(obs.server.user_options or {}),
+                    "detail": obs.detail,
+                    "action": dec.action.value,
+                    "reason": dec.reason,
+                    "rule": dec.rule,
+                    "spell": dec.spell,
+                    "stop_at": dec.stop_at,
+                    "next_at": dec.next_at,
+                }
+            )
+            if prev.get(run_id) != now_vals:
+                log.append(
                     {
-                        "b_id": run_id,
-                        "last_seen": now,
-                        "ended_at": None,
-                        "end_reason": None,
+                        "run_id": run_id,
+                        "at": now,
                         "state": obs.state.value,
-                        "last_activity": obs.last_activity,
-                        "detached_since": obs.detached_since,
-                        "job_id": obs.job_id,
-                        "user_options": _jsonable(obs.server.user_options or {}),
-                        "detail": obs.detail,
                         "action": dec.action.value,
-                        "reason": dec.reason,
                         "rule": dec.rule,
+                        "reason": dec.reason,
                         "spell": dec.spell,
                         "stop_at": dec.stop_at,
                         "next_at": dec.next_at,
                     }
                 )
-                if prev.get(run_id) != now_vals:
-                    log.append(
-                        {
-                            "run_id": run_id,
-                            "at": now,
-                            "state": obs.state.value,
-                            "action": dec.action.value,
-                            "rule": dec.rule,
-                            "reason": dec.reason,
-                            "spell": dec.spell,
-                            "stop_at": dec.stop_at,
-                            "next_at": dec.next_at,
-                        }
-                    )
-                    prev[run_id] = now_vals
-                if dec.notice is not None:
-                    notices.append((i, run_id, obs, dec))
-            cols = {k: k for k in updates[0] if k != "b_id"}
-            s.execute(
-                update(_RUNS).where(_RUNS.c.id == bindparam("b_id")).values({k: bindparam(k) for k in cols}),
-                updates,
+                prev[run_id] = now_vals
+            if dec.notice is not None:
+                notices.append((i, run_id, obs, dec))
+        cols = {k: k for k in updates[0] if k != "b_id"}
+        s.execute(
+            update(_RUNS).where(_RUNS.c.id == bindparam("b_id")).values({k: bindparam(k) for k in cols}),
+            updates,
+        )
+        if log:
+            s.execute(_DECISIONS.insert(), log)
+        for i, run_id, obs, dec in notices:
+            assert dec.notice is not None
+            results[i] = self._add_notice(
+                s, run_id, dec.notice, dec.spell, now, list(dec.channels), notice_context(obs, dec, now)
             )
-            if log:
-                s.execute(_DECISIONS.insert(), log)
-            for i, run_id, obs, dec in notices:
-                assert dec.notice is not None
-                results[i] = self._add_notice(
-                    s, run_id, dec.notice, dec.spell, now, list(dec.channels), notice_context(obs, dec, now)
-                )
         return results
 
     def _add_notice(
@@ -715,33 +717,50 @@ class Store:
         items = list(items)
         if not items:
             return []
-        out: list[int | None] = []
         with self._write() as s:
-            rows = self._runs_for(s, [self._key(it.run) for it in items], now, create=True, lock=True)
-            actions = []
-            ended = []
-            for it in items:
-                run_id = int(rows[self._key(it.run)].id)
-                actions.append({"run_id": run_id, "at": now, "kind": it.kind, "ok": it.ok, "detail": it.detail,
-                                "actor": it.actor, "job_id": it.job_id})
-                if it.end_reason is not None:
-                    ended.append((run_id, it.end_reason))
-            s.execute(_ACTIONS.insert(), actions)
-            failed = [int(rows[self._key(it.run)].id) for it in items if it.kind == "stop-failed"]
-            if failed:  # the hub refused: nothing is pending, the next sweep may ask again
-                s.execute(update(_RUNS).where(_RUNS.c.id.in_(failed)).values(stop_requested_at=None))
-            for run_id, reason in ended:
+            return self._record_stops(s, items, now)
+
+    def record_stopped(self, items: Sequence[tuple[Observation, Decision, StopRecord]], now: datetime) -> list[int | None]:
+        """A streamed sweep's stops: the observation and decision of each server and the outcome of
+        its stop, written together in one transaction (record_many + record_stops)."""
+        now = as_utc(now)
+        if not items:
+            return []
+        with self._write() as s:
+            self._record_many(s, [(o, d) for o, d, _ in items], now)
+            return self._record_stops(s, [r for _, _, r in items], now)
+
+    def _record_stops(self, s: Session, items: list[StopRecord], now: datetime) -> list[int | None]:
+        out: list[int | None] = []
+        rows = self._runs_for(s, [self._key(it.run) for it in items], now, create=True, lock=True)
+        actions = []
+        ended = []
+        for it in items:
+            run_id = int(rows[self._key(it.run)].id)
+            actions.append({"run_id": run_id, "at": now, "kind": it.kind, "ok": it.ok, "detail": it.detail,
+                            "actor": it.actor, "job_id": it.job_id})
+            if it.end_reason is not None:
+                ended.append((run_id, it.end_reason))
+        s.execute(_ACTIONS.insert(), actions)
+        failed = [int(rows[self._key(it.run)].id) for it in items if it.kind == "stop-failed"]
+        if failed:  # the hub refused: nothing is pending, the next sweep may ask again
+            s.execute(update(_RUNS).where(_RUNS.c.id.in_(failed)).values(stop_requested_at=None))
+        by_reason: dict[str, list[int]] = {}
+        for run_id, reason in ended:
+            by_reason.setdefault(reason, []).append(run_id)
+        for reason, ids in by_reason.items():
+            for i in range(0, len(ids), 500):
                 s.execute(
-                    update(_RUNS).where(_RUNS.c.id == run_id, _RUNS.c.ended_at.is_(None))
+                    update(_RUNS).where(_RUNS.c.id.in_(ids[i : i + 500]), _RUNS.c.ended_at.is_(None))
                     .values(ended_at=now, end_reason=reason)
                 )
-            for it in items:
-                if it.notice_context is None:
-                    out.append(None)
-                    continue
-                run_id = int(rows[self._key(it.run)].id)
-                out.append(self._add_notice(s, run_id, NoticeKind.STOPPED, None, now, list(it.channels),
-                                            it.notice_context))
+        for it in items:
+            if it.notice_context is None:
+                out.append(None)
+                continue
+            run_id = int(rows[self._key(it.run)].id)
+            out.append(self._add_notice(s, run_id, NoticeKind.STOPPED, None, now, list(it.channels),
+                                        it.notice_context))
         return out
 
     def end_run(self, run: RunKey, now: datetime, reason: str) -> None:

@@ -15,7 +15,7 @@ from reaper.model import (
     SentNotice,
     State,
 )
-from reaper.policy import decide, probe_horizon, select_rule
+from reaper.policy import could_stop, decide, probe_horizon, select_rule
 
 NOW = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
 H = timedelta(hours=1)
@@ -246,6 +246,25 @@ def test_never_stop_without_a_final_notice_settled_min_notice_earlier(sc):
 
 
 @settings(max_examples=300, deadline=None)
+@given(scenario(), st.sampled_from(list(State)))
+def test_could_stop_is_an_upper_bound_on_stop_whatever_the_probe_shows(sc, state):
+    # The sweep counts could_stop() runs BEFORE probing to know the safety limits cannot trip;
+    # that is sound only if no observation of such a run can lead to a stop otherwise.
+    o, h = sc
+    o = Observation(**{**o.__dict__, "state": state})
+    if decide(o, h, rule_for(o.server), NOW, UTC).action is Action.STOP:
+        assert could_stop(h)
+
+
+def test_could_stop_needs_a_settled_final_notice() -> None:
+    t = NOW - H
+    assert not could_stop(History())
+    assert not could_stop(History(notices=(SentNotice(NoticeKind.WARNING, t, t, t),)))
+    assert not could_stop(History(notices=(SentNotice(NoticeKind.FINAL, t, t, None),)))  # queued only
+    assert could_stop(History(notices=(SentNotice(NoticeKind.FINAL, t, t, t),)))
+    assert could_stop(History(notices=(SentNotice(NoticeKind.FINAL, t, t, None, failed=True, failed_at=t),)))
+
+
 @given(scenario())
 def test_never_stop_an_exempt_server(sc):
     o, h = sc

@@ -130,13 +130,19 @@ async def test_safety_limit_stops_none_and_records_an_alert(store):
 
 
 async def test_activity_seen_on_the_recheck_cancels_the_stop(store):
+    # Two runs have their final notice: more than max_stops_per_sweep (1) COULD stop, so the sweep
+    # does not stream; it probes all, decides, then re-checks each stop right before it.
     since = T0 - 10 * 60 * M
     hub, clock = FakeHub(), Clock(T0)
     srv = server(la=since)
     hub.add(srv, detached_probe(since))
-    sw = make(store, hub, clock)
+    hub.add(server(user="bob", la=since), detached_probe(since))
+    st = parse_settings(POLICY.replace("max_stops_per_sweep: 3", "max_stops_per_sweep: 1"), env={})
+    sw = Sweeper(st, hub, store, notifier=Outbox(store, {"log": LogChannel()}), clock=clock)
     await sw.run_once()
     clock.advance(31 * M)
+    hub.probes[("bob", "")] = Probe(ok=True, status_last_activity=clock.now,
+                                    kernels=(Kernel("k", "python3", "idle", 1, clock.now),))
 
     def came_back(h, user, name):
         h.probes[(user, name)] = Probe(ok=True, status_last_activity=clock.now,
@@ -144,8 +150,81 @@ async def test_activity_seen_on_the_recheck_cancels_the_stop(store):
 
     hub.before_recheck = came_back
     r = await sw.run_once()
+    assert hub.stops == [] and not r.safety_tripped
+    row = {x.obs.server.user: x for x in r.rows}["alice"]
+    assert not row.streamed and row.outcome.startswith("not stopped")
+
+
+async def test_streamed_stop_goes_out_right_after_its_own_look_and_is_recorded_at_once(store):
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=since)
+    hub.add(srv, detached_probe(since))
+    hub.add(server(user="bob", la=T0 - 2 * M), Probe(ok=True, status_last_activity=T0 - 2 * M))
+    sw = make(store, hub, clock)
+    await sw.run_once()  # alice: the final notice (10 h idle); bob is busy
+
+    class Hook:
+        seen: list = []
+
+        async def after_stop(self, server, outcome, now):
+            # by the time the batch-system guard looks, the stop is durable
+            assert srv.run_key() not in store.open_runs()
+            self.seen.append((server.user, outcome))
+
+    sw.stop_hook = Hook()
+    clock.advance(31 * M)
+    calls_before = len(hub.probe_calls)
+    hub.before_recheck = lambda *a: pytest.fail("a streamed stop needs no second look")
+    r = await sw.run_once()
+    assert hub.stops == [("alice", "")] and r.stops == 1
+    row = {x.obs.server.user: x for x in r.rows}["alice"]
+    assert row.streamed and row.recorded and row.outcome == "stopped"
+    assert hub.probe_calls[calls_before:].count(("alice", "")) == 1  # one look, right before the stop
+    assert Hook.seen == [("alice", "stopped")]
+    key = srv.run_key()
+    assert key not in store.open_runs() and NoticeKind.STOPPED in kinds(store, key)
+    acts = [a for a in store.recent_actions(T0 - timedelta(days=1)) if a["kind"] == "stop"]
+    assert len(acts) == 1 and acts[0]["ok"]
+    assert store.histories([key])[key].last_state == "detached"  # the look was recorded too
+    assert r.phases["probe"] >= 0 and "stop.recheck" not in r.phases
+
+
+async def test_streamed_stop_is_not_asked_when_its_intent_cannot_be_recorded(store, monkeypatch):
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(), Clock(T0)
+    hub.add(server(la=since), detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(31 * M)
+
+    def down(*a, **kw):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(store, "mark_stops_requested", down)
+    r = await sw.run_once()
     assert hub.stops == []
-    assert r.rows[0].outcome.startswith("not stopped")
+    assert r.rows[0].outcome.startswith("not stopped: the intent could not be recorded")
+
+
+async def test_a_listing_older_than_a_minute_is_checked_before_a_streamed_stop(store):
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=since)
+    hub.add(srv, detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(31 * M)
+    orig = hub.probe
+
+    async def slow_probe(server):  # the sweep's look takes long; meanwhile the user restarted
+        clock.advance(2 * M)
+        hub.servers[("alice", "")] = HubServer(**{**srv.__dict__, "started": clock.now})
+        return await orig(server)
+
+    hub.probe = slow_probe
+    r = await sw.run_once()
+    assert hub.stops == [] and r.rows[0].outcome == "gone before the stop"
 
 
 async def test_busy_kernel_is_never_stopped_under_protect(store):
