@@ -427,6 +427,11 @@ async def run_ours(
         "sweep_cpu_s": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 3),
         "rss_after_warmup_mb": round(rss_warm, 1),
         "rss_after_sweep_mb": round(ru1.ru_maxrss / 1024, 1),
+        "group_commits": {
+            name: {"batches": g.batches, "items": g.items, "busy_s": round(g.busy, 3)}
+            for name, g in (("intents", sweeper._intents), ("stopped", sweeper._stopped),
+                            ("delivered", outbox._delivered))
+        },
         "warmup": warm.summary(),
         "summary": res.summary(),
         "actions": _actions(res),

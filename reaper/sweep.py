@@ -63,7 +63,7 @@ class Row:
     rule: ResolvedRule
     outcome: str = ""  # what was done: "stopped", "stop pending", "notice queued", "would stop" ...
     streamed: bool = False  # its stop went out during the sweep's look (see Sweeper._stop_streamed)
-    recorded: bool = False  # its observation, decision and stop are already in the store
+    stop: tuple[Any, Any] | None = None  # a streamed stop's (hub answer, record), written in step 8
 
 
 @dataclass
@@ -142,15 +142,12 @@ class Sweeper:
         self._lock = asyncio.Lock()
         self._after_sem = asyncio.Semaphore(settings.safety.stop_concurrency)
         self._pending_timeouts: list[tuple[RunKey | None, datetime, str | None]] = []
-        # A streamed sweep's per-server writes, group-committed (see groupcommit.py).
-        self._intents: GroupWriter[tuple[RunKey, datetime]] = GroupWriter(self._write_intents)
-        self._stopped: GroupWriter[tuple[Observation, Decision, Any]] = GroupWriter(self._write_stopped)
+        # A streamed sweep's stop intents, group-committed (see groupcommit.py): stops are paced
+        # by the hub, so a batch lingers 20 ms for company instead of one transaction per stop.
+        self._intents: GroupWriter[tuple[RunKey, datetime]] = GroupWriter(self._write_intents, linger=0.02)
 
     def _write_intents(self, items: Any) -> None:
         self.store.mark_stops_requested([k for k, _ in items], max(t for _, t in items))
-
-    def _write_stopped(self, items: Any) -> None:
-        self.store.record_stopped(list(items), self.clock())
 
     # ------------------------------------------------------------------ helpers
 
@@ -296,7 +293,6 @@ class Sweeper:
         bound = sum(1 for sv in servers if sv.run_key() is not None and could_stop(hist_of(sv)))
         stream = not dry_run and bound > 0 and not self._too_many(bound, len(servers))
         slot = asyncio.Semaphore(s.safety.stop_concurrency)
-        after_tasks: list[asyncio.Task[None]] = []
 
         async def one(server: HubServer, job: Any, rule: ResolvedRule, should: bool) -> Row:
             if not (stream and could_stop(hist_of(server))):
@@ -304,9 +300,7 @@ class Sweeper:
             async with slot:
                 row = await look(server, job, rule, should)
                 if row.decision.action is Action.STOP:
-                    result = await self._stop_streamed(row, hist_of(server), res)
-                    if result is not None and self.stop_hook is not None:
-                        after_tasks.append(asyncio.create_task(self._after_stop(row, result.outcome, slot=None)))
+                    await self._stop_streamed(row, hist_of(server), res)
             return row
 
         async def look(server: HubServer, job: Any, rule: ResolvedRule, should: bool) -> Row:
@@ -370,7 +364,7 @@ class Sweeper:
                 r.decision.action.value,
                 r.decision.reason,
             )
-        recordable = [(r.obs, r.decision) for r in res.rows if r.obs.server.run_key() is not None and not r.recorded]
+        recordable = [(r.obs, r.decision) for r in res.rows if r.obs.server.run_key() is not None]
         if dry_run:
             for r in res.rows:
                 if r.decision.notice is not None:
@@ -407,6 +401,9 @@ class Sweeper:
                                  "stopped_at": h.stop_requested_at.isoformat()},
                     )
                     await self._db(self.store.end_run, k, now, "stopped by the reaper")
+                    await self._db(self.store.record_action, k, "stop", True,
+                                   f"stop asked at {h.stop_requested_at.isoformat()}; the hub no longer lists "
+                                   "the server: stopped", now)
                 else:
                     await self._db(self.store.end_run, k, now, "no longer running on the hub")
                 self._last_probed.pop(k, None)
@@ -428,9 +425,13 @@ class Sweeper:
             crashpoint("after-notify")
         t = res.phase("notify", t)
         # 8. stops: re-checked, the intent recorded, issued concurrently, the outcome recorded
-        # (streamed stops went out in step 2; their batch-job checks finish here)
-        if after_tasks:
-            await asyncio.gather(*after_tasks)
+        # (streamed stops went out in step 2: here their outcome is recorded, as one transaction)
+        streamed = [r for r in res.rows if r.stop is not None]
+        if streamed:
+            await self._db(self.store.record_stops, [r.stop[1] for r in streamed], self.clock())  # type: ignore[index]
+            crashpoint("after-stop")
+            await asyncio.gather(*(self._after_stop(r, r.stop[0].outcome, slot=None) for r in streamed))  # type: ignore[index]
+            t = res.phase("stop.record", t)
         if not dry_run and not res.safety_tripped:
             todo = [r for r in res.rows if r.decision.action is Action.STOP and not r.streamed]
             if todo:
@@ -599,37 +600,31 @@ class Sweeper:
             except Exception as e:
                 log.error("%s: after-stop check failed: %s", row.obs.server.label, e)
 
-    async def _stop_streamed(self, row: Row, h: History, res: SweepResult) -> Any:
+    async def _stop_streamed(self, row: Row, h: History, res: SweepResult) -> None:
         """Stop one server right after the look that decided it (the caller holds its stop slot):
-        the intent is made durable first, then the hub is asked, then the outcome is written with
-        the observation and decision. Returns the hub's answer, or None when no stop was asked."""
+        the intent is made durable first, then the hub is asked. The outcome is kept on the row and
+        recorded with the others after the sweep's record step (if the reaper dies before that,
+        the durable intent lets the next sweep finish: the run ends and its notice goes out)."""
         row.streamed = True
         server = row.obs.server
         key = server.run_key()
         assert key is not None
         if self._asked_already(row, h, self.clock()):
-            return None
+            return
         if self.clock() - res.started_at > timedelta(seconds=60):
             # the listing is old by now: make sure this is still the run that was decided on
             fresh = await self.hub.get_server(server.user, server.name)
             if fresh is None or fresh.started != server.started:
                 row.outcome = "gone before the stop"
-                return None
+                return
         try:
             await self._intents.add((key, self.clock()))
         except Exception as e:  # never stop what we could not remember asking for
             row.outcome = f"not stopped: the intent could not be recorded ({e})"
             log.error("%s: not stopped, the store did not take the intent: %s", server.label, e)
-            return None
+            return
         result = await self.hub.stop(server.user, server.name)
-        rec = self._stop_record(row, row.obs, row.decision, result, self.clock(), res)
-        try:
-            await self._stopped.add((row.obs, row.decision, rec))
-            row.recorded = True
-        except Exception as e:  # the intent is durable: the next sweep finishes the record
-            log.error("%s: the stop could not be recorded now (the next sweep will): %s", server.label, e)
-        crashpoint("after-stop")
-        return result
+        row.stop = (result, self._stop_record(row, row.obs, row.decision, result, self.clock(), res))
 
     async def _stops(self, todo: list[Row], res: SweepResult) -> None:
         """Stop many servers when the sweep could not stream them: re-checked right before, a few

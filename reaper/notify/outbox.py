@@ -112,13 +112,13 @@ class Outbox:
         sem = asyncio.Semaphore(self.concurrency)
 
         async def one(d: Any) -> int:
-            async with sem:
-                return await self._one(d, now)
+            return await self._one(d, now, sem)
 
         return sum(await asyncio.gather(*(one(d) for d in due)))
 
-    async def _one(self, d: Any, now: datetime) -> int:
-        """Try one delivery; 1 if it was delivered."""
+    async def _one(self, d: Any, now: datetime, sem: asyncio.Semaphore) -> int:
+        """Try one delivery (holding one of the ``concurrency`` slots only while the channel
+        works); 1 if it was delivered."""
         channel = self.channels.get(d.channel)
         if channel is None:
             await asyncio.to_thread(
@@ -130,7 +130,8 @@ class Outbox:
             log.error("notice %s for %s: channel %s is not configured", d.kind, d.run.label, d.channel)
             return 0
         try:
-            await channel.deliver(d)
+            async with sem:
+                await channel.deliver(d)
         except DeliveryError as e:
             attempts = d.attempts + 1
             permanent = e.permanent or attempts >= self.max_attempts

@@ -27,7 +27,7 @@ from typing import Any
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, or_, select, tuple_, update
+from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -304,12 +304,18 @@ class Store:
             rows = [r for r in s.execute(q) if (r.user, r.server, r.started) in wanted]
             found = {(r.user, r.server, r.started) for r in rows}
             keys = [k for k in keys if k not in found]
+        # By user (the unique index's first column), then the exact keys here: SQLite answers a
+        # row-value IN (VALUES ...) with a scan of the whole table, a user IN (...) from the index.
+        # (``started IN`` too: a user's past runs are skipped inside the index.)
+        wanted_left = set(keys)
         for i in range(0, len(keys), _CHUNK):
             chunk = keys[i : i + _CHUNK]
-            q = select(_RUNS).where(tuple_(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started).in_(chunk))
+            q = select(_RUNS).where(
+                _RUNS.c.user.in_(sorted({k[0] for k in chunk})), _RUNS.c.started.in_(sorted({k[2] for k in chunk}))
+            )
             if lock and self.dialect == "postgresql":
                 q = q.order_by(_RUNS.c.id).with_for_update()
-            rows.extend(s.execute(q).all())
+            rows.extend(r for r in s.execute(q) if (r.user, r.server, r.started) in wanted_left)
         return rows
 
     def _runs_for(
@@ -719,16 +725,6 @@ class Store:
             return []
         with self._write() as s:
             return self._record_stops(s, items, now)
-
-    def record_stopped(self, items: Sequence[tuple[Observation, Decision, StopRecord]], now: datetime) -> list[int | None]:
-        """A streamed sweep's stops: the observation and decision of each server and the outcome of
-        its stop, written together in one transaction (record_many + record_stops)."""
-        now = as_utc(now)
-        if not items:
-            return []
-        with self._write() as s:
-            self._record_many(s, [(o, d) for o, d, _ in items], now)
-            return self._record_stops(s, [r for _, _, r in items], now)
 
     def _record_stops(self, s: Session, items: list[StopRecord], now: datetime) -> list[int | None]:
         out: list[int | None] = []

@@ -71,6 +71,19 @@ async def test_max_batch_bounds_a_transaction() -> None:
     assert sum(sizes) == 35 and max(sizes) <= 10
 
 
+async def test_linger_gathers_a_steady_trickle_into_one_batch() -> None:
+    written: list[list[int]] = []
+    g: GroupWriter[int] = GroupWriter(lambda items: written.append(list(items)), linger=0.05)
+
+    async def later(i: int) -> None:
+        await asyncio.sleep(0.005 * i)  # one every 5 ms: without linger, one transaction each
+        await g.add(i)
+
+    await asyncio.gather(*(later(i) for i in range(6)))
+    assert sorted(i for b in written for i in b) == list(range(6))
+    assert len(written) <= 2
+
+
 @pytest.mark.parametrize("n", [1, 600])
 def test_mark_delivered_many_marks_each_delivery_and_its_notice(tmp_path, n: int) -> None:
     from datetime import UTC, datetime, timedelta

@@ -179,7 +179,7 @@ async def test_streamed_stop_goes_out_right_after_its_own_look_and_is_recorded_a
     r = await sw.run_once()
     assert hub.stops == [("alice", "")] and r.stops == 1
     row = {x.obs.server.user: x for x in r.rows}["alice"]
-    assert row.streamed and row.recorded and row.outcome == "stopped"
+    assert row.streamed and row.stop is not None and row.outcome == "stopped"
     assert hub.probe_calls[calls_before:].count(("alice", "")) == 1  # one look, right before the stop
     assert Hook.seen == [("alice", "stopped")]
     key = srv.run_key()
@@ -430,3 +430,24 @@ async def test_the_route_table_is_fetched_only_when_a_probed_server_has_no_known
     hub.servers[("alice", "")] = HubServer(user="alice", name="", started=T0, last_activity=since, url="/user/alice/")
     await sw.run_once()
     assert hub.fetches == 4  # a new run of the server: its address may have changed
+
+
+async def test_a_stop_asked_before_a_crash_is_finished_by_the_next_sweep(store):
+    # The intent was durable and the hub stopped the server, but the reaper died before recording
+    # the outcome: the next sweep finds the run gone, records the stop and tells the user.
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=since)
+    hub.add(srv, detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    key = srv.run_key()
+    clock.advance(31 * M)
+    store.mark_stops_requested([key], clock.now)
+    hub.servers.clear()  # stopped by the hub; the outcome never written
+    clock.advance(5 * M)
+    r = await make(store, hub, clock).run_once()  # a new process
+    assert r.ok and key not in store.open_runs()
+    assert NoticeKind.STOPPED in kinds(store, key)
+    [act] = [a for a in store.recent_actions(T0 - timedelta(days=1)) if a["kind"] == "stop"]
+    assert act["ok"] and "no longer lists the server" in act["detail"]
