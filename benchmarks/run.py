@@ -429,7 +429,7 @@ async def run_ours(
         "rss_after_sweep_mb": round(ru1.ru_maxrss / 1024, 1),
         "group_commits": {
             name: {"batches": g.batches, "items": g.items, "busy_s": round(g.busy, 3)}
-            for name, g in (("intents", sweeper._intents), ("stopped", sweeper._stopped),
+            for name, g in (("intents", sweeper._intents),
                             ("delivered", outbox._delivered))
         },
         "warmup": warm.summary(),

@@ -63,6 +63,27 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise httpx.TransportError(f"{e.__class__.__name__}: {e}") from None
         return httpx.Response(status_code=status, headers=raw_headers, content=content, request=request)
 
+    async def send_raw(
+        self, method: str, url: str, headers: dict[str, str], *, seconds: float
+    ) -> tuple[int, bytes]:
+        """The same request without httpx's Request/Response objects: (status, body). Raises the
+        httpx exceptions handle_async_request raises, so callers handle both alike."""
+        session = self._get_session()
+        try:
+            async with session.request(
+                method, URL(url, encoded=True), headers=headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds),
+            ) as resp:
+                return resp.status, await resp.read()
+        except TimeoutError as e:
+            raise httpx.ReadTimeout(f"timed out ({e.__class__.__name__})") from None
+        except aiohttp.ClientConnectorError as e:
+            raise httpx.ConnectError(str(e)) from None
+        except aiohttp.ServerDisconnectedError as e:
+            raise httpx.RemoteProtocolError(str(e)) from None
+        except aiohttp.ClientError as e:
+            raise httpx.TransportError(f"{e.__class__.__name__}: {e}") from None
+
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()

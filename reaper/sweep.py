@@ -143,8 +143,8 @@ class Sweeper:
         self._after_sem = asyncio.Semaphore(settings.safety.stop_concurrency)
         self._pending_timeouts: list[tuple[RunKey | None, datetime, str | None]] = []
         # A streamed sweep's stop intents, group-committed (see groupcommit.py): stops are paced
-        # by the hub, so a batch lingers 20 ms for company instead of one transaction per stop.
-        self._intents: GroupWriter[tuple[RunKey, datetime]] = GroupWriter(self._write_intents, linger=0.02)
+        # by the hub, so a batch lingers 50 ms for company instead of one transaction per stop.
+        self._intents: GroupWriter[tuple[RunKey, datetime]] = GroupWriter(self._write_intents, linger=0.05)
 
     def _write_intents(self, items: Any) -> None:
         self.store.mark_stops_requested([k for k, _ in items], max(t for _, t in items))

@@ -1,0 +1,58 @@
+"""The hub client's two HTTP paths answer alike: httpx (respx tests, ``hub.http: httpx``) and
+straight aiohttp (the default; no httpx Request/Response objects on the hot path). Checked against
+the hub simulator over real loopback HTTP: listing, a 204 stop, a 202 stop, a missing server, and
+a hub that is down."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from benchmarks.hubsim import HubSim, Population
+from reaper.hub import HubClient, HubError
+
+TOKEN = "sim-token"
+
+
+@pytest.fixture
+async def sim():
+    s = HubSim(Population(users=30, named_share=0.2, idle_detached=1), token=TOKEN, hub_latency=0.0,
+               stop_time=0.0, slow_stop_timeout=0.2)
+    await s.start()
+    yield s
+    await s.close()
+
+
+def client(url: str, http: str) -> HubClient:
+    return HubClient(url, TOKEN, http=http, page_size=7, retries=1, timeout=5)
+
+
+@pytest.mark.parametrize("http", ["aiohttp", "httpx"])
+async def test_listing_and_stops_answer_alike_on_both_paths(sim: HubSim, http: str) -> None:
+    async with client(sim.api_url, http) as hub:
+        assert (hub._hub_aiohttp is not None) == (http == "aiohttp")
+        servers = await hub.list_active_servers()
+        assert len(servers) == 36  # 30 default servers + 6 named, over pages of 7
+        assert len({(s.user, s.name) for s in servers}) == 36
+        named = next(s for s in servers if s.name)
+        one = await hub.get_server(named.user, named.name)
+        assert one is not None and one.started == named.started
+        first = next(s for s in servers if not s.name)
+        assert (await hub.stop(first.user)).outcome == "stopped"
+        assert (await hub.stop("no-such-user")).outcome == "gone"  # 404
+        sim.stop_time = 1.0  # slower than the hub's slow-stop timeout: 202
+        assert (await hub.stop(named.user, named.name)).outcome == "pending"
+
+
+@pytest.mark.parametrize("http", ["aiohttp", "httpx"])
+async def test_a_hub_that_is_down_is_an_error_after_the_retries_on_both_paths(http: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    async with client(f"http://127.0.0.1:{port}/hub/api", http) as hub:
+        hub.backoff = 0.01
+        with pytest.raises(HubError, match="ConnectError.*after 2 attempts"):
+            await hub.list_active_servers()
+        result = await hub.stop("alice")
+        assert result.outcome == "error" and "after 2 attempts" in result.detail
