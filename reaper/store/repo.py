@@ -463,12 +463,57 @@ class Store:
         )
         if log:
             s.execute(_DECISIONS.insert(), log)
-        for i, run_id, obs, dec in notices:
-            assert dec.notice is not None
-            results[i] = self._add_notice(
-                s, run_id, dec.notice, dec.spell, now, list(dec.channels), notice_context(obs, dec, now)
-            )
+        ids = self._add_notices(
+            s,
+            [(run_id, dec.notice, dec.spell, list(dec.channels), notice_context(obs, dec, now))  # type: ignore[misc]
+             for _, run_id, obs, dec in notices],
+            now,
+        )
+        for (i, _, _, _), nid in zip(notices, ids, strict=True):
+            results[i] = nid
         return results
+
+    def _add_notices(
+        self,
+        s: Session,
+        specs: Sequence[tuple[int, NoticeKind, datetime | None, list[str], dict[str, Any]]],
+        now: datetime,
+    ) -> list[int | None]:
+        """_add_notice for many notices: one multi-row INSERT for the notices and one for their
+        deliveries (a sweep that stops 10,000 servers queues 10,000 notices). Numbered kinds
+        (reminders) look at their earlier ones and go one by one."""
+        out: list[int | None] = [None] * len(specs)
+        rows: list[dict[str, Any]] = []
+        where: dict[tuple[int, str, str], int] = {}
+        for i, (run_id, kind, spell, channels, context) in enumerate(specs):
+            kind = NoticeKind(kind)
+            if kind in _NUMBERED:
+                out[i] = self._add_notice(s, run_id, kind, spell, now, channels, context)
+                continue
+            skey = spell_key(spell)
+            if (run_id, kind.value, skey) in where:  # the same notice twice in one batch: once
+                continue
+            where[(run_id, kind.value, skey)] = i
+            rows.append({"run_id": run_id, "kind": kind.value, "spell": spell, "spell_key": skey, "seq": 0,
+                         "created_at": now, "channels": list(dict.fromkeys(channels)) or ["log"],
+                         "context": _jsonable(context), "failed": False})
+        if not rows:
+            return out
+        stmt = (
+            self._insert(_NOTICES)
+            .on_conflict_do_nothing(index_elements=["run_id", "kind", "spell_key", "seq"])
+            .returning(_NOTICES.c.id, _NOTICES.c.run_id, _NOTICES.c.kind, _NOTICES.c.spell_key)
+        )
+        deliveries: list[dict[str, Any]] = []
+        for r in s.execute(stmt, rows):
+            i = where[(int(r.run_id), r.kind, r.spell_key)]
+            out[i] = int(r.id)
+            for ch in list(dict.fromkeys(specs[i][3])) or ["log"]:
+                deliveries.append({"notice_id": int(r.id), "channel": ch, "status": "pending", "attempts": 0,
+                                   "next_attempt_at": now, "updated_at": now})
+        if deliveries:
+            s.execute(_DELIVERIES.insert(), deliveries)
+        return out
 
     def _add_notice(
         self,
@@ -750,13 +795,15 @@ class Store:
                     update(_RUNS).where(_RUNS.c.id.in_(ids[i : i + 500]), _RUNS.c.ended_at.is_(None))
                     .values(ended_at=now, end_reason=reason)
                 )
+        with_notice = [it for it in items if it.notice_context is not None]
+        ids = iter(self._add_notices(
+            s,
+            [(int(rows[self._key(it.run)].id), NoticeKind.STOPPED, None, list(it.channels), it.notice_context)
+             for it in with_notice],  # type: ignore[misc]
+            now,
+        ))
         for it in items:
-            if it.notice_context is None:
-                out.append(None)
-                continue
-            run_id = int(rows[self._key(it.run)].id)
-            out.append(self._add_notice(s, run_id, NoticeKind.STOPPED, None, now, list(it.channels),
-                                        it.notice_context))
+            out.append(next(ids) if it.notice_context is not None else None)
         return out
 
     def end_run(self, run: RunKey, now: datetime, reason: str) -> None:

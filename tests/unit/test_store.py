@@ -625,3 +625,22 @@ def test_lease_race_between_two_processes_has_one_winner(db_url: str) -> None:
     finally:
         for s in stores:
             s.close()
+
+
+def test_record_stops_queues_one_stopped_notice_per_run_in_a_batch_and_none_on_a_repeat(store: Store) -> None:
+    from reaper.store import StopRecord
+
+    keys = [RunKey(f"u{i}", "" if i % 3 else "gpu", T0) for i in range(700)]  # more than one IN chunk
+    recs = [StopRecord(k, "stop", True, "idle", end_reason="stopped by the reaper",
+                       notice_context={"user": k.user}, channels=("email", "slack")) for k in keys]
+    pending = StopRecord(RunKey("p", "", T0), "stop-pending", True, "202")
+    ids = store.record_stops([*recs, pending, recs[0]], T0)  # the same stop twice in one batch
+    assert len(ids) == 702 and ids[700] is None
+    assert len({i for i in ids[:700]}) == 700 and None not in ids[:700]
+    assert ids[701] is None  # the duplicate: one notice for the run
+    due = store.due_deliveries(T0, 10_000)
+    assert len(due) == 1400 and {d.channel for d in due} == {"email", "slack"}
+    assert {d.run for d in due} == set(keys) and all(d.kind is NoticeKind.STOPPED for d in due)
+    assert store.record_stops(recs[:5], T0 + timedelta(minutes=5)) == [None] * 5  # a repeat queues none
+    assert len(store.due_deliveries(T0 + timedelta(minutes=5), 10_000)) == 1400
+    assert not set(keys) & set(store.open_runs())
