@@ -394,6 +394,10 @@ async def run_ours(
         now = datetime.now(UTC)
         return now - offset if shifted["on"] else now
 
+    if os.environ.get("BENCH_TRACEMALLOC"):  # diagnostics: where the memory goes
+        import tracemalloc
+
+        tracemalloc.start(1)
     try:
         outbox = make_outbox(settings, store)
         sweeper = Sweeper(settings, hub, store, notifier=outbox, clock=clock)
@@ -419,6 +423,12 @@ async def run_ours(
             prof.disable()
             prof.dump_stats(os.environ["BENCH_PROFILE"])
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        if os.environ.get("BENCH_TRACEMALLOC"):
+            snap = tracemalloc.take_snapshot()
+            cur, peak = tracemalloc.get_traced_memory()
+            print(f"tracemalloc: now {cur / 2**20:.1f} MB, peak {peak / 2**20:.1f} MB", file=sys.stderr)
+            for st in snap.statistics("lineno")[:25]:
+                print(st, file=sys.stderr)
     finally:
         await hub.aclose()
         await asyncio.to_thread(store.close)

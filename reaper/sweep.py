@@ -140,6 +140,7 @@ class Sweeper:
         self._last_logged: dict[RunKey, tuple[str, str]] = {}
         self._target_runs: dict[tuple[str, str], datetime | None] = {}  # run whose address is known
         self._lock = asyncio.Lock()
+        self._rules_cache: tuple[Settings, list[ResolvedRule], ResolvedRule] | None = None
         self._after_sem = asyncio.Semaphore(settings.safety.stop_concurrency)
         self._pending_timeouts: list[tuple[RunKey | None, datetime, str | None]] = []
         # A streamed sweep's stop intents, group-committed (see groupcommit.py): stops are paced
@@ -154,10 +155,19 @@ class Sweeper:
     def _rule_for_key(self, key: RunKey) -> ResolvedRule:
         return self._rule(HubServer(user=key.user, name=key.server, started=key.started, last_activity=None))
 
-    def _rule(self, server: HubServer, job: Any = None) -> ResolvedRule:
+    def _rules(self) -> tuple[list[ResolvedRule], ResolvedRule]:
+        """The resolved rules of the current settings, resolved once per settings object (a reload
+        brings a new one) instead of once per server."""
         s = self.settings
+        cached = self._rules_cache
+        if cached is None or cached[0] is not s:
+            cached = self._rules_cache = (s, s.resolved_rules(), s.default_rule())
+        return cached[1], cached[2]
+
+    def _rule(self, server: HubServer, job: Any = None) -> ResolvedRule:
+        rules, default = self._rules()
         return select_rule(
-            s.resolved_rules(), s.default_rule(), server,
+            rules, default, server,
             job_gpus=getattr(job, "gpus", None), job_partition=getattr(job, "partition", None),
         )
 
@@ -269,8 +279,9 @@ class Sweeper:
 
         keys = [k for k in (sv.run_key() for sv in servers) if k is not None]
         histories = await self._db(self.store.histories, keys)
-        rules = s.resolved_rules()
-        horizon = probe_horizon(rules, s.default_rule())
+        self._rules_cache = None  # the policy may have changed in place since the last sweep
+        rules, default = self._rules()
+        horizon = probe_horizon(rules, default)
         t = res.phase("collect", t)
 
         # 2-4. probe (bounded by the client), classify, decide

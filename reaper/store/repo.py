@@ -504,15 +504,16 @@ class Store:
             .on_conflict_do_nothing(index_elements=["run_id", "kind", "spell_key", "seq"])
             .returning(_NOTICES.c.id, _NOTICES.c.run_id, _NOTICES.c.kind, _NOTICES.c.spell_key)
         )
-        deliveries: list[dict[str, Any]] = []
-        for r in s.execute(stmt, rows):
-            i = where[(int(r.run_id), r.kind, r.spell_key)]
-            out[i] = int(r.id)
-            for ch in list(dict.fromkeys(specs[i][3])) or ["log"]:
-                deliveries.append({"notice_id": int(r.id), "channel": ch, "status": "pending", "attempts": 0,
-                                   "next_attempt_at": now, "updated_at": now})
-        if deliveries:
-            s.execute(_DELIVERIES.insert(), deliveries)
+        for c in range(0, len(rows), 500):  # (bounded: every row's context is in memory at once)
+            deliveries: list[dict[str, Any]] = []
+            for r in s.execute(stmt, rows[c : c + 500]):
+                i = where[(int(r.run_id), r.kind, r.spell_key)]
+                out[i] = int(r.id)
+                for ch in list(dict.fromkeys(specs[i][3])) or ["log"]:
+                    deliveries.append({"notice_id": int(r.id), "channel": ch, "status": "pending", "attempts": 0,
+                                       "next_attempt_at": now, "updated_at": now})
+            if deliveries:
+                s.execute(_DELIVERIES.insert(), deliveries)
         return out
 
     def _add_notice(
