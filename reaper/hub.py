@@ -729,6 +729,7 @@ class HubClient:
                     status_connections=c if isinstance(c, int) and not isinstance(c, bool) else 0,
                     status_kernels=n if isinstance(n, int) and not isinstance(n, bool) else None,
                     via=via,
+                    status_started=_started(st),
                 )
             except (_ProbeFailure, ValueError) as exc:
                 return Probe.failed(str(exc), via=via)
@@ -793,6 +794,7 @@ class HubClient:
             terminals=len(terminals_raw),
             terminals_last_activity=max(known) if known else None,
             via=via,
+            status_started=_started(status),
         )
 
     async def _probe_get(self, url: str, what: str, *, missing_ok: bool = False) -> Any:
@@ -862,6 +864,14 @@ class HubClient:
     async def probe_many(self, servers: Iterable[HubServer]) -> list[Probe]:
         """Probe several servers concurrently (bounded by probe_concurrency), in order."""
         return list(await asyncio.gather(*(self.probe(s) for s in servers)))
+
+
+def _started(status: dict[str, Any]) -> datetime | None:
+    """/api/status ``started`` (informational: a bad value is ignored, never a failed probe)."""
+    try:
+        return parse_time(status.get("started"))
+    except (ValueError, TypeError):
+        return None
 
 
 class _Answer:

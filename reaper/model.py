@@ -117,6 +117,7 @@ class Probe:
     terminals: int = 0
     terminals_last_activity: datetime | None = None
     via: str = "direct"  # direct | proxy
+    status_started: datetime | None = None  # /api/status started: when the answering server began
 
     @classmethod
     def failed(cls, error: str, via: str = "direct") -> Probe:

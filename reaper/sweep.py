@@ -64,6 +64,7 @@ class Row:
     outcome: str = ""  # what was done: "stopped", "stop pending", "notice queued", "would stop" ...
     streamed: bool = False  # its stop went out during the sweep's look (see Sweeper._stop_streamed)
     stop: tuple[Any, Any] | None = None  # a streamed stop's (hub answer, record), written in step 8
+    answered_started: datetime | None = None  # /api/status "started" of the server that answered
 
 
 @dataclass
@@ -329,7 +330,7 @@ class Sweeper:
             hist = (histories.get(key) if key else None) or History()
             obs = continue_spell(obs, hist)
             dec = decide(obs, hist, rule, now, s.tz)
-            return Row(obs, dec, rule)
+            return Row(obs, dec, rule, answered_started=probe.status_started if probe is not None else None)
 
         res.rows = list(await asyncio.gather(*(one(*p) for p in plan)))
         if stream:
@@ -622,7 +623,10 @@ class Sweeper:
         assert key is not None
         if self._asked_already(row, h, self.clock()):
             return
-        if self.clock() - res.started_at > timedelta(seconds=60):
+        began = row.answered_started
+        # the server that just answered was running a minute before the listing (clock skew margin)
+        predates = began is not None and began + timedelta(seconds=60) <= res.started_at
+        if self.clock() - res.started_at > timedelta(seconds=60) and not predates:
             # the listing is old by now: make sure this is still the run that was decided on
             fresh = await self.hub.get_server(server.user, server.name)
             if fresh is None or fresh.started != server.started:

@@ -657,6 +657,14 @@ async def test_a_server_without_kernels_is_probed_with_one_request(router, hub):
     probe = await hub.probe(running(target="http://10.0.0.5:1"))
     assert probe.ok and probe.kernels == ()
     assert routes["status"].call_count == 1 and routes["kernels"].call_count == 0
+    assert probe.status_started == datetime(2026, 11, 25, 20, 11, 20, 807385, tzinfo=UTC)  # when it began
+
+
+async def test_a_bad_started_in_status_is_ignored_not_a_failed_probe(router, hub):
+    base = "http://10.0.0.5:1/user/alice/"
+    probe_routes(router, base, status={**fixture("su_GET_api_status.json"), "started": "yesterday"})
+    probe = await hub.probe(running(target="http://10.0.0.5:1"))
+    assert probe.ok and probe.status_started is None
 
 
 async def test_status_only_recheck_is_one_request_and_reports_the_kernel_count(router, hub):

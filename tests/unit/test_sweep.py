@@ -451,3 +451,30 @@ async def test_a_stop_asked_before_a_crash_is_finished_by_the_next_sweep(store):
     assert NoticeKind.STOPPED in kinds(store, key)
     [act] = [a for a in store.recent_actions(T0 - timedelta(days=1)) if a["kind"] == "stop"]
     assert act["ok"] and "no longer lists the server" in act["detail"]
+
+
+async def test_a_server_that_answered_from_before_the_listing_needs_no_second_hub_lookup(store):
+    # /api/status "started" says the answering server predates the listing: it is the listed run,
+    # so an old listing costs no GET /users/{name} per stop.
+    since = T0 - 10 * 60 * M
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=since)
+    probe = Probe(ok=True, status_last_activity=since, kernels=(Kernel("k", "python3", "idle", 0, since),),
+                  status_started=srv.started)
+    hub.add(srv, probe)
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(31 * M)
+    orig, lookups = hub.probe, []
+
+    async def slow_probe(server):
+        clock.advance(2 * M)
+        return await orig(server)
+
+    async def get_server(user, name=""):
+        lookups.append(user)
+        return hub.servers.get((user, name))
+
+    hub.probe, hub.get_server = slow_probe, get_server
+    r = await sw.run_once()
+    assert hub.stops == [("alice", "")] and r.stops == 1 and lookups == []
