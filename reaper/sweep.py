@@ -6,7 +6,10 @@ in as objects: the hub client, the store, the notifier (outbox), and optionally 
 Never harm on doubt:
 * a failed or partial listing ends the sweep before anything is decided or done;
 * a failed probe makes a server ``unreachable`` (hub data only), never idle;
-* a server is probed again, re-classified and re-decided right before it is stopped;
+* a stop follows a fresh look: streamed, the look that decided it is taken inside its stop slot
+  (and an old listing is checked against the hub); otherwise it is probed again, re-classified
+  and re-decided right before it is stopped;
+* a stop's intent is durable before the hub is asked, so a crash never loses a stop;
 * a sweep that would stop more servers than the safety limits stops none and alerts;
 * ``dry_run`` decides and reports, and changes nothing (not even the store).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -84,6 +88,8 @@ class SweepResult:
     orphans: int = 0
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds spent in each step
     phases_cpu: dict[str, float] = field(default_factory=dict)  # process CPU seconds in each step
+    phases_rss: dict[str, float] = field(default_factory=dict)  # peak RSS (MB) at each step's end
+    peak_rss_mb: float = 0.0
     _cpu_mark: float = field(default=0.0, repr=False)
 
     def phase(self, name: str, since: float) -> float:
@@ -94,6 +100,8 @@ class SweepResult:
         if self._cpu_mark:
             self.phases_cpu[name] = round(self.phases_cpu.get(name, 0.0) + c - self._cpu_mark, 3)
         self._cpu_mark = c
+        self.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        self.phases_rss[name] = self.peak_rss_mb  # the process's peak so far: where memory grows
         return t
 
     def counts(self) -> dict[str, int]:
@@ -117,6 +125,7 @@ class SweepResult:
             "error": self.error,
             "phases": self.phases,
             "phases_cpu": self.phases_cpu,
+            "phases_rss": self.phases_rss,
         }
 
 
@@ -332,7 +341,8 @@ class Sweeper:
             dec = decide(obs, hist, rule, now, s.tz)
             return Row(obs, dec, rule, answered_started=probe.status_started if probe is not None else None)
 
-        res.rows = list(await asyncio.gather(*(one(*p) for p in plan)))
+        # A bounded pool of workers, not one task per server: 10,000 parked tasks cost ~30 MB.
+        res.rows = await bounded_map(one, plan, s.probe.concurrency + s.safety.stop_concurrency)
         if stream:
             await self._record_pending_timeouts(now)
         t = res.phase("probe", t)  # (with the streamed stops)
@@ -681,6 +691,20 @@ class Sweeper:
         t = res.phase("stop.record", t)
         await asyncio.gather(*(self._after_stop(row, result.outcome, slot=None)
                                for (row, _, _), result in zip(go, results, strict=True)))
+
+
+async def bounded_map(fn: Callable[..., Any], items: list[tuple[Any, ...]], workers: int) -> list[Any]:
+    """``[await fn(*item) for item in items]`` run by at most ``workers`` tasks at once, in order.
+    The first exception propagates (as with asyncio.gather)."""
+    out: list[Any] = [None] * len(items)
+    todo = iter(enumerate(items))
+
+    async def worker() -> None:
+        for i, item in todo:  # one shared iterator: each worker takes the next item
+            out[i] = await fn(*item)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, min(workers, len(items))))))
+    return out
 
 
 def stopped_context(obs: Observation, dec: Decision, now: datetime) -> dict[str, Any]:

@@ -413,6 +413,19 @@ class Store:
         prev: dict[int, tuple[str | None, str | None, str | None]] = {
             int(r.id): (r.action, r.state, r.rule) for r in rows.values()
         }
+        for c in range(0, len(keyed), 500):  # in slices: a 10,000-server sweep's rows are not all in memory twice
+            self._record_slice(s, keyed[c : c + 500], rows, prev, now, results)
+        return results
+
+    def _record_slice(
+        self,
+        s: Session,
+        keyed: list[tuple[int, RunKey, Observation, Decision]],
+        rows: dict[tuple[str, str, datetime], Any],
+        prev: dict[int, tuple[str | None, str | None, str | None]],
+        now: datetime,
+        results: list[int | None],
+    ) -> None:
         updates: list[dict[str, Any]] = []
         log: list[dict[str, Any]] = []
         notices: list[tuple[int, int, Observation, Decision]] = []
@@ -471,7 +484,6 @@ class Store:
         )
         for (i, _, _, _), nid in zip(notices, ids, strict=True):
             results[i] = nid
-        return results
 
     def _add_notices(
         self,

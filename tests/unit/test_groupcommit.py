@@ -107,3 +107,30 @@ def test_mark_delivered_many_marks_each_delivery_and_its_notice(tmp_path, n: int
     first = t0 + timedelta(minutes=1)
     assert all(n_["status"] == "delivered" and n_["delivered_at"] == first for n_ in notices)
     store.close()
+
+
+async def test_bounded_map_keeps_order_bounds_concurrency_and_raises_the_first_error() -> None:
+    from reaper.sweep import bounded_map
+
+    running, most = 0, 0
+
+    async def f(i: int, d: float) -> int:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await asyncio.sleep(d)
+        running -= 1
+        return i * 10
+
+    items = [(i, 0.001 * ((7 * i) % 5)) for i in range(50)]
+    assert await bounded_map(f, items, 4) == [i * 10 for i in range(50)]
+    assert most == 4
+    assert await bounded_map(f, [], 4) == []
+
+    async def bad(i: int) -> int:
+        if i == 3:
+            raise ValueError("boom")
+        return i
+
+    with pytest.raises(ValueError, match="boom"):
+        await bounded_map(bad, [(i,) for i in range(10)], 2)
