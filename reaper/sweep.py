@@ -67,7 +67,7 @@ class Row:
     rule: ResolvedRule
     outcome: str = ""  # what was done: "stopped", "stop pending", "notice queued", "would stop" ...
     streamed: bool = False  # its stop went out during the sweep's look (see Sweeper._stop_streamed)
-    stop: tuple[Any, Any] | None = None  # a streamed stop's (hub answer, record), written in step 8
+    stop: tuple[Any, datetime] | None = None  # a streamed stop's hub answer and time, recorded in step 8
     answered_started: datetime | None = None  # /api/status "started" of the server that answered
 
 
@@ -450,7 +450,11 @@ class Sweeper:
         # (streamed stops went out in step 2: here their outcome is recorded, as one transaction)
         streamed = [r for r in res.rows if r.stop is not None]
         if streamed:
-            await self._db(self.store.record_stops, [r.stop[1] for r in streamed], self.clock())  # type: ignore[index]
+            for c in range(0, len(streamed), 500):  # (a record holds its notice's context: in slices)
+                part = streamed[c : c + 500]
+                records = [self._stop_record(r, r.obs, r.decision, *r.stop) for r in part]  # type: ignore[misc]
+                await self._db(self.store.record_stops, records, self.clock())
+            del records
             crashpoint("after-stop")
             await asyncio.gather(*(self._after_stop(r, r.stop[0].outcome, slot=None) for r in streamed))  # type: ignore[index]
             t = res.phase("stop.record", t)
@@ -587,9 +591,25 @@ class Sweeper:
             await self._db(self.store.record_action, key, "stop-pending-timeout", False,
                            f"stop pending since {asked.isoformat()}", now, job_id=job_id)
 
-    def _stop_record(self, row: Row, obs: Observation, dec: Decision, result: Any, now: datetime,
-                     res: SweepResult) -> Any:
-        """Count and log one stop's outcome; its record for the store."""
+    def _stop_outcome(self, row: Row, dec: Decision, result: Any, res: SweepResult) -> None:
+        """Count and log one stop's outcome (as it happens)."""
+        label = row.obs.server.label
+        if result.outcome in ("stopped", "gone"):
+            res.stops += 1
+            row.outcome = "stopped"
+            log.info("%s stopped: %s", label, dec.reason)
+        elif result.outcome == "pending":
+            res.stops_pending += 1
+            row.outcome = "stop pending"
+            log.info("%s stop pending at the hub (202); following up", label)
+        else:
+            res.stops_failed += 1
+            row.outcome = f"stop failed: {result.detail}"
+            log.error("%s stop FAILED: %s", label, result.detail)
+
+    @staticmethod
+    def _stop_record(row: Row, obs: Observation, dec: Decision, result: Any, now: datetime) -> Any:
+        """One stop's record for the store (with the "stopped" notice's context when it stopped)."""
         from .store import StopRecord
 
         server = row.obs.server
@@ -597,19 +617,10 @@ class Sweeper:
         key = server.run_key()
         assert key is not None
         if result.outcome in ("stopped", "gone"):
-            res.stops += 1
-            row.outcome = "stopped"
-            log.info("%s stopped: %s", server.label, dec.reason)
             return StopRecord(key, "stop", True, detail, job_id=server.job_id, end_reason="stopped by the reaper",
                               notice_context=stopped_context(obs, dec, now), channels=tuple(row.rule.channels))
         if result.outcome == "pending":
-            res.stops_pending += 1
-            row.outcome = "stop pending"
-            log.info("%s stop pending at the hub (202); following up", server.label)
             return StopRecord(key, "stop-pending", True, detail, job_id=server.job_id)
-        res.stops_failed += 1
-        row.outcome = f"stop failed: {result.detail}"
-        log.error("%s stop FAILED: %s", server.label, result.detail)
         return StopRecord(key, "stop-failed", False, detail, job_id=server.job_id)
 
     async def _after_stop(self, row: Row, outcome: str, *, slot: asyncio.Semaphore | None) -> None:
@@ -649,7 +660,8 @@ class Sweeper:
             log.error("%s: not stopped, the store did not take the intent: %s", server.label, e)
             return
         result = await self.hub.stop(server.user, server.name)
-        row.stop = (result, self._stop_record(row, row.obs, row.decision, result, self.clock(), res))
+        self._stop_outcome(row, row.decision, result, res)
+        row.stop = (result, self.clock())  # its record is built when written (step 8), in slices
 
     async def _stops(self, todo: list[Row], res: SweepResult) -> None:
         """Stop many servers when the sweep could not stream them: re-checked right before, a few
@@ -684,8 +696,10 @@ class Sweeper:
         results = await asyncio.gather(*(self.hub.stop(r.obs.server.user, r.obs.server.name) for r, _, _ in go))
         t = res.phase("stop.hub", t)
         now = self.clock()
-        records = [self._stop_record(row, obs, dec, result, now, res)
-                   for (row, obs, dec), result in zip(go, results, strict=True)]
+        records = []
+        for (row, obs, dec), result in zip(go, results, strict=True):
+            self._stop_outcome(row, dec, result, res)
+            records.append(self._stop_record(row, obs, dec, result, now))
         await self._db(self.store.record_stops, records, now)
         crashpoint("after-stop")
         t = res.phase("stop.record", t)
