@@ -353,7 +353,7 @@ async def run_ours(
     from datetime import UTC, datetime, timedelta
 
     from reaper.config import Settings
-    from reaper.service import make_hub_client, make_outbox
+    from reaper.service import make_hub_client, make_outbox, tune_gc
     from reaper.store import Store
     from reaper.sweep import Sweeper
 
@@ -401,6 +401,8 @@ async def run_ours(
     try:
         outbox = make_outbox(settings, store)
         sweeper = Sweeper(settings, hub, store, notifier=outbox, clock=clock)
+        if not os.environ.get("BENCH_NO_TUNE_GC"):
+            tune_gc()  # as the service does at start (reaper.service.run_service)
         warm = await sweeper.run_once(dry_run=False)
         # setup, not measured: deliver every queued notice (one drain delivers a bounded batch)
         for _ in range(10 * n + 10):
@@ -416,6 +418,18 @@ async def run_ours(
 
             prof = cProfile.Profile()
             prof.enable()
+        gc_time = [0.0, 0.0, 0]  # seconds in the collector, start of the current collection, collections
+
+        def _gc_cb(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                gc_time[1] = time.perf_counter()
+            else:
+                gc_time[0] += time.perf_counter() - gc_time[1]
+                gc_time[2] += 1
+
+        import gc
+
+        gc.callbacks.append(_gc_cb)
         ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         res = await sweeper.run_once(dry_run=False)
         wall = time.perf_counter() - t0
@@ -423,6 +437,7 @@ async def run_ours(
             prof.disable()
             prof.dump_stats(os.environ["BENCH_PROFILE"])
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        gc.callbacks.remove(_gc_cb)
         if os.environ.get("BENCH_TRACEMALLOC"):
             snap = tracemalloc.take_snapshot()
             cur, peak = tracemalloc.get_traced_memory()
@@ -435,6 +450,7 @@ async def run_ours(
     return {
         "sweep_s": round(wall, 3),
         "sweep_cpu_s": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 3),
+        "gc": {"seconds": round(gc_time[0], 3), "collections": gc_time[2]},
         "rss_after_warmup_mb": round(rss_warm, 1),
         "rss_after_sweep_mb": round(ru1.ru_maxrss / 1024, 1),
         "group_commits": {
