@@ -403,6 +403,7 @@ async def run_ours(
         sweeper = Sweeper(settings, hub, store, notifier=outbox, clock=clock)
         if not os.environ.get("BENCH_NO_TUNE_GC"):
             tune_gc()  # as the service does at start (reaper.service.run_service)
+        rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports, store, clients
         warm = await sweeper.run_once(dry_run=False)
         # setup, not measured: deliver every queued notice (one drain delivers a bounded batch)
         for _ in range(10 * n + 10):
@@ -451,6 +452,7 @@ async def run_ours(
         "sweep_s": round(wall, 3),
         "sweep_cpu_s": round((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), 3),
         "gc": {"seconds": round(gc_time[0], 3), "collections": gc_time[2]},
+        "rss_start_mb": round(rss_start, 1),
         "rss_after_warmup_mb": round(rss_warm, 1),
         "rss_after_sweep_mb": round(ru1.ru_maxrss / 1024, 1),
         "group_commits": {
