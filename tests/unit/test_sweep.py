@@ -129,6 +129,18 @@ async def test_safety_limit_stops_none_and_records_an_alert(store):
     assert any(a["kind"] == "safety-limit" for a in store.recent_actions(T0 - timedelta(days=1)))
 
 
+async def stop_due(store, hub=None, probe=None):
+    """alice, idle for 10 h: the first sweep sends the final notice; 31 minutes later her stop is due."""
+    since = T0 - 10 * 60 * M
+    hub, clock = hub or FakeHub(), Clock(T0)
+    srv = server(la=since)
+    hub.add(srv, probe or detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(31 * M)
+    return hub, clock, srv, sw
+
+
 async def test_activity_seen_on_the_recheck_cancels_the_stop(store):
     # Two runs have their final notice: more than max_stops_per_sweep (1) COULD stop, so the sweep
     # does not stream; it probes all, decides, then re-checks each stop right before it.
@@ -191,12 +203,7 @@ async def test_streamed_stop_goes_out_right_after_its_own_look_and_is_recorded_a
 
 
 async def test_streamed_stop_is_not_asked_when_its_intent_cannot_be_recorded(store, monkeypatch):
-    since = T0 - 10 * 60 * M
-    hub, clock = FakeHub(), Clock(T0)
-    hub.add(server(la=since), detached_probe(since))
-    sw = make(store, hub, clock)
-    await sw.run_once()
-    clock.advance(31 * M)
+    hub, clock, srv, sw = await stop_due(store)
 
     def down(*a, **kw):
         raise RuntimeError("database is locked")
@@ -208,13 +215,7 @@ async def test_streamed_stop_is_not_asked_when_its_intent_cannot_be_recorded(sto
 
 
 async def test_a_listing_older_than_a_minute_is_checked_before_a_streamed_stop(store):
-    since = T0 - 10 * 60 * M
-    hub, clock = FakeHub(), Clock(T0)
-    srv = server(la=since)
-    hub.add(srv, detached_probe(since))
-    sw = make(store, hub, clock)
-    await sw.run_once()
-    clock.advance(31 * M)
+    hub, clock, srv, sw = await stop_due(store)
     orig = hub.probe
 
     async def slow_probe(server):  # the sweep's look takes long; meanwhile the user restarted
@@ -282,12 +283,7 @@ async def test_fresh_hub_activity_is_not_probed_after_a_first_look(store):
 
 
 async def test_pending_stop_is_recorded_and_not_repeated(store):
-    since = T0 - 10 * 60 * M
-    hub, clock = FakeHub(stop_outcome="pending"), Clock(T0)
-    hub.add(server(la=since), detached_probe(since))
-    sw = make(store, hub, clock)
-    await sw.run_once()
-    clock.advance(31 * M)
+    hub, clock, srv, sw = await stop_due(store, FakeHub(stop_outcome="pending"))
     r = await sw.run_once()
     assert r.stops_pending == 1 and hub.stops == [("alice", "")]
     clock.advance(5 * M)
@@ -340,13 +336,7 @@ def test_quiet_hours_over_midnight_and_within_a_day():
 
 
 async def test_a_stop_that_completed_after_a_pending_202_still_tells_the_user(store):
-    since = T0 - 10 * 60 * M
-    hub, clock = FakeHub(stop_outcome="pending"), Clock(T0)
-    srv = server(la=since)
-    hub.add(srv, detached_probe(since))
-    sw = make(store, hub, clock)
-    await sw.run_once()
-    clock.advance(31 * M)
+    hub, clock, srv, sw = await stop_due(store, FakeHub(stop_outcome="pending"))
     await sw.run_once()  # 202: stop pending
     del hub.servers[("alice", "")]  # the spawner finished stopping later
     clock.advance(5 * M)
@@ -356,12 +346,7 @@ async def test_a_stop_that_completed_after_a_pending_202_still_tells_the_user(st
 
 
 async def test_a_stop_the_hub_refused_is_asked_again_next_sweep(store):
-    since = T0 - 10 * 60 * M
-    hub, clock = FakeHub(stop_outcome="error"), Clock(T0)
-    hub.add(server(la=since), detached_probe(since))
-    sw = make(store, hub, clock)
-    await sw.run_once()
-    clock.advance(31 * M)
+    hub, clock, srv, sw = await stop_due(store, FakeHub(stop_outcome="error"))
     r = await sw.run_once()
     assert r.stops_failed == 1
     clock.advance(5 * M)
@@ -371,11 +356,7 @@ async def test_a_stop_the_hub_refused_is_asked_again_next_sweep(store):
 
 async def test_a_pending_stop_is_not_resent_before_the_timeout_then_reported(store):
     since = T0 - 10 * 60 * M
-    hub, clock = FakeHub(stop_outcome="pending"), Clock(T0)
-    hub.add(server(la=since), detached_probe(since))
-    sw = make(store, hub, clock)
-    await sw.run_once()
-    clock.advance(31 * M)
+    hub, clock, srv, sw = await stop_due(store, FakeHub(stop_outcome="pending"))
     await sw.run_once()
     hub.servers[("alice", "")] = server(la=since)  # the hub dropped the stop: not pending any more
     for _ in range(3):  # within pending_stop_timeout (5m): not asked again
