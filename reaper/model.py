@@ -50,7 +50,7 @@ class NoticeKind(StrEnum):
     ORPHAN = "orphan"  # "we cancelled a job no server owned"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunKey:
     """One server run: notices and deadlines belong to it. A restart is a new run."""
 
@@ -63,7 +63,7 @@ class RunKey:
         return f"{self.user}/{self.server}" if self.server else self.user
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HubServer:
     """One running server as the hub lists it (GET /hub/api/users?state=active)."""
 
@@ -95,7 +95,7 @@ class HubServer:
         return RunKey(self.user, self.name, self.started)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Kernel:
     id: str
     name: str
@@ -104,7 +104,7 @@ class Kernel:
     last_activity: datetime | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Probe:
     """What the single-user server said about itself (probed with ?no_track_activity=1)."""
 
@@ -124,7 +124,7 @@ class Probe:
         return cls(ok=False, error=error, via=via)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observation:
     """One server at one sweep, classified."""
 
@@ -155,7 +155,7 @@ class Observation:
         return self.last_activity
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SentNotice:
     """A notice already recorded for this run (from the store)."""
 
@@ -167,7 +167,7 @@ class SentNotice:
     failed_at: datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class History:
     """What the store remembers of one server run."""
 
@@ -180,7 +180,7 @@ class History:
     detached_since: datetime | None = None  # the last recorded start of a detached spell
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     action: Action
     reason: str

@@ -60,7 +60,7 @@ class StopHook(Protocol):
     async def after_stop(self, server: HubServer, outcome: str, now: datetime) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     obs: Observation
     decision: Decision

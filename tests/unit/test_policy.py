@@ -1,5 +1,6 @@
 """The pure policy: examples of the notice cycle, then properties that must hold for any input."""
 
+from dataclasses import replace as dc_replace
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
@@ -225,7 +226,7 @@ def scenario(draw):
 @given(scenario())
 def test_never_stop_a_computing_server_under_protect_unless_max_age(sc):
     o, h = sc
-    o = Observation(**{**o.__dict__, "state": State.COMPUTING})
+    o = dc_replace(o, state=State.COMPUTING)
     r = rule_for(o.server)
     dec = decide(o, h, r, NOW, UTC)
     if r.computing == "protect":
@@ -251,7 +252,7 @@ def test_could_stop_is_an_upper_bound_on_stop_whatever_the_probe_shows(sc, state
     # The sweep counts could_stop() runs BEFORE probing to know the safety limits cannot trip;
     # that is sound only if no observation of such a run can lead to a stop otherwise.
     o, h = sc
-    o = Observation(**{**o.__dict__, "state": state})
+    o = dc_replace(o, state=state)
     if decide(o, h, rule_for(o.server), NOW, UTC).action is Action.STOP:
         assert could_stop(h)
 
@@ -268,8 +269,8 @@ def test_could_stop_needs_a_settled_final_notice() -> None:
 @given(scenario())
 def test_never_stop_an_exempt_server(sc):
     o, h = sc
-    s = HubServer(**{**o.server.__dict__, "groups": ("staff",)})
-    o = Observation(**{**o.__dict__, "server": s})
+    s = dc_replace(o.server, groups=("staff",))
+    o = dc_replace(o, server=s)
     assert decide(o, h, rule_for(s), NOW, UTC).action is Action.EXEMPT
 
 
@@ -277,7 +278,7 @@ def test_never_stop_an_exempt_server(sc):
 @given(scenario())
 def test_never_stop_on_a_failed_probe_alone(sc):
     o, h = sc
-    o = Observation(**{**o.__dict__, "state": State.UNREACHABLE})
+    o = dc_replace(o, state=State.UNREACHABLE)
     dec = decide(o, h, rule_for(o.server), NOW, UTC)
     assert dec.action is not Action.STOP or dec.spell is None
     assert dec.action is not Action.FINAL or dec.spell is None
@@ -295,7 +296,7 @@ def test_decisions_are_monotone_in_time_for_a_fixed_history(sc, steps):
         if now < t:
             continue
         t = now
-        ranks.append(decide(Observation(**{**o.__dict__, "at": now}), h, r, now, UTC).rank)
+        ranks.append(decide(dc_replace(o, at=now), h, r, now, UTC).rank)
     assert ranks == sorted(ranks)
 
 

@@ -2,6 +2,7 @@
 a real SQLite store and the log channel; time is driven by a fake clock."""
 
 import os
+from dataclasses import replace as dc_replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -220,7 +221,7 @@ async def test_a_listing_older_than_a_minute_is_checked_before_a_streamed_stop(s
 
     async def slow_probe(server):  # the sweep's look takes long; meanwhile the user restarted
         clock.advance(2 * M)
-        hub.servers[("alice", "")] = HubServer(**{**srv.__dict__, "started": clock.now})
+        hub.servers[("alice", "")] = dc_replace(srv, started=clock.now)
         return await orig(server)
 
     hub.probe = slow_probe
