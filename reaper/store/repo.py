@@ -60,6 +60,11 @@ _CHUNK = 400  # runs per IN (...) query: 3 parameters each, far below SQLite's l
 _WHOLE_SWEEP = 500  # more runs than this at once: read all open runs instead of looking each up
 
 _RUNS: Table = Run.__table__  # type: ignore[assignment]
+_LOOKUP_COLS = tuple(
+    _RUNS.c[name]
+    for name in ("id", "user", "server", "started", "action", "state", "rule", "first_seen", "kept_until",
+                 "stop_requested_at", "last_seen", "detached_since")
+)  # what run lookups need: not the reasons, details and options of 10,000 runs
 _NOTICES: Table = Notice.__table__  # type: ignore[assignment]
 _DELIVERIES: Table = DeliveryRow.__table__  # type: ignore[assignment]
 _DECISIONS: Table = DecisionLog.__table__  # type: ignore[assignment]
@@ -298,7 +303,7 @@ class Store:
         if len(keys) > _WHOLE_SWEEP:
             # A whole sweep's worth: its runs are (nearly) all the open runs, read in one query.
             wanted = set(keys)
-            q = select(_RUNS).where(_RUNS.c.ended_at.is_(None))
+            q = select(*_LOOKUP_COLS).where(_RUNS.c.ended_at.is_(None))
             if lock and self.dialect == "postgresql":
                 q = q.order_by(_RUNS.c.id).with_for_update()
             rows = [r for r in s.execute(q) if (r.user, r.server, r.started) in wanted]
@@ -310,7 +315,7 @@ class Store:
         wanted_left = set(keys)
         for i in range(0, len(keys), _CHUNK):
             chunk = keys[i : i + _CHUNK]
-            q = select(_RUNS).where(
+            q = select(*_LOOKUP_COLS).where(
                 _RUNS.c.user.in_(sorted({k[0] for k in chunk})), _RUNS.c.started.in_(sorted({k[2] for k in chunk}))
             )
             if lock and self.dialect == "postgresql":
