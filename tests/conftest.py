@@ -32,3 +32,17 @@ def ci() -> bool:
 def require_real_part() -> Callable[[bool, str], None]:
     """Call as require_real_part(available, "what"): skips only when not root and not CI."""
     return harness.require_real_part
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI, or as root, a skipped test fails the run, whatever skipped it (a library's
+    importorskip included): a skip there would hide a real part that is missing."""
+    if harness.may_skip_real_parts():
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+    if skipped and session.exitstatus == 0:
+        if reporter is not None:
+            reporter.write_line(f"{skipped} test(s) skipped, and skips are failures in CI and as root",
+                                red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,55 @@
+"""The one skip site (tests.harness.require_real_part) and the CI guard: in CI, or as root, a
+missing real part fails the run; only a developer's machine without root may skip."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import harness
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("ci_value", ["true", "1", "yes", "TRUE"])
+def test_in_ci_a_missing_part_fails_even_without_root(monkeypatch: pytest.MonkeyPatch, ci_value: str) -> None:
+    monkeypatch.setenv("CI", ci_value)
+    monkeypatch.setattr(harness.os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.fail.Exception, match="Slurm is not available"):
+        harness.require_real_part(False, "Slurm")
+
+
+def test_as_root_a_missing_part_fails_outside_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(harness.os, "geteuid", lambda: 0)
+    with pytest.raises(pytest.fail.Exception):
+        harness.require_real_part(False, "PostgreSQL")
+
+
+def test_only_a_developer_without_root_outside_ci_may_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "false")
+    monkeypatch.setattr(harness.os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception):
+        harness.require_real_part(False, "Chromium")
+    harness.require_real_part(True, "Chromium")  # present: nothing happens
+
+
+def test_in_ci_any_skip_fails_the_run(tmp_path: Path) -> None:
+    # A skip that does not go through require_real_part (a library's importorskip, a stray mark)
+    # must fail the run in CI too: the conftest guard turns it into a failing exit status.
+    tdir = tmp_path / "tests"
+    tdir.mkdir()
+    (tdir / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    (tdir / "test_x.py").write_text(
+        "import pytest\n\ndef test_ok():\n    pass\n\n"
+        "def test_skipped():\n    pytest.importorskip('no_such_module_here')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "CI": "true", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tdir)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "1 passed, 1 skipped" in run.stdout  # the tests themselves ran; the guard failed the run
+    assert "skips are failures in CI" in run.stdout
