@@ -8,11 +8,28 @@ small connection pool per server address, kept by aiohttp's connector).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
 import httpx
 from yarl import URL
+
+
+@contextmanager
+def _as_httpx_errors(request: httpx.Request | None) -> Iterator[None]:
+    """aiohttp's failures as the httpx exceptions the hub client handles."""
+    try:
+        yield
+    except TimeoutError as e:
+        raise httpx.ReadTimeout(f"timed out ({e.__class__.__name__})", request=request) from None
+    except aiohttp.ClientConnectorError as e:
+        raise httpx.ConnectError(str(e), request=request) from None
+    except aiohttp.ServerDisconnectedError as e:
+        raise httpx.RemoteProtocolError(str(e), request=request) from None
+    except aiohttp.ClientError as e:
+        raise httpx.TransportError(f"{e.__class__.__name__}: {e}") from None
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -41,7 +58,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session = self._get_session()
         body = await request.aread() if request.method not in ("GET", "HEAD") else None
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw if k.lower() != b"host"]
-        try:
+        with _as_httpx_errors(request):
             async with session.request(
                 request.method,
                 URL(str(request.url), encoded=True),  # as httpx quoted it: never re-quoted
@@ -53,14 +70,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 content = await resp.read()
                 raw_headers = [(k, v) for k, v in resp.raw_headers]
                 status = resp.status
-        except TimeoutError as e:
-            raise httpx.ReadTimeout(f"timed out ({e.__class__.__name__})", request=request) from None
-        except aiohttp.ClientConnectorError as e:
-            raise httpx.ConnectError(str(e), request=request) from None
-        except aiohttp.ServerDisconnectedError as e:
-            raise httpx.RemoteProtocolError(str(e), request=request) from None
-        except aiohttp.ClientError as e:
-            raise httpx.TransportError(f"{e.__class__.__name__}: {e}") from None
         return httpx.Response(status_code=status, headers=raw_headers, content=content, request=request)
 
     async def send_raw(
@@ -69,20 +78,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         """The same request without httpx's Request/Response objects: (status, body). Raises the
         httpx exceptions handle_async_request raises, so callers handle both alike."""
         session = self._get_session()
-        try:
+        with _as_httpx_errors(None):
             async with session.request(
                 method, URL(url, encoded=True), headers=headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds),
             ) as resp:
                 return resp.status, await resp.read()
-        except TimeoutError as e:
-            raise httpx.ReadTimeout(f"timed out ({e.__class__.__name__})") from None
-        except aiohttp.ClientConnectorError as e:
-            raise httpx.ConnectError(str(e)) from None
-        except aiohttp.ServerDisconnectedError as e:
-            raise httpx.RemoteProtocolError(str(e)) from None
-        except aiohttp.ClientError as e:
-            raise httpx.TransportError(f"{e.__class__.__name__}: {e}") from None
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -7,9 +7,9 @@ durable before the hub is asked, and a delivered notice, which must be durable s
 one batch is being written the next one gathers, so the batch size follows the load on its own:
 one record per transaction when servers trickle in, hundreds when they flood. ``linger`` lets a
 batch wait a few milliseconds for company: worth it when records arrive steadily but slower than
-one transaction takes (stops paced by the hub). A task's ``add``
-returns only once its record is committed, so no ordering promise is weaker than one transaction
-per record; if the write fails, every task of that batch gets the exception.
+one transaction takes (stops paced by the hub). A task's ``add`` returns only once its record is
+committed, so no ordering promise is weaker than one transaction per record; if the write fails,
+every task of that batch gets the exception.
 """
 
 from __future__ import annotations

@@ -89,7 +89,6 @@ class SweepResult:
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds spent in each step
     phases_cpu: dict[str, float] = field(default_factory=dict)  # process CPU seconds in each step
     phases_rss: dict[str, float] = field(default_factory=dict)  # peak RSS (MB) at each step's end
-    peak_rss_mb: float = 0.0
     _cpu_mark: float = field(default=0.0, repr=False)
 
     def phase(self, name: str, since: float) -> float:
@@ -100,8 +99,8 @@ class SweepResult:
         if self._cpu_mark:
             self.phases_cpu[name] = round(self.phases_cpu.get(name, 0.0) + c - self._cpu_mark, 3)
         self._cpu_mark = c
-        self.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        self.phases_rss[name] = self.peak_rss_mb  # the process's peak so far: where memory grows
+        # the process's peak so far: the step where it grows is the step that needs the memory
+        self.phases_rss[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return t
 
     def counts(self) -> dict[str, int]:
@@ -335,8 +334,7 @@ class Sweeper:
             obs = classify(server, probe, now, fresh_within=s.probe.attached_within)
             if job is not None:
                 obs = replace(obs, job_end=job.end)
-            key = server.run_key()
-            hist = (histories.get(key) if key else None) or History()
+            hist = hist_of(server)
             obs = continue_spell(obs, hist)
             dec = decide(obs, hist, rule, now, s.tz)
             return Row(obs, dec, rule, answered_started=probe.status_started if probe is not None else None)
@@ -447,16 +445,15 @@ class Sweeper:
             crashpoint("after-notify")
         t = res.phase("notify", t)
         # 8. stops: re-checked, the intent recorded, issued concurrently, the outcome recorded
-        # (streamed stops went out in step 2: here their outcome is recorded, as one transaction)
+        # (streamed stops went out in step 2: here their outcomes are recorded, 500 to a
+        # transaction, as each record holds its "stopped" notice's context)
         streamed = [r for r in res.rows if r.stop is not None]
         if streamed:
-            for c in range(0, len(streamed), 500):  # (a record holds its notice's context: in slices)
-                part = streamed[c : c + 500]
-                records = [self._stop_record(r, r.obs, r.decision, *r.stop) for r in part]  # type: ignore[misc]
+            for c in range(0, len(streamed), 500):
+                records = [self._stop_record(r, r.obs, r.decision, *r.stop) for r in streamed[c : c + 500]]  # type: ignore[misc]
                 await self._db(self.store.record_stops, records, self.clock())
-            del records
             crashpoint("after-stop")
-            await asyncio.gather(*(self._after_stop(r, r.stop[0].outcome, slot=None) for r in streamed))  # type: ignore[index]
+            await asyncio.gather(*(self._after_stop(r, r.stop[0].outcome) for r in streamed))  # type: ignore[index]
             t = res.phase("stop.record", t)
         if not dry_run and not res.safety_tripped:
             todo = [r for r in res.rows if r.decision.action is Action.STOP and not r.streamed]
@@ -623,11 +620,11 @@ class Sweeper:
             return StopRecord(key, "stop-pending", True, detail, job_id=server.job_id)
         return StopRecord(key, "stop-failed", False, detail, job_id=server.job_id)
 
-    async def _after_stop(self, row: Row, outcome: str, *, slot: asyncio.Semaphore | None) -> None:
+    async def _after_stop(self, row: Row, outcome: str) -> None:
         """The batch-system guard's look after a stop (is the job gone? cancel it if not)."""
         if self.stop_hook is None:
             return
-        async with slot or self._after_sem:
+        async with self._after_sem:
             try:
                 await self.stop_hook.after_stop(row.obs.server, outcome, self.clock())
             except Exception as e:
@@ -703,7 +700,7 @@ class Sweeper:
         await self._db(self.store.record_stops, records, now)
         crashpoint("after-stop")
         t = res.phase("stop.record", t)
-        await asyncio.gather(*(self._after_stop(row, result.outcome, slot=None)
+        await asyncio.gather(*(self._after_stop(row, result.outcome)
                                for (row, _, _), result in zip(go, results, strict=True)))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -72,15 +72,7 @@ class Outbox:
         self._lock = asyncio.Lock()  # one drain at a time: a delivery is never tried twice at once
         # Delivered marks are group-committed: a burst of 10,000 notices is a few dozen
         # transactions, and each delivery still waits for its own mark to be durable.
-        self._delivered: GroupWriter[tuple[int, datetime]] = GroupWriter(self._mark_delivered)
-
-    def _mark_delivered(self, items: Sequence[tuple[int, datetime]]) -> None:
-        many = getattr(self.store, "mark_delivered_many", None)
-        if many is not None:
-            many(items)
-        else:  # a store without the batch call (test doubles)
-            for delivery_id, at in items:
-                self.store.mark_delivered(delivery_id, at)
+        self._delivered: GroupWriter[tuple[int, datetime]] = GroupWriter(store.mark_delivered_many)
 
     def backoff(self, attempts: int) -> timedelta:
         delay = self.base_delay * (2 ** max(attempts - 1, 0))

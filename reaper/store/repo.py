@@ -405,22 +405,20 @@ class Store:
 
     def record_many(self, items: list[tuple[Observation, Decision]], now: datetime) -> list[int | None]:
         """Record a sweep's observations and decisions in one transaction (see :meth:`record`)."""
-        with self._write() as s:
-            return self._record_many(s, items, as_utc(now))
-
-    def _record_many(self, s: Session, items: list[tuple[Observation, Decision]], now: datetime) -> list[int | None]:
+        now = as_utc(now)
         results: list[int | None] = [None] * len(items)
         keyed = [(i, obs.server.run_key(), obs, dec) for i, (obs, dec) in enumerate(items)]
         keyed = [(i, k, o, d) for (i, k, o, d) in keyed if k is not None]
         if not keyed:
             return results
-        rows = self._runs_for(s, (self._key(k) for _, k, _, _ in keyed), now, create=True, lock=True)
-        prev: dict[int, tuple[str | None, str | None, str | None]] = {
-            int(r.id): (r.action, r.state, r.rule) for r in rows.values()
-        }
-        for c in range(0, len(keyed), 500):  # in slices: a 10,000-server sweep's rows are not all in memory twice
-            self._record_slice(s, keyed[c : c + 500], rows, prev, now, results)
-        return results
+        with self._write() as s:
+            rows = self._runs_for(s, (self._key(k) for _, k, _, _ in keyed), now, create=True, lock=True)
+            prev: dict[int, tuple[str | None, str | None, str | None]] = {
+                int(r.id): (r.action, r.state, r.rule) for r in rows.values()
+            }
+            for c in range(0, len(keyed), 500):  # in slices: a 10,000-server sweep's rows are not all in memory twice
+                self._record_slice(s, keyed[c : c + 500], rows, prev, now, results)
+            return results
 
     def _record_slice(
         self,
@@ -787,42 +785,36 @@ class Store:
         if not items:
             return []
         with self._write() as s:
-            return self._record_stops(s, items, now)
-
-    def _record_stops(self, s: Session, items: list[StopRecord], now: datetime) -> list[int | None]:
-        out: list[int | None] = []
-        rows = self._runs_for(s, [self._key(it.run) for it in items], now, create=True, lock=True)
-        actions = []
-        ended = []
-        for it in items:
-            run_id = int(rows[self._key(it.run)].id)
-            actions.append({"run_id": run_id, "at": now, "kind": it.kind, "ok": it.ok, "detail": it.detail,
-                            "actor": it.actor, "job_id": it.job_id})
-            if it.end_reason is not None:
-                ended.append((run_id, it.end_reason))
-        s.execute(_ACTIONS.insert(), actions)
-        failed = [int(rows[self._key(it.run)].id) for it in items if it.kind == "stop-failed"]
-        if failed:  # the hub refused: nothing is pending, the next sweep may ask again
-            s.execute(update(_RUNS).where(_RUNS.c.id.in_(failed)).values(stop_requested_at=None))
-        by_reason: dict[str, list[int]] = {}
-        for run_id, reason in ended:
-            by_reason.setdefault(reason, []).append(run_id)
-        for reason, ids in by_reason.items():
-            for i in range(0, len(ids), 500):
-                s.execute(
-                    update(_RUNS).where(_RUNS.c.id.in_(ids[i : i + 500]), _RUNS.c.ended_at.is_(None))
-                    .values(ended_at=now, end_reason=reason)
-                )
-        with_notice = [it for it in items if it.notice_context is not None]
-        ids = iter(self._add_notices(
-            s,
-            [(int(rows[self._key(it.run)].id), NoticeKind.STOPPED, None, list(it.channels), it.notice_context)
-             for it in with_notice],  # type: ignore[misc]
-            now,
-        ))
-        for it in items:
-            out.append(next(ids) if it.notice_context is not None else None)
-        return out
+            rows = self._runs_for(s, [self._key(it.run) for it in items], now, create=True, lock=True)
+            actions = []
+            ended = []
+            for it in items:
+                run_id = int(rows[self._key(it.run)].id)
+                actions.append({"run_id": run_id, "at": now, "kind": it.kind, "ok": it.ok, "detail": it.detail,
+                                "actor": it.actor, "job_id": it.job_id})
+                if it.end_reason is not None:
+                    ended.append((run_id, it.end_reason))
+            s.execute(_ACTIONS.insert(), actions)
+            failed = [int(rows[self._key(it.run)].id) for it in items if it.kind == "stop-failed"]
+            if failed:  # the hub refused: nothing is pending, the next sweep may ask again
+                s.execute(update(_RUNS).where(_RUNS.c.id.in_(failed)).values(stop_requested_at=None))
+            by_reason: dict[str, list[int]] = {}
+            for run_id, reason in ended:
+                by_reason.setdefault(reason, []).append(run_id)
+            for reason, ids in by_reason.items():
+                for i in range(0, len(ids), 500):
+                    s.execute(
+                        update(_RUNS).where(_RUNS.c.id.in_(ids[i : i + 500]), _RUNS.c.ended_at.is_(None))
+                        .values(ended_at=now, end_reason=reason)
+                    )
+            with_notice = [it for it in items if it.notice_context is not None]
+            notice_ids = iter(self._add_notices(
+                s,
+                [(int(rows[self._key(it.run)].id), NoticeKind.STOPPED, None, list(it.channels), it.notice_context)
+                 for it in with_notice],  # type: ignore[misc]
+                now,
+            ))
+            return [next(notice_ids) if it.notice_context is not None else None for it in items]
 
     def end_run(self, run: RunKey, now: datetime, reason: str) -> None:
         """The server is no longer on the hub: the run ends (recording it again reopens it)."""
