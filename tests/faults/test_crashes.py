@@ -106,6 +106,12 @@ def kinds_for(sink: SmtpSink, user: str) -> list[str]:
     return [str(m.message["X-Reaper-Notice"]) for m in sink.messages if f"{user}@example.org" in m.rcpt_tos]
 
 
+def final_sweep_done(log: str) -> bool:
+    """The reaper's log shows a finished sweep after the one that sent the final notice."""
+    sent = log.find("notice final sent")
+    return sent >= 0 and "sweep done" in log[sent:]
+
+
 def db_rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
     with sqlite3.connect(db) as con:
         return list(con.execute(sql))
@@ -147,6 +153,10 @@ async def test_sigkill_at_each_point_then_restart_one_notice_each_no_lost_stop_d
             await until(lambda: "final" in kinds_for(sink, user) or crashing.returncode is not None, 40,
                         "the final notice")
             final_at = time.time()
+            # Arm only once the sweep that sent the final notice is over: the mail reaches the sink
+            # before that sweep passes its own after-notify point, and arming earlier would kill it.
+            await until(lambda: final_sweep_done(crashing.log()) or crashing.returncode is not None, 20,
+                        "the end of the sweep that sent the final notice")
             marker.unlink()  # armed: the next sweep (the stop sweep) dies at `point`
         rc = await crashing.wait(30)
         assert rc == -signal.SIGKILL, f"exit {rc}\n{crashing.log()}"
