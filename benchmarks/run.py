@@ -384,7 +384,7 @@ async def run_ours(
         config[k] = v
     os.environ["JUPYTERHUB_API_TOKEN"] = token
     settings = Settings.model_validate(config)
-    store = await asyncio.to_thread(Store.open, settings.database_url)
+    store = await asyncio.to_thread(lambda: Store.open(settings.database_url, isolated=True))  # as the service
     hub = make_hub_client(settings)
     public = settings.hub.effective_api_url().removesuffix("/hub/api")
     offset = timedelta(seconds=warmup_s)
@@ -405,6 +405,8 @@ async def run_ours(
             tune_gc()  # as the service does at start (reaper.service.run_service)
         rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports, store, clients
         warm = await sweeper.run_once(dry_run=False)
+        warm_summary, warm_actions = warm.summary(), _actions(warm)
+        warm.release_rows()  # as the service does once the sweep is counted (reaper.service)
         # setup, not measured: deliver every queued notice (one drain delivers a bounded batch)
         for _ in range(10 * n + 10):
             if not await outbox.drain(clock()):
@@ -460,10 +462,10 @@ async def run_ours(
             for name, g in (("intents", sweeper._intents),
                             ("delivered", outbox._delivered))
         },
-        "warmup": warm.summary(),
+        "warmup": warm_summary,
         "summary": res.summary(),
         "actions": _actions(res),
-        "warmup_actions": _actions(warm),
+        "warmup_actions": warm_actions,
     }
 
 

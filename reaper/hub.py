@@ -735,14 +735,14 @@ class HubClient:
                 return Probe.failed(str(exc), via=via)
         first: list[Any] = [self._probe_get(base + "api/status", "status")]
         if self.probe_terminals:
-            first.append(self._probe_get(base + "api/terminals", "terminals", missing_ok=True))
+            first.append(self._probe_get(base + "api/terminals", "terminals", missing_ok=True, last=True))
         results = list(await asyncio.gather(*first, return_exceptions=True))
         status = results[0]
         kernel_count = status.get("kernels") if isinstance(status, dict) else None
         no_kernels = isinstance(kernel_count, int) and not isinstance(kernel_count, bool) and kernel_count == 0
         if isinstance(status, dict) and not no_kernels:
             try:
-                results.append(await self._probe_get(base + "api/kernels", "kernels"))
+                results.append(await self._probe_get(base + "api/kernels", "kernels", last=True))
             except _ProbeFailure as exc:
                 results.append(exc)
         else:
@@ -797,10 +797,16 @@ class HubClient:
             status_started=_started(status),
         )
 
-    async def _probe_get(self, url: str, what: str, *, missing_ok: bool = False) -> Any:
+    async def _probe_get(self, url: str, what: str, *, missing_ok: bool = False, last: bool = False) -> Any:
         """GET one probe URL with ?no_track_activity=1. Returns parsed JSON (None for a 404 when
-        missing_ok); raises _ProbeFailure('<what>: <reason>')."""
+        missing_ok); raises _ProbeFailure('<what>: <reason>').
+
+        ``last``: no other request of this probe will use the connection, so it is closed after
+        the answer (``Connection: close``) instead of idling in the pool: a sweep talks to each
+        server once, and thousands of idle sockets would hold file descriptors and memory."""
         headers = {"Authorization": f"token {self._probe_token}", "Accept": "application/json"}
+        if last:
+            headers["Connection"] = "close"
         direct = self._probe_aiohttp
         if direct is not None:
             return await self._probe_get_aiohttp(direct, url, what, headers, missing_ok=missing_ok)

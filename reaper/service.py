@@ -112,7 +112,8 @@ class ReaperService:
 
     async def start(self) -> None:
         s = self.settings
-        self.store = await asyncio.to_thread(Store.open, s.database_url)
+        # a migration runs in a child interpreter: this process stays free of alembic
+        self.store = await asyncio.to_thread(lambda: Store.open(s.database_url, isolated=True))
         self.hub = make_hub_client(s)
         from .web.metrics import count_notice
 
@@ -195,6 +196,7 @@ class ReaperService:
         from .web import metrics
 
         metrics.record_sweep(self.last_result)
+        self.last_result.release_rows()  # counted: the next sweep needs the memory, not the rows
         scancels = getattr(guard, "scancels", 0) - before[0]
         orphans = getattr(guard, "orphans_cancelled", 0) - before[1]
         if scancels:

@@ -90,6 +90,7 @@ class SweepResult:
     phases_cpu: dict[str, float] = field(default_factory=dict)  # process CPU seconds in each step
     phases_rss: dict[str, float] = field(default_factory=dict)  # peak RSS (MB) at each step's end
     _cpu_mark: float = field(default=0.0, repr=False)
+    _released: tuple[int, dict[str, int]] | None = field(default=None, repr=False)  # see release_rows
 
     def phase(self, name: str, since: float) -> float:
         """Add the time since ``since`` (time.monotonic()) to the phase, and the process CPU since
@@ -103,7 +104,20 @@ class SweepResult:
         self.phases_rss[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return t
 
+    def release_rows(self) -> None:
+        """Drop the per-server rows and keep their counts: the service keeps the last result
+        (health, metrics) while the next sweep runs, and 10,000 rows are ~20 MB it does not need."""
+        if self._released is None:
+            self._released = (len(self.rows), self.counts())
+        self.rows = []
+
+    @property
+    def servers(self) -> int:
+        return self._released[0] if self._released is not None else len(self.rows)
+
     def counts(self) -> dict[str, int]:
+        if self._released is not None:
+            return dict(self._released[1])
         by_state: dict[str, int] = {}
         for r in self.rows:
             by_state[r.obs.state.value] = by_state.get(r.obs.state.value, 0) + 1
@@ -111,7 +125,7 @@ class SweepResult:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "servers": len(self.rows),
+            "servers": self.servers,
             "states": self.counts(),
             "probes": self.probes,
             "notices": self.notices,
@@ -264,7 +278,7 @@ class Sweeper:
             "sweep %s in %.1fs: %d servers %s, %d probed, %d notices, %d stopped, %d pending, %d failed%s",
             "done" if res.ok else "FAILED",
             took,
-            len(res.rows),
+            res.servers,
             res.counts(),
             res.probes,
             res.notices,

@@ -25,16 +25,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, or_, select, update
+from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, inspect, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
-
-from alembic import command
 
 from ..model import Decision, History, NoticeKind, Observation, RunKey, SentNotice
 from .models import (
@@ -52,6 +48,9 @@ from .models import (
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "reaper_alembic_version"
+# The newest migration in migrations/versions (tests/unit check it against alembic's own head).
+# A store already at this revision opens without importing alembic (~11 MB the service never needs).
+HEAD_REVISION = "0002"
 DEFAULT_LEASE = "reaper"
 # Notices of these kinds go out at most once per spell (run-wide when the spell is None): seq 0.
 # Reminders are numbered 1..n within their spell.
@@ -164,6 +163,20 @@ def make_engine(url: str | URL) -> Engine:
     return engine
 
 
+def _upgrade_in_child(u: URL) -> None:
+    """Migrate to head in a child interpreter (``reaper db upgrade``'s code): the URL goes by
+    environment, never on a command line that ``ps`` shows."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REAPER_MIGRATE_URL": u.render_as_string(hide_password=False)}
+    code = "import os; from reaper.store.repo import Store; Store.open(os.environ['REAPER_MIGRATE_URL']).close()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise RuntimeError("database migration failed: " + " | ".join(tail))
+
+
 def _ensure_sqlite_folder(u: URL) -> None:
     if u.get_backend_name() != "sqlite" or _sqlite_memory(u):
         return
@@ -235,14 +248,23 @@ class Store:
         )
 
     @classmethod
-    def open(cls, url: str, *, upgrade: bool = True) -> Store:
-        """Open (creating the SQLite file's folder) and, unless told not to, migrate to head."""
+    def open(cls, url: str, *, upgrade: bool = True, isolated: bool = False) -> Store:
+        """Open (creating the SQLite file's folder) and, unless told not to, migrate to head.
+
+        A database already at head is only checked (one query), without alembic. ``isolated``
+        (the service): a migration that is needed runs in a child interpreter, so the long-lived
+        process never loads alembic; an in-memory database has no other process to share it and
+        is migrated here."""
         u = _normalize_url(url)
         _ensure_sqlite_folder(u)
         store = cls(make_engine(u))
         if upgrade:
             try:
-                store.upgrade()
+                if store.stored_revision() != HEAD_REVISION:
+                    if isolated and not _sqlite_memory(u):
+                        _upgrade_in_child(u)
+                    else:
+                        store.upgrade()
             except BaseException:
                 store.close()
                 raise
@@ -271,7 +293,9 @@ class Store:
 
     # ------------------------------------------------------------ migrations
 
-    def _alembic(self) -> Config:
+    def _alembic(self) -> Any:
+        from alembic.config import Config
+
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.set_main_option("path_separator", "os")
@@ -280,18 +304,33 @@ class Store:
         return cfg
 
     def upgrade(self, revision: str = "head") -> None:
+        from alembic import command
+
         with self._lock, self._rw.begin() as conn:
             cfg = self._alembic()
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
 
     def downgrade(self, revision: str) -> None:
+        from alembic import command
+
         with self._lock, self._rw.begin() as conn:
             cfg = self._alembic()
             cfg.attributes["connection"] = conn
             command.downgrade(cfg, revision)
 
+    def stored_revision(self) -> str | None:
+        """The schema revision recorded in the database (None for a new one), read without
+        alembic; several heads (never made by this project) read as None, so alembic decides."""
+        with self._lock, self.engine.connect() as conn:
+            if not inspect(conn).has_table(VERSION_TABLE):
+                return None
+            revs = [r[0] for r in conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))]
+        return revs[0] if len(revs) == 1 else None
+
     def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
         with self._lock, self.engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
             return ctx.get_current_revision()

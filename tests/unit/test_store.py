@@ -151,6 +151,81 @@ def test_migrations_upgrade_to_head_and_downgrade_to_base_cleanly(db_url: str) -
         s.close()
 
 
+def test_head_revision_constant_is_alembics_head() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from reaper.store.repo import HEAD_REVISION, MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    # a new migration must move HEAD_REVISION too, or stores at the old head would not upgrade
+    assert ScriptDirectory.from_config(cfg).get_heads() == [HEAD_REVISION]
+
+
+def test_stored_revision_reads_what_alembic_reads(db_url: str) -> None:
+    s = Store.open(db_url, upgrade=False)
+    try:
+        assert s.stored_revision() is None and s.current_revision() is None
+        s.upgrade("0001")
+        assert s.stored_revision() == s.current_revision() == "0001"
+        s.upgrade()
+        assert s.stored_revision() == s.current_revision() == "0002"
+    finally:
+        s.close()
+
+
+_ISOLATED_OPEN = """
+import os, sys
+from reaper.store import Store
+s = Store.open(os.environ["URL"], isolated=True)
+print(s.stored_revision(), "alembic" in sys.modules)
+s.close()
+"""
+
+
+def _isolated_open(url: str) -> list[str]:
+    p = subprocess.run([sys.executable, "-c", _ISOLATED_OPEN], env={**os.environ, "URL": url},
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.split()
+
+
+def test_isolated_open_migrates_in_a_child_and_never_loads_alembic(db_url: str) -> None:
+    # a new database, one a revision behind, and one at head: all end at head, and the opening
+    # process (the service) has not imported alembic in any of them
+    assert _isolated_open(db_url) == ["0002", "False"]
+    s = Store.open(db_url, upgrade=False)
+    s.downgrade("0001")
+    s.close()
+    assert _isolated_open(db_url) == ["0002", "False"]
+    assert _isolated_open(db_url) == ["0002", "False"]
+    s = Store.open(db_url, upgrade=False)
+    try:
+        assert s.current_revision() == "0002"
+        assert s.open_runs() == []
+    finally:
+        s.close()
+
+
+def test_isolated_open_reports_a_failed_migration(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.sqlite'}"
+    s = Store.open(url)
+    with s.engine.begin() as c:  # a revision this reaper does not know (a newer reaper's database?)
+        c.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    s.close()
+    with pytest.raises(RuntimeError, match="database migration failed: .*9999"):
+        Store.open(url, isolated=True)
+
+
+def test_in_memory_database_is_migrated_in_process() -> None:
+    s = Store.open("sqlite://", isolated=True)  # no other process could see it
+    try:
+        assert s.current_revision() == "0002"
+    finally:
+        s.close()
+
+
 def test_the_models_match_the_migrated_schema(store: Store) -> None:
     with store.engine.connect() as c:
         ctx = MigrationContext.configure(c, opts={"compare_type": True, "version_table": VERSION_TABLE})
