@@ -1,6 +1,8 @@
 """Async JupyterHub REST client: list running servers, probe them, stop them.
 
-One pooled ``httpx.AsyncClient`` serves both the hub API and the single-user servers.
+Requests go straight through aiohttp (``reaper.aiohttp_transport``): one keep-alive pool for the hub
+API, one for the single-user servers. ``http="httpx"`` (or an httpx ``transport``, as the respx tests
+give) sends the same requests through httpx instead; httpx is imported only then.
 
 Hub calls (listing, proxy table, stop, re-check) are retried with exponential backoff and
 jitter on connection errors, timeouts, 5xx and 429; 4xx answers are never retried. Probes of
@@ -34,10 +36,14 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlencode, urlsplit
 
-import httpx
+from .aiohttp_transport import AiohttpSender, TransportFailure, TransportTimeout
+
+if TYPE_CHECKING:
+    import httpx
+
 
 from reaper.model import HubServer, Kernel, Probe
 
@@ -184,56 +190,6 @@ def _kernel(model: Any) -> Kernel:
     )
 
 
-class PerHostTransport(httpx.AsyncBaseTransport):
-    """Probes go to one host per server. httpx's single pool scans all its connections (twice,
-    quadratically) on every request, which on a hub of thousands of servers costs more CPU than the
-    probes themselves. This keeps one tiny keep-alive pool per server address instead, the least
-    recently used ones closed once idle beyond ``max_hosts``."""
-
-    def __init__(self, *, per_host: int = 2, max_hosts: int = 64) -> None:
-        import ssl
-
-        self.per_host = per_host
-        self.max_hosts = max_hosts
-        self._ssl = ssl.create_default_context()  # made once, shared by every pool
-        self._pools: dict[tuple[bytes, bytes, int | None], httpx.AsyncHTTPTransport] = {}
-
-    def _pool_for(self, url: httpx.URL) -> httpx.AsyncHTTPTransport:
-        key = (url.raw_scheme, url.raw_host, url.port)
-        pool = self._pools.pop(key, None)
-        if pool is None:
-            limits = httpx.Limits(max_connections=self.per_host, max_keepalive_connections=self.per_host)
-            pool = httpx.AsyncHTTPTransport(verify=self._ssl, limits=limits)
-        self._pools[key] = pool  # most recently used last
-        return pool
-
-    def _idle_to_close(self) -> list[httpx.AsyncHTTPTransport]:
-        out = []
-        excess = len(self._pools) - self.max_hosts
-        if excess <= 0:
-            return out
-        for key in list(self._pools):
-            if excess <= 0:
-                break
-            pool = self._pools[key]
-            conns = pool._pool.connections
-            if all(c.is_idle() or c.is_closed() for c in conns) and not pool._pool._requests:
-                out.append(self._pools.pop(key))
-                excess -= 1
-        return out
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        pool = self._pool_for(request.url)
-        for old in self._idle_to_close():
-            await old.aclose()
-        return await pool.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        pools, self._pools = list(self._pools.values()), {}
-        for pool in pools:
-            await pool.aclose()
-
-
 class HubClient:
     """Async client for the JupyterHub REST API and the single-user servers behind it.
 
@@ -293,46 +249,49 @@ class HubClient:
         self._stop_sem = asyncio.Semaphore(max(stop_concurrency, 1))
         # Hub calls: one small keep-alive pool to one host.
         hub_conns = hub_concurrency + max(stop_concurrency, 1)
-        hub_transport: httpx.AsyncBaseTransport | None = transport
-        self._hub_aiohttp: Any = None  # set when hub calls go straight through aiohttp
-        if hub_transport is None and http == "aiohttp":
-            from .aiohttp_transport import AiohttpTransport
-
-            # httpx's pool scans every connection twice per request: with dozens of stops in
-            # flight that costs more than the stops themselves.
-            hub_transport = AiohttpTransport(limit=hub_conns, limit_per_host=hub_conns)
-            self._hub_aiohttp = hub_transport
-        self._client = httpx.AsyncClient(
-            transport=hub_transport,
-            limits=httpx.Limits(max_connections=hub_conns, max_keepalive_connections=hub_conns),
-            timeout=httpx.Timeout(timeout),
-            follow_redirects=False,
-        )
-        # Probes: one host per server. httpx scans its whole idle pool on every request, so a pool
-        # holding thousands of servers' connections costs more CPU than the probes themselves:
-        # keep only as many idle connections as probes run at once (status then kernels reuse one).
-        self._probe_aiohttp: Any = None  # set when probes go straight through aiohttp
-        probe_transport: httpx.AsyncBaseTransport | None = transport
-        if probe_transport is None and probe_via == "direct":
-            if http == "aiohttp":
-                from .aiohttp_transport import AiohttpTransport
-
-                # One host per server: a connection is only worth keeping for the next request
-                # of the same probe. Idle connections to thousands of servers would otherwise
-                # pile up (aiohttp's limit counts only connections in use).
-                probe_transport = AiohttpTransport(
-                    limit=(3 if probe_terminals else 2) * probe_concurrency, keepalive_timeout=1.0
-                )
-                self._probe_aiohttp = probe_transport
-            else:
-                probe_transport = PerHostTransport(per_host=2, max_hosts=2 * probe_concurrency)
         probe_conns = (3 if probe_terminals else 2) * probe_concurrency
-        self._probe_client = httpx.AsyncClient(
-            transport=probe_transport,
-            limits=httpx.Limits(max_connections=probe_conns, max_keepalive_connections=probe_concurrency),
-            timeout=httpx.Timeout(probe_timeout),
-            follow_redirects=False,
-        )
+        self._client: Any = None  # httpx clients: only with hub.http "httpx" or a given transport
+        self._probe_client: Any = None
+        self._hub_aiohttp: AiohttpSender | None = None  # the default: straight through aiohttp
+        self._probe_aiohttp: AiohttpSender | None = None
+        self._close_after_probe = probe_via == "direct"
+        if transport is None and http == "aiohttp":
+            # httpx's pool scans every connection twice per request, and its Request/Response
+            # objects cost more CPU than a call itself: with dozens of stops in flight and
+            # thousands of probes a sweep, aiohttp does the same for a fraction.
+            self._hub_aiohttp = AiohttpSender(limit=hub_conns, limit_per_host=hub_conns)
+            if probe_via == "direct":
+                # One host per server, asked once a sweep: its connection lives for one probe
+                # (status then kernels) and is closed after (see _probe_get).
+                self._probe_aiohttp = AiohttpSender(limit=probe_conns, keepalive_timeout=1.0)
+            else:  # every probe goes to the proxy: one keep-alive pool to it
+                self._probe_aiohttp = AiohttpSender(limit=probe_conns, limit_per_host=probe_conns)
+            self._timeouts: tuple[type[BaseException], ...] = (TransportTimeout,)
+            self._failures: tuple[type[BaseException], ...] = (TransportFailure,)
+        else:
+            import httpx
+
+            from .httpx_pool import PerHostTransport
+
+            self._timeouts, self._failures = (httpx.TimeoutException,), (httpx.TransportError,)
+            self._client = httpx.AsyncClient(
+                transport=transport,
+                limits=httpx.Limits(max_connections=hub_conns, max_keepalive_connections=hub_conns),
+                timeout=httpx.Timeout(timeout),
+                follow_redirects=False,
+            )
+            # Probes: one host per server. httpx scans its whole idle pool on every request, so
+            # a pool holding thousands of servers' connections costs more CPU than the probes
+            # themselves: one tiny pool per server address instead.
+            probe_transport = transport
+            if probe_transport is None and probe_via == "direct":
+                probe_transport = PerHostTransport(per_host=2, max_hosts=2 * probe_concurrency)
+            self._probe_client = httpx.AsyncClient(
+                transport=probe_transport,
+                limits=httpx.Limits(max_connections=probe_conns, max_keepalive_connections=probe_concurrency),
+                timeout=httpx.Timeout(probe_timeout),
+                follow_redirects=False,
+            )
         self._targets: dict[str, str] | None = None
         self._targets_by_server: dict[tuple[str, str], str] = {}
         self._targets_error: str | None = None
@@ -352,8 +311,9 @@ class HubClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-        await self._probe_client.aclose()
+        for c in (self._client, self._probe_client, self._hub_aiohttp, self._probe_aiohttp):
+            if c is not None:
+                await c.aclose()
 
     def __repr__(self) -> str:  # never shows the token
         return f"HubClient(api_url={self.api_url!r}, probe_via={self.probe_via!r})"
@@ -419,10 +379,10 @@ class HubClient:
                         response = await self._client.request(
                             method, url, params=params, headers=hdrs, timeout=request_timeout or self.timeout
                         )
-            except httpx.TimeoutException:
+            except self._timeouts:
                 last, status = f"timeout after {request_timeout or self.timeout:g}s", None
-            except httpx.TransportError as exc:
-                last, status = f"{type(exc).__name__}: {self._redact(str(exc))}", None
+            except self._failures as exc:
+                last, status = f"{_failure_name(exc)}: {self._redact(str(exc))}", None
             else:
                 if response.status_code not in _RETRY_STATUSES:
                     return response
@@ -805,7 +765,7 @@ class HubClient:
         the answer (``Connection: close``) instead of idling in the pool: a sweep talks to each
         server once, and thousands of idle sockets would hold file descriptors and memory."""
         headers = {"Authorization": f"token {self._probe_token}", "Accept": "application/json"}
-        if last:
+        if last and self._close_after_probe:
             headers["Connection"] = "close"
         direct = self._probe_aiohttp
         if direct is not None:
@@ -816,10 +776,10 @@ class HubClient:
                 response = await self._probe_client.get(
                     url, params=NO_TRACK, headers=headers, timeout=self.probe_timeout
                 )
-            except httpx.TimeoutException:
+            except self._timeouts:
                 reason = f"{what}: timeout after {self.probe_timeout:g}s"
-            except httpx.TransportError as exc:
-                reason = f"{what}: {type(exc).__name__}"
+            except self._failures as exc:
+                reason = f"{what}: {_failure_name(exc)}"
                 detail = self._redact(str(exc))
                 if detail:
                     reason += f" ({detail[:100]})"
@@ -870,6 +830,11 @@ class HubClient:
     async def probe_many(self, servers: Iterable[HubServer]) -> list[Probe]:
         """Probe several servers concurrently (bounded by probe_concurrency), in order."""
         return list(await asyncio.gather(*(self.probe(s) for s in servers)))
+
+
+def _failure_name(exc: BaseException) -> str:
+    """httpx's name for a connection-level failure, on either path: "ConnectError", ..."""
+    return getattr(exc, "kind", None) or type(exc).__name__
 
 
 def _started(status: dict[str, Any]) -> datetime | None:

@@ -79,6 +79,12 @@ class HubServer:
     groups: tuple[str, ...] = ()
     admin: bool = False
     target: str | None = None  # the server's own address, e.g. http://10.0.0.5:53211 (from /proxy or state)
+    # made once: a sweep keys several maps by it, and one object per server beats one per lookup
+    _key: RunKey | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.started is not None:
+            object.__setattr__(self, "_key", RunKey(self.user, self.name, self.started))
 
     @property
     def label(self) -> str:
@@ -90,9 +96,7 @@ class HubServer:
         return str(job) if job not in (None, "") else None
 
     def run_key(self) -> RunKey | None:
-        if self.started is None:
-            return None
-        return RunKey(self.user, self.name, self.started)
+        return self._key
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,3 +81,30 @@ async def test_probes_leave_no_idle_connection_to_the_servers_behind(sim: HubSim
         await asyncio.sleep(0.05)  # the closes land (both ends live in this process)
         # each server's probe ended with "Connection: close": nothing of the 36 is left open
         assert _open_fds() - before <= 2, f"{_open_fds() - before} descriptors left open by 36 probes"
+
+
+@pytest.mark.parametrize("via", ["direct", "proxy"])
+async def test_probes_answer_alike_on_both_paths_direct_and_through_the_proxy(sim: HubSim, via: str) -> None:
+    seen = {}
+    for http in ("aiohttp", "httpx"):
+        async with HubClient(sim.api_url, TOKEN, http=http, probe_via=via, public_url=sim.url) as hub:
+            servers = await hub.list_active_servers()
+            probes = [await hub.probe(s) for s in servers]
+            assert all(p.ok and p.via == via for p in probes), [p.error for p in probes if not p.ok]
+            seen[http] = [(s.label, p.status_connections, p.status_kernels, len(p.kernels), p.terminals)
+                          for s, p in zip(servers, probes, strict=True)]
+    assert seen["aiohttp"] == seen["httpx"]
+
+
+def test_the_default_path_never_imports_httpx() -> None:
+    # ~10 MB the long-running service does not need: httpx loads only for hub.http "httpx"
+    import subprocess
+    import sys
+
+    code = ("import sys; from reaper.service import make_hub_client; from reaper.hub import HubClient; "
+            "HubClient('http://127.0.0.1:1/hub/api', 't'); "
+            "HubClient('http://127.0.0.1:1/hub/api', 't', probe_via='proxy', public_url='http://127.0.0.1:1'); "
+            "print('httpx' in sys.modules); HubClient('http://127.0.0.1:1/hub/api', 't', http='httpx'); "
+            "print('httpx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
