@@ -400,7 +400,7 @@ async def run_ours(
         tracemalloc.start(1)
     try:
         outbox = make_outbox(settings, store)
-        sweeper = Sweeper(settings, hub, store, notifier=outbox, clock=clock)
+        sweeper = Sweeper(settings, hub, store, notifier=outbox, clock=clock, keep_rows=False)  # as the service
         if not os.environ.get("BENCH_NO_TUNE_GC"):
             tune_gc()  # as the service does at start (reaper.service.run_service)
         rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports, store, clients
@@ -471,12 +471,7 @@ async def run_ours(
 
 def _actions(res: Any) -> dict[str, Any]:
     """Decisions of a sweep by action, with one sample reason each (for the README and debugging)."""
-    out: dict[str, Any] = {}
-    for r in res.rows:
-        a = r.decision.action.value + (f" ({r.outcome})" if r.outcome else "")
-        entry = out.setdefault(a, {"count": 0, "sample": r.decision.reason})
-        entry["count"] += 1
-    return out
+    return {a: {"count": n, "sample": reason} for a, (n, reason) in res.actions.items()}
 
 
 def run_ours_measured(sim: Sim, sc: Scenario, n: int, workdir: Path, timeout: float) -> Measure:

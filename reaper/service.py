@@ -118,7 +118,8 @@ class ReaperService:
         from .web.metrics import count_notice
 
         self.outbox = make_outbox(s, self.store, observer=count_notice)
-        self.sweeper = Sweeper(s, self.hub, self.store, notifier=self.outbox, stop_hook=make_stop_hook(s, self.store))
+        self.sweeper = Sweeper(s, self.hub, self.store, notifier=self.outbox, stop_hook=make_stop_hook(s, self.store),
+                              keep_rows=False)  # counts, not 10,000 rows (dry runs keep theirs)
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         self.scheduler.add_job(
             self.tick,

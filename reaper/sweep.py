@@ -78,7 +78,12 @@ class SweepResult:
     ok: bool = False
     dry_run: bool = False
     error: str | None = None
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # kept for dry runs and when the Sweeper keeps rows
+    servers: int = 0
+    states: dict[str, int] = field(default_factory=dict)  # servers by state
+    actions: dict[str, list[Any]] = field(default_factory=dict)  # "action (outcome)" -> [count, a reason]
+    queued: dict[tuple[str, str], int] = field(default_factory=dict)  # (channel, notice kind) -> notices queued
+    held: int = 0  # stops held back by the safety limits
     probes: int = 0
     notices: int = 0
     stops: int = 0
@@ -90,7 +95,6 @@ class SweepResult:
     phases_cpu: dict[str, float] = field(default_factory=dict)  # process CPU seconds in each step
     phases_rss: dict[str, float] = field(default_factory=dict)  # peak RSS (MB) at each step's end
     _cpu_mark: float = field(default=0.0, repr=False)
-    _released: tuple[int, dict[str, int]] | None = field(default=None, repr=False)  # see release_rows
 
     def phase(self, name: str, since: float) -> float:
         """Add the time since ``since`` (time.monotonic()) to the phase, and the process CPU since
@@ -104,24 +108,33 @@ class SweepResult:
         self.phases_rss[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return t
 
+    def count(self, rows: list[Row], keep: bool) -> None:
+        """Add finished rows to the counts (and to ``rows`` if kept)."""
+        self.servers += len(rows)
+        for r in rows:
+            st = r.obs.state.value
+            self.states[st] = self.states.get(st, 0) + 1
+            d = r.decision
+            what = d.action.value + (f" ({r.outcome})" if r.outcome else "")
+            entry = self.actions.get(what)
+            if entry is None:
+                self.actions[what] = [1, d.reason]
+            else:
+                entry[0] += 1
+            if d.notice is not None and r.outcome.endswith(" queued") and "already" not in r.outcome:
+                for channel in d.channels or ("log",):
+                    k = (channel, d.notice.value)
+                    self.queued[k] = self.queued.get(k, 0) + 1
+        if keep:
+            self.rows.extend(rows)
+
     def release_rows(self) -> None:
-        """Drop the per-server rows and keep their counts: the service keeps the last result
-        (health, metrics) while the next sweep runs, and 10,000 rows are ~20 MB it does not need."""
-        if self._released is None:
-            self._released = (len(self.rows), self.counts())
+        """Drop the per-server rows (the counts stay): the service keeps the last result (health,
+        metrics) while the next sweep runs, and 10,000 rows are ~20 MB it does not need."""
         self.rows = []
 
-    @property
-    def servers(self) -> int:
-        return self._released[0] if self._released is not None else len(self.rows)
-
     def counts(self) -> dict[str, int]:
-        if self._released is not None:
-            return dict(self._released[1])
-        by_state: dict[str, int] = {}
-        for r in self.rows:
-            by_state[r.obs.state.value] = by_state.get(r.obs.state.value, 0) + 1
-        return by_state
+        return dict(self.states)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -152,8 +165,12 @@ class Sweeper:
         notifier: Notifier | None = None,
         stop_hook: StopHook | None = None,
         clock: Callable[[], datetime] = utcnow,
+        keep_rows: bool = True,
     ) -> None:
         self.settings = settings
+        # Whether a (real) sweep's result keeps one row per server. The service does not: it
+        # needs the counts, and 10,000 rows are memory a sweep need not hold. Dry runs always do.
+        self.keep_rows = keep_rows
         self.hub = hub
         self.store = store
         self.notifier = notifier
@@ -301,7 +318,9 @@ class Sweeper:
         jobs = await guard.hub_jobs() if guard is not None else None  # type: ignore[union-attr]
 
         keys = [k for k in (sv.run_key() for sv in servers) if k is not None]
-        histories = await self._db(self.store.histories, keys)
+        # The runs that could be stopped this sweep (policy.could_stop: a final notice settled),
+        # asked of the store in one query; each batch reads its own histories for its look.
+        could: set[RunKey] = await self._db(self.store.could_stop_runs, keys) if keys else set()
         self._rules_cache = None  # the policy may have changed in place since the last sweep
         rules, default = self._rules()
         horizon = probe_horizon(rules, default)
@@ -319,17 +338,18 @@ class Sweeper:
         # such runs stopping stays within the safety limits, the limits cannot trip this sweep, so
         # each stop goes out right after the look that decided it, inside its stop slot: the look
         # is fresh when the hub is asked, and a 10,000-server reap keeps the hub busy from the
-        # first probe on instead of after the last one.
+        # first probe on instead of after the last one. (Only the runs counted here stream: one
+        # whose final notice settled since is stopped, if at all, through the safety check below.)
+        stream = not dry_run and bool(could) and not self._too_many(len(could), len(servers))
+        slot = asyncio.Semaphore(s.safety.stop_concurrency)
+        histories: dict[RunKey, History] = {}
+
         def hist_of(server: HubServer) -> History:
             key = server.run_key()
             return (histories.get(key) if key else None) or History()
 
-        bound = sum(1 for sv in servers if sv.run_key() is not None and could_stop(hist_of(sv)))
-        stream = not dry_run and bound > 0 and not self._too_many(bound, len(servers))
-        slot = asyncio.Semaphore(s.safety.stop_concurrency)
-
         async def one(server: HubServer, job: Any, rule: ResolvedRule, should: bool) -> Row:
-            if not (stream and could_stop(hist_of(server))):
+            if not (stream and server.run_key() in could):
                 return await look(server, job, rule, should)
             async with slot:
                 row = await look(server, job, rule, should)
@@ -353,74 +373,56 @@ class Sweeper:
             dec = decide(obs, hist, rule, now, s.tz)
             return Row(obs, dec, rule, answered_started=probe.status_started if probe is not None else None)
 
-        # A bounded pool of workers, not one task per server: 10,000 parked tasks cost ~30 MB.
-        res.rows = await bounded_map(one, plan, s.probe.concurrency + s.safety.stop_concurrency)
-        if stream:
-            await self._record_pending_timeouts(now)
-        t = res.phase("probe", t)  # (with the streamed stops)
-        await self._limit_notices(res.rows, now)
+        # The hub in batches: each batch is looked at (a bounded pool of workers, not one task per
+        # server: 10,000 parked tasks cost ~30 MB), its notices limited, and then recorded and let
+        # go, so that a sweep holds one batch of rows and histories, not the whole hub's.
+        keep = dry_run or self.keep_rows
+        limiter = _NoticeLimiter()
+        held: list[Row] = []  # stops that did not stream: safety-checked, recorded and done in step 8
+        workers = s.probe.concurrency + s.safety.stop_concurrency
+        for c in range(0, len(plan), BATCH):
+            part_plan = plan[c : c + BATCH]
+            histories = await self._db(
+                self.store.histories, [k for k in (p[0].run_key() for p in part_plan) if k is not None]
+            )
+            rows: list[Row] = await bounded_map(one, part_plan, workers)
+            if stream:
+                await self._record_pending_timeouts(now)
+            t = res.phase("probe", t)  # (with the streamed stops)
+            await self._limit_notices(rows, now, limiter)
+            done = []
+            for r in rows:
+                (held if r.decision.action is Action.STOP and not r.streamed else done).append(r)
+            t = await self._record_rows(done, res, now, dry_run, t)
+            res.count(done, keep)
+            del rows, done
+        histories = {}
+        del plan
 
         # 5. safety: too many stops at once means something is wrong upstream.
         # (A streamed sweep's stops are already done: it streamed because they could not trip it.)
-        stops = [r for r in res.rows if r.decision.action is Action.STOP and not r.streamed]
-        running = len(res.rows)
+        running = len(servers)
         limit = s.safety.max_stops_per_sweep
-        if stops and self._too_many(len(stops), running):
+        if held and self._too_many(len(held), running):
             res.safety_tripped = True
+            res.held = len(held)
             msg = (
-                f"SAFETY LIMIT: this sweep would stop {len(stops)} of {running} servers "
+                f"SAFETY LIMIT: this sweep would stop {len(held)} of {running} servers "
                 f"(limits: {limit} per sweep, {s.safety.max_stop_fraction:.0%} of running servers); "
                 "stopping none. Check the hub and the policy, then raise safety.max_stops_per_sweep if intended."
             )
             log.error(msg)
-            for r in stops:
+            for r in held:
                 r.decision = replace(r.decision, action=Action.OK, reason=f"{r.decision.reason} [held: safety limit]")
             if not dry_run:
                 await self._db(self.store.record_action, None, "safety-limit", False, msg, now)
+        t = await self._record_rows(held, res, now, dry_run, t)
 
-        # 6. record observations, decisions and notices (the outbox) in one transaction
-        for r in res.rows:
-            # One INFO line per decision that does something, and per change of state or action.
-            key = r.obs.server.run_key()
-            seen = (r.obs.state.value, r.decision.action.value)
-            changed = key is not None and self._last_logged.get(key) != seen
-            if key is not None:
-                self._last_logged[key] = seen
-            acting = r.decision.action not in (Action.OK, Action.EXEMPT)
-            level = logging.INFO if acting or changed else logging.DEBUG
-            log.log(
-                level,
-                "%s %s: %s%s -> %s: %s",
-                r.obs.server.user,
-                r.obs.server.name or "(default)",
-                r.obs.state.value,
-                f" job {r.obs.job_id}" if r.obs.job_id else "",
-                r.decision.action.value,
-                r.decision.reason,
-            )
-        recordable = [(r.obs, r.decision) for r in res.rows if r.obs.server.run_key() is not None]
-        if dry_run:
-            for r in res.rows:
-                if r.decision.notice is not None:
-                    r.outcome = f"would send {r.decision.notice.value}"
-                if r.decision.action is Action.STOP:
-                    r.outcome = "would stop"
-        else:
-            ids = await self._db(self.store.record_many, recordable, now)
-            by_key = {}
-            for (o, _), nid in zip(recordable, ids, strict=True):
-                by_key[o.server.run_key()] = nid
-            for r in res.rows:
-                if r.decision.notice is not None:
-                    nid = by_key.get(r.obs.server.run_key())
-                    if nid is not None:
-                        res.notices += 1
-                        r.outcome = f"{r.decision.notice.value} queued"
-                    else:
-                        r.outcome = f"{r.decision.notice.value} already queued"
-            # servers the hub no longer lists: their runs have ended
+        # 6. servers the hub no longer lists: their runs have ended
+        if not dry_run:
             current = set(keys)
             gone = [k for k in await self._db(self.store.open_runs) if k not in current]
+            del current
             gone_hist = await self._db(self.store.histories, gone) if gone else {}
             for k in gone:
                 h = gone_hist.get(k)
@@ -442,10 +444,6 @@ class Sweeper:
                     await self._db(self.store.end_run, k, now, "no longer running on the hub")
                 self._last_probed.pop(k, None)
                 self._last_logged.pop(k, None)
-
-        if not dry_run and self.settings.slurm.walltime_notice is not None:
-            await self._walltime_notices(res.rows, now)
-        if not dry_run:
             crashpoint("after-record")
         t = res.phase("record", t)
         # 7. deliver notices now (a final notice must be delivered before its stop can come)
@@ -458,19 +456,10 @@ class Sweeper:
         if not dry_run:
             crashpoint("after-notify")
         t = res.phase("notify", t)
-        # 8. stops: re-checked, the intent recorded, issued concurrently, the outcome recorded
-        # (streamed stops went out in step 2: here their outcomes are recorded, 500 to a
-        # transaction, as each record holds its "stopped" notice's context)
-        streamed = [r for r in res.rows if r.stop is not None]
-        if streamed:
-            for c in range(0, len(streamed), 500):
-                records = [self._stop_record(r, r.obs, r.decision, *r.stop) for r in streamed[c : c + 500]]  # type: ignore[misc]
-                await self._db(self.store.record_stops, records, self.clock())
-            crashpoint("after-stop")
-            await asyncio.gather(*(self._after_stop(r, r.stop[0].outcome) for r in streamed))  # type: ignore[index]
-            t = res.phase("stop.record", t)
+        # 8. stops that did not stream: re-checked, the intent recorded, issued concurrently, the
+        # outcome recorded (streamed stops were recorded with their batch)
         if not dry_run and not res.safety_tripped:
-            todo = [r for r in res.rows if r.decision.action is Action.STOP and not r.streamed]
+            todo = [r for r in held if r.decision.action is Action.STOP]
             if todo:
                 await self._stops(todo, res)
             t = res.phase("stop", t)
@@ -484,6 +473,65 @@ class Sweeper:
                 except Exception as e:
                     log.error("notice delivery failed after the stops (will retry): %s", e)
                 res.phase("notify", t)
+        res.count(held, keep)  # (counted last: step 8 gave them their outcomes)
+
+    async def _record_rows(self, rows: list[Row], res: SweepResult, now: datetime, dry_run: bool,
+                           t: float) -> float:
+        """Record a batch's observations, decisions and notices (the outbox), and the outcomes of
+        its streamed stops (with their "stopped" notices), a few transactions per batch. Returns
+        the new phase mark."""
+        for r in rows:
+            # One INFO line per decision that does something, and per change of state or action.
+            key = r.obs.server.run_key()
+            seen = _seen(r.obs.state.value, r.decision.action.value)
+            changed = key is not None and self._last_logged.get(key) != seen
+            if key is not None:
+                self._last_logged[key] = seen
+            acting = r.decision.action not in (Action.OK, Action.EXEMPT)
+            level = logging.INFO if acting or changed else logging.DEBUG
+            if log.isEnabledFor(level):
+                log.log(
+                    level,
+                    "%s %s: %s%s -> %s: %s",
+                    r.obs.server.user,
+                    r.obs.server.name or "(default)",
+                    r.obs.state.value,
+                    f" job {r.obs.job_id}" if r.obs.job_id else "",
+                    r.decision.action.value,
+                    r.decision.reason,
+                )
+        if dry_run:
+            for r in rows:
+                if r.decision.notice is not None:
+                    r.outcome = f"would send {r.decision.notice.value}"
+                if r.decision.action is Action.STOP:
+                    r.outcome = "would stop"
+            return t
+        if not rows:
+            return t
+        recordable = [r for r in rows if r.obs.server.run_key() is not None]
+        ids = await self._db(self.store.record_many, [(r.obs, r.decision) for r in recordable], now)
+        queued = {r.obs.server.run_key() for r, nid in zip(recordable, ids, strict=True) if nid is not None}
+        del recordable, ids
+        for r in rows:
+            if r.decision.notice is not None:
+                if r.obs.server.run_key() in queued:
+                    res.notices += 1
+                    r.outcome = _outcome(f"{r.decision.notice.value} queued")
+                else:
+                    r.outcome = _outcome(f"{r.decision.notice.value} already queued")
+        if self.settings.slurm.walltime_notice is not None:
+            await self._walltime_notices(rows, now)
+        t = res.phase("record", t)
+        streamed = [r for r in rows if r.stop is not None]
+        if streamed:
+            for c in range(0, len(streamed), 500):
+                records = [self._stop_record(r, r.obs, r.decision, *r.stop) for r in streamed[c : c + 500]]  # type: ignore[misc]
+                await self._db(self.store.record_stops, records, self.clock())
+            crashpoint("after-stop")
+            await asyncio.gather(*(self._after_stop(r, r.stop[0].outcome) for r in streamed))  # type: ignore[index]
+            t = res.phase("stop.record", t)
+        return t
 
     async def _walltime_notices(self, rows: list[Row], now: datetime) -> None:
         """Tell users their server will end at its walltime (once per run)."""
@@ -502,21 +550,26 @@ class Sweeper:
                 if nid is not None:
                     log.info("%s: walltime ends at %s: notice queued", r.obs.server.label, end.isoformat())
 
-    async def _limit_notices(self, rows: list[Row], now: datetime) -> None:
+    async def _limit_notices(self, rows: list[Row], now: datetime, limiter: _NoticeLimiter | None = None) -> None:
         """Quiet hours and the per-user daily cap postpone warnings and reminders (never a final
-        notice: the stop waits for the final notice instead, so postponing it gains nothing)."""
+        notice: the stop waits for the final notice instead, so postponing it gains nothing).
+        ``limiter`` carries the per-user counts from one batch of the sweep to the next: they are
+        read from the store once, before this sweep recorded any notice."""
         n = self.settings.notify
         soft = (NoticeKind.WARNING, NoticeKind.REMINDER)
         candidates = [r for r in rows if r.decision.notice in soft]
         if not candidates:
             return
         quiet_until = quiet_hours_end(n.quiet_hours, now, self.settings.tz) if n.quiet_hours else None
-        counts: dict[str, int] = {}
-        if n.max_notices_per_day is not None:
-            since = now - timedelta(days=1)
-            for item in await self._db(self.store.recent_notices, since, 100_000):
-                if item.get("kind") in (NoticeKind.WARNING.value, NoticeKind.REMINDER.value):
-                    counts[item["user"]] = counts.get(item["user"], 0) + 1
+        limiter = limiter or _NoticeLimiter()
+        if limiter.counts is None:
+            limiter.counts = {}
+            if n.max_notices_per_day is not None:
+                since = now - timedelta(days=1)
+                for item in await self._db(self.store.recent_notices, since, 100_000):
+                    if item.get("kind") in (NoticeKind.WARNING.value, NoticeKind.REMINDER.value):
+                        limiter.counts[item["user"]] = limiter.counts.get(item["user"], 0) + 1
+        counts = limiter.counts
         for r in candidates:
             why = None
             if quiet_until is not None:
@@ -716,6 +769,33 @@ class Sweeper:
         t = res.phase("stop.record", t)
         await asyncio.gather(*(self._after_stop(row, result.outcome)
                                for (row, _, _), result in zip(go, results, strict=True)))
+
+
+BATCH = 1000  # servers looked at, recorded and let go together (see Sweeper._sweep)
+
+
+class _NoticeLimiter:
+    """The per-user notice counts of the daily cap, carried across a sweep's batches."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] | None = None
+
+
+_SEEN: dict[tuple[str, str], tuple[str, str]] = {}
+_OUTCOMES: dict[str, str] = {}
+
+
+def _seen(state: str, action: str) -> tuple[str, str]:
+    """One shared (state, action) pair per combination: the sweeper keeps one per server."""
+    k = (state, action)
+    return _SEEN.setdefault(k, k)
+
+
+def _outcome(text: str) -> str:
+    """One shared string per outcome ("final queued" ...), not one per row."""
+    return _OUTCOMES.setdefault(text, text)
 
 
 async def bounded_map(fn: Callable[..., Any], items: list[tuple[Any, ...]], workers: int) -> list[Any]:

@@ -56,7 +56,8 @@ DEFAULT_LEASE = "reaper"
 # Reminders are numbered 1..n within their spell.
 _NUMBERED = {NoticeKind.REMINDER}
 _CHUNK = 400  # runs per IN (...) query: 3 parameters each, far below SQLite's limit
-_WHOLE_SWEEP = 500  # more runs than this at once: read all open runs instead of looking each up
+_WHOLE_SWEEP = 2000  # more runs than this at once: read all open runs instead of looking each up
+# (a sweep reads its histories a batch of 1,000 at a time: those go through the index)
 
 _RUNS: Table = Run.__table__  # type: ignore[assignment]
 _LOOKUP_COLS = tuple(
@@ -395,6 +396,32 @@ class Store:
         k = self._key(run)
         row = self._runs_for(s, [k], now, create=create, lock=False).get(k)
         return None if row is None else int(row.id)
+
+    def could_stop_runs(self, runs: Iterable[RunKey]) -> set[RunKey]:
+        """The runs among ``runs`` whose history policy.could_stop accepts (a final notice that
+        was delivered, or failed), in one query instead of reading every history."""
+        by_key = {self._key(k): k for k in runs}
+        keys = list(by_key)
+        out: set[RunKey] = set()
+        with self._read() as s:
+            for i in range(0, len(keys), _CHUNK):  # through the runs' unique index, as _select_runs
+                chunk = keys[i : i + _CHUNK]
+                q = (
+                    select(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
+                    .join(_NOTICES, _NOTICES.c.run_id == _RUNS.c.id)
+                    .where(
+                        _RUNS.c.user.in_(sorted({k[0] for k in chunk})),
+                        _RUNS.c.started.in_(sorted({k[2] for k in chunk})),
+                        _NOTICES.c.kind == NoticeKind.FINAL.value,
+                        or_(_NOTICES.c.delivered_at.is_not(None), _NOTICES.c.failed.is_(True)),
+                    )
+                    .distinct()
+                )
+                for r in s.execute(q):
+                    k = by_key.get((r.user, r.server, as_utc(r.started)))
+                    if k is not None:
+                        out.add(k)
+        return out
 
     def histories(self, runs: Iterable[RunKey]) -> dict[RunKey, History]:
         asked = list(dict.fromkeys(runs))

@@ -86,16 +86,10 @@ class Metrics:
                         ("failed", result.stops_failed)):
             if n:
                 self.stops.labels(outcome=name).inc(n)
-        if result.safety_tripped:
-            held = sum(1 for r in result.rows if "safety limit" in r.decision.reason)
-            if held:
-                self.stops.labels(outcome="held").inc(held)
-        for row in result.rows:
-            notice = row.decision.notice
-            if notice is None or not row.outcome.endswith(" queued") or "already" in row.outcome:
-                continue
-            for channel in row.decision.channels or ("log",):
-                self.notices.labels(channel=channel, kind=notice.value, result="queued").inc()
+        if result.safety_tripped and result.held:
+            self.stops.labels(outcome="held").inc(result.held)
+        for (channel, kind), n in result.queued.items():
+            self.notices.labels(channel=channel, kind=kind, result="queued").inc(n)
         if result.finished_at is not None:
             self.last_success.set(result.finished_at.timestamp())
 

@@ -171,12 +171,14 @@ async def test_sigkill_at_each_point_then_restart_one_notice_each_no_lost_stop_d
         elif point == "after-notify":
             assert f"{user} (default): detached -> stop" in log1, log1  # the crash sweep was the stop sweep
             # The stop was streamed (it goes out right after the look that decided it, its intent
-            # durable first), so the hub has stopped the server; its outcome and the "stopped"
-            # notice are recorded after the notify step: the restarted reaper must finish both.
+            # durable first), and its outcome and "stopped" notice were recorded with its batch;
+            # the notice goes out with the drain after the stops, which the crash came before:
+            # the restarted reaper must deliver it, once, and repeat nothing else.
             assert proxy.count("DELETE", r".") == 1
             assert user not in running(real_hub, [user])
             assert "stopped" not in kinds_at_crash
-            assert db_rows(db, "select count(*) from reaper_runs where stop_requested_at is not null") == [(1,)]
+            assert db_rows(db, "select count(*) from reaper_actions where kind = 'stop' and ok = 1") == [(1,)]
+            assert db_rows(db, "select delivered_at from reaper_notices where kind = 'stopped'") == [(None,)]
         else:
             assert proxy.count("DELETE", r".") == 1
             assert user not in running(real_hub, [user])  # the hub stopped it ...

@@ -587,6 +587,40 @@ def test_permanent_failure_on_every_channel_marks_the_notice_failed(store: Store
     assert store.histories([key])[key].notices[0].delivered_at is None
 
 
+def test_could_stop_runs_is_policy_could_stop_over_the_histories(store: Store) -> None:
+    # The sweep asks the store which runs could stop (one query) instead of reading every history
+    # first: the answer must be exactly what policy.could_stop says of each run's history.
+    from reaper.policy import could_stop
+
+    now = T0 + timedelta(hours=2)
+    runs = {}
+    for name in ("none", "warned", "final-queued", "final-delivered", "final-failed", "email-failed-only",
+                 "ended", "restarted"):
+        sv = server(user=name, started=T0 + timedelta(seconds=len(runs)))
+        runs[name] = sv
+        store.record(observe(sv, now), decision(Action.OK, None, T0), now)
+    store.record(observe(runs["warned"], now), warn(), now)
+    for name in ("final-queued", "final-delivered", "final-failed", "email-failed-only", "ended"):
+        store.record(observe(runs[name], now), decision(Action.FINAL, NoticeKind.FINAL, T0,
+                                                        channels=("email", "slack")), now)
+    due = {(d.run.user, d.channel): d for d in store.due_deliveries(now, limit=100)}
+    store.mark_delivered(due[("warned", "email")].id, now)
+    store.mark_delivered(due[("final-delivered", "slack")].id, now)
+    store.mark_delivered(due[("ended", "email")].id, now)
+    for ch in ("email", "slack"):
+        store.mark_failed(due[("final-failed", ch)].id, now, "550", permanent=True, retry_at=None)
+    store.mark_failed(due[("email-failed-only", "email")].id, now, "550", permanent=True, retry_at=None)
+    store.end_run(runs["ended"].run_key(), now, "stopped")  # type: ignore[arg-type]
+    keys = [sv.run_key() for sv in runs.values()]
+    keys.append(server(user="restarted", started=T0 + timedelta(hours=1)).run_key())  # not in the store
+    expected = {k for k, h in store.histories(keys).items() if could_stop(h)}  # type: ignore[arg-type]
+    # (an ended run still counts when asked about: the hub may list it again under the same key)
+    assert expected == {runs[n].run_key() for n in ("final-delivered", "final-failed", "ended")}
+    assert store.could_stop_runs(keys) == expected  # type: ignore[arg-type]
+    assert store.could_stop_runs([]) == set()
+    assert store.could_stop_runs(keys[:3]) == set()  # type: ignore[arg-type]
+
+
 def test_one_channel_delivered_and_one_failed_is_delivered_not_failed(store: Store) -> None:
     sv = server()
     key = sv.run_key()

@@ -34,6 +34,16 @@ def settings(extra: str = ""):
     return parse_settings(POLICY + extra, env={})
 
 
+@pytest.fixture(autouse=True, params=[1, 1000], ids=["batch=1", "batch=1000"])
+def batch(request, monkeypatch):
+    """Every sweep test runs twice: with the hub looked at and recorded one server at a time (the
+    daily cap, the safety limits and the streamed stops then span batches) and in one batch."""
+    import reaper.sweep
+
+    monkeypatch.setattr(reaper.sweep, "BATCH", request.param)
+    return request.param
+
+
 def server(user="alice", name="", started=T0 - timedelta(hours=5), la=None, **kw) -> HubServer:
     return HubServer(user=user, name=name, started=started, last_activity=la or T0 - timedelta(hours=2),
                      url=f"/user/{user}/" + (f"{name}/" if name else ""), target="http://127.0.0.1:1",
@@ -477,3 +487,63 @@ async def test_a_released_result_keeps_its_counts_without_its_rows(store):
     assert r.summary() == before and r.counts() == before["states"]
     r.release_rows()  # twice is harmless
     assert r.summary() == before
+
+
+async def test_a_sweep_that_keeps_no_rows_counts_the_same(store, tmp_path):
+    # The service's sweeper keeps counts, not one row per server: the metrics, the health page and
+    # the log line need only those. Same hub, same decisions: same counts as a sweep keeping rows.
+    results = []
+    for keep in (True, False):
+        db = Store.open(f"sqlite:///{tmp_path / f'keep-{keep}.sqlite'}")
+        hub, clock = FakeHub(), Clock(T0)
+        hub.add(server(user="idle", la=T0 - 70 * M), detached_probe(T0 - 70 * M))
+        hub.add(server(user="busy", la=T0), busy_probe(T0))
+        hub.add(server(user="gone", la=T0 - 10 * 60 * M), detached_probe(T0 - 10 * 60 * M))
+        sw = make(db, hub, clock, "\nnotify: {max_notices_per_day: 5}\n")
+        sw.keep_rows = keep
+        await sw.run_once()
+        clock.advance(31 * M)
+        r = await sw.run_once()
+        results.append(r)
+        assert (r.rows != []) == keep
+        db.close()
+    kept, lean = results
+    timing = ("phases", "phases_cpu", "phases_rss")
+    assert {k: v for k, v in lean.summary().items() if k not in timing} == \
+        {k: v for k, v in kept.summary().items() if k not in timing}
+    assert lean.actions == kept.actions and lean.queued == kept.queued and lean.servers == 3
+    assert kept.actions["stop (stopped)"][0] == 1 and lean.states == {"detached": 2, "computing": 1}
+    # what the rows say, the counts say
+    assert sum(n for n, _ in kept.actions.values()) == len(kept.rows) == kept.servers
+    # a dry run (the web page's "next sweep") keeps its rows whatever the sweeper keeps
+    hub = FakeHub()
+    hub.add(server(la=T0 - 70 * M), detached_probe(T0 - 70 * M))
+    sw = make(store, hub, Clock(T0))
+    sw.keep_rows = False
+    dry = await sw.run_once(dry_run=True)
+    assert [r.outcome for r in dry.rows] == ["would send warning"] and dry.servers == 1
+
+
+async def test_the_hub_is_looked_at_and_recorded_batch_by_batch(store, batch):
+    # A batch's histories are read, its servers looked at, and its rows recorded before the next
+    # batch is read: a sweep holds one batch of rows and histories, not the whole hub's.
+    hub, clock = FakeHub(), Clock(T0)
+    for i in range(3):
+        hub.add(server(user=f"u{i}", la=T0 - 70 * M), detached_probe(T0 - 70 * M))
+    events = []
+    for name in ("histories", "record_many"):
+        real = getattr(store, name)
+
+        def spy(items, *a, _real=real, _name=name, **kw):
+            items = list(items)
+            events.append((_name, len(items)))
+            return _real(items, *a, **kw)
+
+        setattr(store, name, spy)
+    r = await make(store, hub, clock).run_once()
+    assert r.ok and r.notices == 3
+    looks = [e for e in events if e[0] in ("histories", "record_many")]
+    if batch == 1:
+        assert looks == [("histories", 1), ("record_many", 1)] * 3
+    else:
+        assert looks == [("histories", 3), ("record_many", 3)]
