@@ -575,7 +575,10 @@ class HubClient:
         targets, _by_server = await self._proxy_table()
         return targets
 
-    async def _proxy_table(self) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
+    async def _proxy_table(self, *, user_routes: bool = True) -> tuple[dict[str, str], dict[tuple[str, str], str]]:
+        """(routespec -> target, (user, server name) -> target). ``user_routes=False`` leaves the
+        routes that name their server out of the first map: the second finds those, and a big
+        hub's table is then held once, not twice."""
         targets: dict[str, str] = {}
         by_server: dict[tuple[str, str], str] = {}
         pages = self._paginated(self._api("proxy"), "proxy table")
@@ -587,24 +590,27 @@ class HubClient:
                     if not isinstance(route, dict) or not isinstance(route.get("target"), str):
                         continue
                     target = route["target"]
-                    targets[str(routespec)] = target
                     data = route.get("data") or {}
                     if isinstance(data, dict) and isinstance(data.get("user"), str):
                         by_server[(data["user"], str(data.get("server_name") or ""))] = target
+                        if not user_routes:
+                            continue
+                    targets[str(routespec)] = target
         return targets, by_server
 
-    async def refresh_targets(self) -> dict[str, str]:
-        """Fetch and cache the proxy table for this sweep's probes. Never raises: on failure the
-        cache is empty and probes without another address fail with the reason."""
+    async def refresh_targets(self) -> int:
+        """Fetch and cache the proxy table for this sweep's probes; returns how many servers it
+        routes. Never raises: on failure the cache is empty and probes without another address
+        fail with the reason."""
         async with self._targets_lock:
             try:
-                self._targets, self._targets_by_server = await self._proxy_table()
+                self._targets, self._targets_by_server = await self._proxy_table(user_routes=False)
                 self._targets_error = None
             except HubError as exc:
                 self._targets, self._targets_by_server = {}, {}
                 self._targets_error = str(exc)
                 log.warning("proxy table unavailable: %s", exc)
-            return dict(self._targets)
+            return len(self._targets_by_server)
 
     async def target_for(self, server: HubServer) -> str | None:
         """The server's own address: HubServer.target, spawner state's server_url, proxy table."""

@@ -178,7 +178,7 @@ class Sweeper:
         self.clock = clock
         self._last_probed: dict[RunKey, datetime] = {}
         self._last_logged: dict[RunKey, tuple[str, str]] = {}
-        self._target_runs: dict[tuple[str, str], datetime | None] = {}  # run whose address is known
+        self._target_known: set[RunKey] = set()  # runs whose address the route table had
         self._lock = asyncio.Lock()
         self._rules_cache: tuple[Settings, list[ResolvedRule], ResolvedRule] | None = None
         self._after_sem = asyncio.Semaphore(settings.safety.stop_concurrency)
@@ -240,19 +240,20 @@ class Sweeper:
         one request per 200 routes, and the hub rebuilds the whole table for each of them."""
         if self.settings.probe.via != "direct" or not hasattr(self.hub, "refresh_targets"):
             return
-        needed = [
-            sv for sv in to_probe
-            if not sv.target and not (sv.state or {}).get("server_url")
-            and self._target_runs.get((sv.user, sv.name)) != sv.started
-        ]
+        needed = [sv for sv in to_probe if self._needs_address(sv)]
         if not needed:
             return
         await self.hub.refresh_targets()
         # Remember only the addresses the fresh table really has: a failed fetch (the hub down)
         # must be tried again next sweep, not taken as "known".
         for sv in needed:
-            if await self.hub.target_for(sv):
-                self._target_runs[(sv.user, sv.name)] = sv.started
+            key = sv.run_key()
+            if key is not None and await self.hub.target_for(sv):
+                self._target_known.add(key)
+
+    def _needs_address(self, sv: HubServer) -> bool:
+        """No address of its own (spawner state) and none known for its current run."""
+        return not sv.target and not (sv.state or {}).get("server_url") and sv.run_key() not in self._target_known
 
     async def _probe(self, server: HubServer) -> Probe:
         return await self.hub.probe(server)
@@ -327,12 +328,15 @@ class Sweeper:
         t = res.phase("collect", t)
 
         # 2-4. probe (bounded by the client), classify, decide
-        plan = []
-        for server in servers:
-            job = jobs.get(server.job_id) if jobs is not None and server.job_id else None
-            rule = self._rule(server, job)
-            plan.append((server, job, rule, self._should_probe(server, rule, now, horizon)))
-        await self._ensure_targets([sv for sv, _, _, p in plan if p])
+        def plan(part: list[HubServer]) -> list[tuple[HubServer, Any, ResolvedRule, bool]]:
+            out = []
+            for server in part:
+                job = jobs.get(server.job_id) if jobs is not None and server.job_id else None
+                rule = self._rule(server, job)
+                out.append((server, job, rule, self._should_probe(server, rule, now, horizon)))
+            return out
+
+        await self._ensure_targets([p[0] for p in plan([sv for sv in servers if self._needs_address(sv)]) if p[3]])
 
         # Streaming: a stop needs a final notice already settled (policy.could_stop). If even all
         # such runs stopping stays within the safety limits, the limits cannot trip this sweep, so
@@ -380,8 +384,8 @@ class Sweeper:
         limiter = _NoticeLimiter()
         held: list[Row] = []  # stops that did not stream: safety-checked, recorded and done in step 8
         workers = s.probe.concurrency + s.safety.stop_concurrency
-        for c in range(0, len(plan), BATCH):
-            part_plan = plan[c : c + BATCH]
+        for c in range(0, len(servers), BATCH):
+            part_plan = plan(servers[c : c + BATCH])
             histories = await self._db(
                 self.store.histories, [k for k in (p[0].run_key() for p in part_plan) if k is not None]
             )
@@ -395,9 +399,8 @@ class Sweeper:
                 (held if r.decision.action is Action.STOP and not r.streamed else done).append(r)
             t = await self._record_rows(done, res, now, dry_run, t)
             res.count(done, keep)
-            del rows, done
+            del rows, done, part_plan
         histories = {}
-        del plan
 
         # 5. safety: too many stops at once means something is wrong upstream.
         # (A streamed sweep's stops are already done: it streamed because they could not trip it.)
@@ -444,6 +447,7 @@ class Sweeper:
                     await self._db(self.store.end_run, k, now, "no longer running on the hub")
                 self._last_probed.pop(k, None)
                 self._last_logged.pop(k, None)
+                self._target_known.discard(k)
             crashpoint("after-record")
         t = res.phase("record", t)
         # 7. deliver notices now (a final notice must be delivered before its stop can come)
@@ -525,8 +529,8 @@ class Sweeper:
         t = res.phase("record", t)
         streamed = [r for r in rows if r.stop is not None]
         if streamed:
-            for c in range(0, len(streamed), 500):
-                records = [self._stop_record(r, r.obs, r.decision, *r.stop) for r in streamed[c : c + 500]]  # type: ignore[misc]
+            for c in range(0, len(streamed), 100):  # (each record holds its notice's context)
+                records = [self._stop_record(r, r.obs, r.decision, *r.stop) for r in streamed[c : c + 100]]  # type: ignore[misc]
                 await self._db(self.store.record_stops, records, self.clock())
             crashpoint("after-stop")
             await asyncio.gather(*(self._after_stop(r, r.stop[0].outcome) for r in streamed))  # type: ignore[index]

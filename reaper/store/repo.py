@@ -55,6 +55,7 @@ DEFAULT_LEASE = "reaper"
 # Notices of these kinds go out at most once per spell (run-wide when the spell is None): seq 0.
 # Reminders are numbered 1..n within their spell.
 _NUMBERED = {NoticeKind.REMINDER}
+_SLICE = 100  # rows per statement when a sweep records many: their parameters are built per slice
 _CHUNK = 400  # runs per IN (...) query: 3 parameters each, far below SQLite's limit
 _WHOLE_SWEEP = 2000  # more runs than this at once: read all open runs instead of looking each up
 # (a sweep reads its histories a batch of 1,000 at a time: those go through the index)
@@ -482,8 +483,8 @@ class Store:
             prev: dict[int, tuple[str | None, str | None, str | None]] = {
                 int(r.id): (r.action, r.state, r.rule) for r in rows.values()
             }
-            for c in range(0, len(keyed), 500):  # in slices: a 10,000-server sweep's rows are not all in memory twice
-                self._record_slice(s, keyed[c : c + 500], rows, prev, now, results)
+            for c in range(0, len(keyed), _SLICE):  # in slices: the rows' parameters are not all in memory at once
+                self._record_slice(s, keyed[c : c + _SLICE], rows, prev, now, results)
             return results
 
     def _record_slice(
@@ -564,30 +565,32 @@ class Store:
         deliveries (a sweep that stops 10,000 servers queues 10,000 notices). Numbered kinds
         (reminders) look at their earlier ones and go one by one."""
         out: list[int | None] = [None] * len(specs)
-        rows: list[dict[str, Any]] = []
         where: dict[tuple[int, str, str], int] = {}
-        for i, (run_id, kind, spell, channels, context) in enumerate(specs):
-            kind = NoticeKind(kind)
-            if kind in _NUMBERED:
-                out[i] = self._add_notice(s, run_id, kind, spell, now, channels, context)
-                continue
-            skey = spell_key(spell)
-            if (run_id, kind.value, skey) in where:  # the same notice twice in one batch: once
-                continue
-            where[(run_id, kind.value, skey)] = i
-            rows.append({"run_id": run_id, "kind": kind.value, "spell": spell, "spell_key": skey, "seq": 0,
-                         "created_at": now, "channels": list(dict.fromkeys(channels)) or ["log"],
-                         "context": _jsonable(context), "failed": False})
-        if not rows:
-            return out
         stmt = (
             self._insert(_NOTICES)
             .on_conflict_do_nothing(index_elements=["run_id", "kind", "spell_key", "seq"])
             .returning(_NOTICES.c.id, _NOTICES.c.run_id, _NOTICES.c.kind, _NOTICES.c.spell_key)
         )
-        for c in range(0, len(rows), 500):  # (bounded: every row's context is in memory at once)
+        # in slices: every notice's context (a dict of ~20 entries) is built only for its slice
+        for c in range(0, len(specs), _SLICE):
+            rows: list[dict[str, Any]] = []
+            for i in range(c, min(c + _SLICE, len(specs))):
+                run_id, kind, spell, channels, context = specs[i]
+                kind = NoticeKind(kind)
+                if kind in _NUMBERED:
+                    out[i] = self._add_notice(s, run_id, kind, spell, now, channels, context)
+                    continue
+                skey = spell_key(spell)
+                if (run_id, kind.value, skey) in where:  # the same notice twice in one batch: once
+                    continue
+                where[(run_id, kind.value, skey)] = i
+                rows.append({"run_id": run_id, "kind": kind.value, "spell": spell, "spell_key": skey, "seq": 0,
+                             "created_at": now, "channels": list(dict.fromkeys(channels)) or ["log"],
+                             "context": _jsonable(context), "failed": False})
+            if not rows:
+                continue
             deliveries: list[dict[str, Any]] = []
-            for r in s.execute(stmt, rows[c : c + 500]):
+            for r in s.execute(stmt, rows):
                 i = where[(int(r.run_id), r.kind, r.spell_key)]
                 out[i] = int(r.id)
                 for ch in list(dict.fromkeys(specs[i][3])) or ["log"]:

@@ -157,7 +157,7 @@ async def test_hub_restart_between_listing_and_stop_stops_nothing_and_the_next_s
             rule = proxy.hook(method, path, hub_goes_down, times=None)
             # The route table is fetched only for servers whose address the sweeper does not know
             # yet (a restarted reaper, a server that moved): make it so for this sweep.
-            reaper.sweeper._target_runs.clear()
+            reaper.sweeper._target_known.clear()
             res = await reaper.sweep()
             assert rule.injected >= 1, f"{where}: the hook did not fire: {res.summary()}"
             assert res.stops == 0, res.summary()
