@@ -1,8 +1,9 @@
-"""The reaper's tables (SQLAlchemy 2 declarative models).
+"""The reaper's tables (SQLAlchemy Core: the reaper reads and writes them with Core statements only,
+and the ORM would be ~6 MB of a long-running service's memory for nothing).
 
 Every table is prefixed ``reaper_`` and alembic's version table is ``reaper_alembic_version``, so the
 reaper can share a PostgreSQL database with JupyterHub itself (which has its own ``alembic_version``).
-The schema is created and changed only by the migrations in ``migrations/versions``; these models
+The schema is created and changed only by the migrations in ``migrations/versions``; these tables
 must match them (a test compares the two).
 
 Times: :class:`UTCDateTime` stores timezone-aware UTC everywhere. PostgreSQL keeps
@@ -18,6 +19,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    Column,
     DateTime,
     Dialect,
     ForeignKey,
@@ -25,11 +27,11 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 NAME_LEN = 255  # user and server names (any Unicode)
 
@@ -81,153 +83,144 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[str]: JSON()}
+metadata = MetaData(naming_convention=NAMING)
 
 
-class Run(Base):
-    """One server run (user, server name, started): its latest observation and decision."""
+def _c(name: str, type_: TypeEngine[Any] | type[TypeEngine[Any]], null: bool = False, **kw: Any) -> Column[Any]:
+    """A column, NOT NULL unless ``null``."""
+    return Column(name, type_, nullable=null, **kw)
 
-    __tablename__ = "reaper_runs"
-    __table_args__ = (
-        UniqueConstraint("user", "server", "started", name="uq_reaper_runs_key"),
-        Index("ix_reaper_runs_ended_at", "ended_at"),
-    )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    user: Mapped[str] = mapped_column(String(NAME_LEN))
-    server: Mapped[str] = mapped_column(String(NAME_LEN))
-    started: Mapped[datetime] = mapped_column(UTCDateTime())
-    first_seen: Mapped[datetime] = mapped_column(UTCDateTime())
-    last_seen: Mapped[datetime] = mapped_column(UTCDateTime())
-    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    end_reason: Mapped[str | None] = mapped_column(Text)
+def _id() -> Column[Any]:
+    return Column("id", Integer, primary_key=True, autoincrement=True)
+
+
+def _t() -> UTCDateTime:
+    return UTCDateTime()
+
+
+# One server run (user, server name, started): its latest observation and decision.
+RUNS = Table(
+    "reaper_runs", metadata,
+    _id(),
+    _c("user", String(NAME_LEN)),
+    _c("server", String(NAME_LEN)),
+    _c("started", _t()),
+    _c("first_seen", _t()),
+    _c("last_seen", _t()),
+    _c("ended_at", _t(), True),
+    _c("end_reason", Text, True),
     # the latest observation
-    state: Mapped[str | None] = mapped_column(String(32))
-    last_activity: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    detached_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    job_id: Mapped[str | None] = mapped_column(String(64))
-    user_options: Mapped[dict[str, Any] | None] = mapped_column(JSON())
-    detail: Mapped[str | None] = mapped_column(Text)
+    _c("state", String(32), True),
+    _c("last_activity", _t(), True),
+    _c("detached_since", _t(), True),
+    _c("job_id", String(64), True),
+    _c("user_options", JSON(), True),
+    _c("detail", Text, True),
     # the latest decision
-    action: Mapped[str | None] = mapped_column(String(32))
-    reason: Mapped[str | None] = mapped_column(Text)
-    rule: Mapped[str | None] = mapped_column(String(NAME_LEN))
-    spell: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    stop_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    next_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    _c("action", String(32), True),
+    _c("reason", Text, True),
+    _c("rule", String(NAME_LEN), True),
+    _c("spell", _t(), True),
+    _c("stop_at", _t(), True),
+    _c("next_at", _t(), True),
     # what people and the reaper asked for
-    kept_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    kept_by: Mapped[str | None] = mapped_column(String(NAME_LEN))
-    stop_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    _c("kept_until", _t(), True),
+    _c("kept_by", String(NAME_LEN), True),
+    _c("stop_requested_at", _t(), True),
+    UniqueConstraint("user", "server", "started", name="uq_reaper_runs_key"),
+    Index("ix_reaper_runs_ended_at", "ended_at"),
+)
 
+# A change of (action, state, rule) for a run: a log of changes, not of every sweep.
+DECISIONS = Table(
+    "reaper_decisions", metadata,
+    _id(),
+    Column("run_id", Integer, ForeignKey("reaper_runs.id", ondelete="CASCADE"), nullable=False),
+    _c("at", _t()),
+    _c("state", String(32)),
+    _c("action", String(32)),
+    _c("rule", String(NAME_LEN)),
+    _c("reason", Text),
+    _c("spell", _t(), True),
+    _c("stop_at", _t(), True),
+    _c("next_at", _t(), True),
+    Index("ix_reaper_decisions_run_id_at", "run_id", "at"),
+)
 
-class DecisionLog(Base):
-    """A change of (action, state, rule) for a run: a log of changes, not of every sweep."""
+# A notice to a user (the outbox): at most one per (run, kind, spell, seq).
+NOTICES = Table(
+    "reaper_notices", metadata,
+    _id(),
+    Column("run_id", Integer, ForeignKey("reaper_runs.id", ondelete="CASCADE"), nullable=False),
+    _c("kind", String(16)),
+    _c("spell", _t(), True),
+    _c("spell_key", String(40)),
+    _c("seq", Integer),
+    _c("created_at", _t()),
+    _c("channels", JSON()),
+    _c("context", JSON()),
+    _c("delivered_at", _t(), True),
+    _c("failed", Boolean, default=False),
+    _c("failed_at", _t(), True),
+    UniqueConstraint("run_id", "kind", "spell_key", "seq", name="uq_reaper_notices_once"),
+    Index("ix_reaper_notices_created_at", "created_at"),
+)
 
-    __tablename__ = "reaper_decisions"
-    __table_args__ = (Index("ix_reaper_decisions_run_id_at", "run_id", "at"),)
+# One notice on one channel: pending -> delivered | failed (permanently).
+DELIVERIES = Table(
+    "reaper_deliveries", metadata,
+    _id(),
+    Column("notice_id", Integer, ForeignKey("reaper_notices.id", ondelete="CASCADE"), nullable=False),
+    _c("channel", String(32)),
+    _c("status", String(16)),  # pending | delivered | failed
+    _c("attempts", Integer, default=0),
+    _c("next_attempt_at", _t(), True),
+    _c("last_error", Text, True),
+    _c("delivered_at", _t(), True),
+    _c("updated_at", _t()),
+    UniqueConstraint("notice_id", "channel", name="uq_reaper_deliveries_channel"),
+    Index("ix_reaper_deliveries_due", "status", "next_attempt_at"),
+)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("reaper_runs.id", ondelete="CASCADE"))
-    at: Mapped[datetime] = mapped_column(UTCDateTime())
-    state: Mapped[str] = mapped_column(String(32))
-    action: Mapped[str] = mapped_column(String(32))
-    rule: Mapped[str] = mapped_column(String(NAME_LEN))
-    reason: Mapped[str] = mapped_column(Text)
-    spell: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    stop_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    next_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+# Something done to a server or job (stop, stop-pending, stop-failed, scancel, orphan-cancel, keep ...).
+ACTIONS = Table(
+    "reaper_actions", metadata,
+    _id(),
+    Column("run_id", Integer, ForeignKey("reaper_runs.id", ondelete="SET NULL"), nullable=True),
+    _c("at", _t()),
+    _c("kind", String(32)),
+    _c("ok", Boolean),
+    _c("detail", Text),
+    _c("actor", String(NAME_LEN)),
+    _c("job_id", String(64), True),
+    Index("ix_reaper_actions_at", "at"),
+)
 
+SWEEPS = Table(
+    "reaper_sweeps", metadata,
+    _id(),
+    _c("started_at", _t()),
+    _c("finished_at", _t(), True),
+    _c("dry_run", Boolean),
+    _c("ok", Boolean, True),
+    _c("summary", JSON(), True),
+    Index("ix_reaper_sweeps_finished_at", "finished_at"),
+)
 
-class Notice(Base):
-    """A notice to a user (the outbox): at most one per (run, kind, spell, seq)."""
+# The single-active-reaper lease: one row per lease name, held until expires_at.
+LEASES = Table(
+    "reaper_leases", metadata,
+    Column("name", String(64), primary_key=True),
+    _c("holder", String(NAME_LEN)),
+    _c("acquired_at", _t()),
+    _c("expires_at", _t()),
+)
 
-    __tablename__ = "reaper_notices"
-    __table_args__ = (
-        UniqueConstraint("run_id", "kind", "spell_key", "seq", name="uq_reaper_notices_once"),
-        Index("ix_reaper_notices_created_at", "created_at"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("reaper_runs.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(16))
-    spell: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    spell_key: Mapped[str] = mapped_column(String(40))
-    seq: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    channels: Mapped[list[str]] = mapped_column(JSON())
-    context: Mapped[dict[str, Any]] = mapped_column(JSON())
-    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    failed: Mapped[bool] = mapped_column(Boolean, default=False)
-    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-
-class DeliveryRow(Base):
-    """One notice on one channel: pending -> delivered | failed (permanently)."""
-
-    __tablename__ = "reaper_deliveries"
-    __table_args__ = (
-        UniqueConstraint("notice_id", "channel", name="uq_reaper_deliveries_channel"),
-        Index("ix_reaper_deliveries_due", "status", "next_attempt_at"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    notice_id: Mapped[int] = mapped_column(ForeignKey("reaper_notices.id", ondelete="CASCADE"))
-    channel: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    last_error: Mapped[str | None] = mapped_column(Text)
-    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
-
-
-class ActionRow(Base):
-    """Something done to a server or job (stop, stop-pending, stop-failed, scancel, orphan-cancel, keep ...)."""
-
-    __tablename__ = "reaper_actions"
-    __table_args__ = (Index("ix_reaper_actions_at", "at"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[int | None] = mapped_column(ForeignKey("reaper_runs.id", ondelete="SET NULL"))
-    at: Mapped[datetime] = mapped_column(UTCDateTime())
-    kind: Mapped[str] = mapped_column(String(32))
-    ok: Mapped[bool] = mapped_column(Boolean)
-    detail: Mapped[str] = mapped_column(Text)
-    actor: Mapped[str] = mapped_column(String(NAME_LEN))
-    job_id: Mapped[str | None] = mapped_column(String(64))
-
-
-class Sweep(Base):
-    __tablename__ = "reaper_sweeps"
-    __table_args__ = (Index("ix_reaper_sweeps_finished_at", "finished_at"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    dry_run: Mapped[bool] = mapped_column(Boolean)
-    ok: Mapped[bool | None] = mapped_column(Boolean)
-    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON())
-
-
-class Lease(Base):
-    """The single-active-reaper lease: one row per lease name, held until expires_at."""
-
-    __tablename__ = "reaper_leases"
-
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    holder: Mapped[str] = mapped_column(String(NAME_LEN))
-    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
-
-
-class SlackLookup(Base):
-    """A cached Slack users.lookupByEmail answer (user_id None: "no such Slack user")."""
-
-    __tablename__ = "reaper_slack_lookups"
-
-    email: Mapped[str] = mapped_column(String(320), primary_key=True)
-    user_id: Mapped[str | None] = mapped_column(String(64))
-    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+# A cached Slack users.lookupByEmail answer (user_id None: "no such Slack user").
+SLACK_LOOKUPS = Table(
+    "reaper_slack_lookups", metadata,
+    Column("email", String(320), primary_key=True),
+    _c("user_id", String(64), True),
+    _c("expires_at", _t()),
+)

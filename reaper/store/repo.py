@@ -28,20 +28,19 @@ from typing import Any
 from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, inspect, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import StaticPool
 
 from ..model import Decision, History, NoticeKind, Observation, RunKey, SentNotice
 from .models import (
-    ActionRow,
-    DecisionLog,
-    DeliveryRow,
-    Lease,
-    Notice,
-    Run,
-    SlackLookup,
-    Sweep,
+    ACTIONS,
+    DECISIONS,
+    DELIVERIES,
+    LEASES,
+    NOTICES,
+    RUNS,
+    SLACK_LOOKUPS,
+    SWEEPS,
     as_utc,
     spell_key,
 )
@@ -60,19 +59,19 @@ _CHUNK = 400  # runs per IN (...) query: 3 parameters each, far below SQLite's l
 _WHOLE_SWEEP = 2000  # more runs than this at once: read all open runs instead of looking each up
 # (a sweep reads its histories a batch of 1,000 at a time: those go through the index)
 
-_RUNS: Table = Run.__table__  # type: ignore[assignment]
+_RUNS: Table = RUNS
 _LOOKUP_COLS = tuple(
     _RUNS.c[name]
     for name in ("id", "user", "server", "started", "action", "state", "rule", "first_seen", "kept_until",
                  "stop_requested_at", "last_seen", "detached_since")
 )  # what run lookups need: not the reasons, details and options of 10,000 runs
-_NOTICES: Table = Notice.__table__  # type: ignore[assignment]
-_DELIVERIES: Table = DeliveryRow.__table__  # type: ignore[assignment]
-_DECISIONS: Table = DecisionLog.__table__  # type: ignore[assignment]
-_ACTIONS: Table = ActionRow.__table__  # type: ignore[assignment]
-_SWEEPS: Table = Sweep.__table__  # type: ignore[assignment]
-_LEASES: Table = Lease.__table__  # type: ignore[assignment]
-_SLACK: Table = SlackLookup.__table__  # type: ignore[assignment]
+_NOTICES: Table = NOTICES
+_DELIVERIES: Table = DELIVERIES
+_DECISIONS: Table = DECISIONS
+_ACTIONS: Table = ACTIONS
+_SWEEPS: Table = SWEEPS
+_LEASES: Table = LEASES
+_SLACK: Table = SLACK_LOOKUPS
 
 
 @dataclass(frozen=True)
@@ -281,13 +280,13 @@ class Store:
     # ------------------------------------------------------------ transactions
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Session]:
-        with self._lock, Session(self._rw, expire_on_commit=False) as s, s.begin():
+    def _write(self) -> Iterator[Connection]:
+        with self._lock, self._rw.begin() as s:
             yield s
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._lock, Session(self.engine, expire_on_commit=False) as s, s.begin():
+    def _read(self) -> Iterator[Connection]:
+        with self._lock, self.engine.begin() as s:
             yield s
 
     def _insert(self, table: Table) -> Any:
@@ -339,7 +338,7 @@ class Store:
 
     # ------------------------------------------------------------ runs
 
-    def _select_runs(self, s: Session, keys: Sequence[tuple[str, str, datetime]], *, lock: bool) -> list[Any]:
+    def _select_runs(self, s: Connection, keys: Sequence[tuple[str, str, datetime]], *, lock: bool) -> list[Any]:
         rows: list[Any] = []
         if len(keys) > _WHOLE_SWEEP:
             # A whole sweep's worth: its runs are (nearly) all the open runs, read in one query.
@@ -366,7 +365,7 @@ class Store:
 
     def _runs_for(
         self,
-        s: Session,
+        s: Connection,
         keys: Iterable[tuple[str, str, datetime]],
         now: datetime,
         *,
@@ -393,7 +392,7 @@ class Store:
     def _key(run: RunKey) -> tuple[str, str, datetime]:
         return (run.user, run.server, as_utc(run.started))
 
-    def _run_id(self, s: Session, run: RunKey, now: datetime, *, create: bool = True) -> int | None:
+    def _run_id(self, s: Connection, run: RunKey, now: datetime, *, create: bool = True) -> int | None:
         k = self._key(run)
         row = self._runs_for(s, [k], now, create=create, lock=False).get(k)
         return None if row is None else int(row.id)
@@ -489,7 +488,7 @@ class Store:
 
     def _record_slice(
         self,
-        s: Session,
+        s: Connection,
         keyed: list[tuple[int, RunKey, Observation, Decision]],
         rows: dict[tuple[str, str, datetime], Any],
         prev: dict[int, tuple[str | None, str | None, str | None]],
@@ -557,7 +556,7 @@ class Store:
 
     def _add_notices(
         self,
-        s: Session,
+        s: Connection,
         specs: Sequence[tuple[int, NoticeKind, datetime | None, list[str], dict[str, Any]]],
         now: datetime,
     ) -> list[int | None]:
@@ -602,7 +601,7 @@ class Store:
 
     def _add_notice(
         self,
-        s: Session,
+        s: Connection,
         run_id: int,
         kind: NoticeKind,
         spell: datetime | None,

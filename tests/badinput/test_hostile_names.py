@@ -328,9 +328,9 @@ _HTML_TAGS = {
 
 def test_the_store_has_no_column_truncating_a_200_character_name() -> None:
     """JupyterHub accepts names of 200+ characters; the store's name columns hold 255."""
-    from reaper.store.models import Base
+    from reaper.store.models import metadata
 
-    for table in Base.metadata.tables.values():
+    for table in metadata.tables.values():
         for col in table.columns:
             if col.name in ("user", "server", "kept_by"):
                 length = getattr(col.type, "length", None)

@@ -24,7 +24,7 @@ from sqlalchemy import func, inspect, select, text
 
 from reaper.model import Action, Decision, History, HubServer, NoticeKind, Observation, RunKey, State
 from reaper.store import VERSION_TABLE, Store
-from reaper.store.models import Base, DecisionLog
+from reaper.store.models import DECISIONS, metadata
 from tests.harness import require_real_part
 from tests.harness.postgres import PostgresUnavailable, fresh_database, postgres_available, postgres_server
 
@@ -127,7 +127,7 @@ def warn(spell: datetime = T0, channels: tuple[str, ...] = ("email",)) -> Decisi
 
 def decisions_logged(store: Store) -> list[tuple[str, str, str]]:
     with store.engine.connect() as c:
-        q = select(DecisionLog.action, DecisionLog.state, DecisionLog.rule).order_by(DecisionLog.id)
+        q = select(DECISIONS.c.action, DECISIONS.c.state, DECISIONS.c.rule).order_by(DECISIONS.c.id)
         return [tuple(r) for r in c.execute(q)]  # type: ignore[misc]
 
 
@@ -229,7 +229,7 @@ def test_in_memory_database_is_migrated_in_process() -> None:
 def test_the_models_match_the_migrated_schema(store: Store) -> None:
     with store.engine.connect() as c:
         ctx = MigrationContext.configure(c, opts={"compare_type": True, "version_table": VERSION_TABLE})
-        diff = compare_metadata(ctx, Base.metadata)
+        diff = compare_metadata(ctx, metadata)
     assert diff == []
 
 

@@ -16,12 +16,12 @@ from logging.config import fileConfig
 from sqlalchemy import Connection
 
 from alembic import context
-from reaper.store.models import Base
+from reaper.store.models import metadata
 
 VERSION_TABLE = "reaper_alembic_version"
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _url() -> str:
