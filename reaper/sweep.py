@@ -3,6 +3,11 @@
 The imperative shell around the pure core (activity.classify, policy.decide). Outside systems come
 in as objects: the hub client, the store, the notifier (outbox), and optionally a batch system.
 
+The listing is read whole; then the servers go through in batches of ``BATCH``: a batch's
+histories are read, its servers looked at (and its streamed stops issued), its notices limited, and
+its rows recorded, before the next batch is read. A sweep so holds the listing and one batch, not
+a row and a history per server of the hub (the service's sweeper keeps only the counts).
+
 Never harm on doubt:
 * a failed or partial listing ends the sweep before anything is decided or done;
 * a failed probe makes a server ``unreachable`` (hub data only), never idle;
