@@ -839,7 +839,19 @@ class Store:
         keys = [self._key(r) for r in runs]
         if not keys:
             return
+        keys = list(dict.fromkeys(keys))
         with self._write() as s:
+            # The runs a sweep stops were recorded by that sweep: one UPDATE per run through the
+            # unique index, no read first. A run missing from the store is created, then marked.
+            done = s.execute(
+                update(_RUNS)
+                .where(_RUNS.c.user == bindparam("k_user"), _RUNS.c.server == bindparam("k_server"),
+                       _RUNS.c.started == bindparam("k_started"))
+                .values(stop_requested_at=now),
+                [{"k_user": u, "k_server": n, "k_started": st} for u, n, st in keys],
+            )
+            if done.rowcount == len(keys):
+                return
             rows = self._runs_for(s, keys, now, create=True, lock=True)
             ids = [int(rows[k].id) for k in keys]
             for i in range(0, len(ids), 500):

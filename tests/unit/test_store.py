@@ -637,6 +637,23 @@ def test_one_channel_delivered_and_one_failed_is_delivered_not_failed(store: Sto
 # --------------------------------------------------------------------------- actions, runs, sweeps
 
 
+def test_stop_intents_mark_known_runs_and_create_unknown_ones(store: Store) -> None:
+    # The intent of a stop is written before the hub is asked: for the runs the sweep recorded
+    # (one UPDATE each), for a run the store has not seen (created), and for a key given twice.
+    known = [server(user=f"k{i}") for i in range(3)]
+    store.record_many([(observe(sv, T0), decision()) for sv in known], T0)
+    new = server(user="new", name="gpu")
+    at = T0 + timedelta(minutes=5)
+    keys = [sv.run_key() for sv in known] + [known[0].run_key()]
+    store.mark_stops_requested(keys, at)  # type: ignore[arg-type]
+    store.mark_stops_requested([known[1].run_key(), new.run_key()], at + timedelta(minutes=1))  # type: ignore[list-item]
+    h = store.histories([sv.run_key() for sv in (*known, new)])  # type: ignore[misc]
+    assert [h[sv.run_key()].stop_requested_at for sv in (*known, new)] == [  # type: ignore[index]
+        at, at + timedelta(minutes=1), at, at + timedelta(minutes=1)]
+    assert new.run_key() in store.open_runs()
+    store.mark_stops_requested([], at)  # nothing to do
+
+
 def test_actions_keep_stop_requests_and_ended_runs(store: Store) -> None:
     a, b = server(user="alice"), server(user="bob", name="gpu")
     ka, kb = a.run_key(), b.run_key()
