@@ -34,15 +34,28 @@ def require_real_part() -> Callable[[bool, str], None]:
     return harness.require_real_part
 
 
+_skipped: list[str] = []  # node ids of the tests and modules that skipped in this run
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:  # a whole module skipped at collection (allow_module_level=True)
+        _skipped.append(report.nodeid)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI, or as root, a skipped test fails the run, whatever skipped it (a library's
-    importorskip included): a skip there would hide a real part that is missing."""
-    if harness.may_skip_real_parts():
+    importorskip, a module skipped at collection): a skip there would hide a real part that is
+    missing. Counted from the reports themselves, so it holds whatever reporter plugins run."""
+    if harness.may_skip_real_parts() or not _skipped:
         return
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
-    if skipped and session.exitstatus == 0:
+    if session.exitstatus in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"{skipped} test(s) skipped, and skips are failures in CI and as root",
-                                red=True)
+            reporter.write_line(f"{len(_skipped)} test(s) skipped, and skips are failures in CI and as root: "
+                                + ", ".join(_skipped[:5]), red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

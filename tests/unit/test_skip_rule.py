@@ -37,19 +37,43 @@ def test_only_a_developer_without_root_outside_ci_may_skip(monkeypatch: pytest.M
     harness.require_real_part(True, "Chromium")  # present: nothing happens
 
 
-def test_in_ci_any_skip_fails_the_run(tmp_path: Path) -> None:
-    # A skip that does not go through require_real_part (a library's importorskip, a stray mark)
-    # must fail the run in CI too: the conftest guard turns it into a failing exit status.
+SKIPS = {
+    "importorskip": "import pytest\n\ndef test_ok():\n    pass\n\n"
+                    "def test_skipped():\n    pytest.importorskip('no_such_module_here')\n",
+    "mark": "import pytest\n\ndef test_ok():\n    pass\n\n"
+            "@pytest.mark.skip(reason='stray')\ndef test_skipped():\n    pass\n",
+    "module": "import pytest\n\npytest.skip('whole module', allow_module_level=True)\n\n"
+              "def test_never():\n    pass\n",
+}
+
+
+def _child_pytest(tmp_path: Path, body: str, *options: str) -> subprocess.CompletedProcess[str]:
     tdir = tmp_path / "tests"
     tdir.mkdir()
     (tdir / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
-    (tdir / "test_x.py").write_text(
-        "import pytest\n\ndef test_ok():\n    pass\n\n"
-        "def test_skipped():\n    pytest.importorskip('no_such_module_here')\n"
-    )
+    (tdir / "test_x.py").write_text(body)
     env = {"PATH": "/usr/bin:/bin", "CI": "true", "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tdir)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(options or ("-q",)), str(tdir)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("how", sorted(SKIPS))
+def test_in_ci_any_skip_fails_the_run(tmp_path: Path, how: str) -> None:
+    # A skip that does not go through require_real_part (a library's importorskip, a stray mark,
+    # a module skipped at collection) must fail the run in CI too: the conftest guard turns it
+    # into a failing exit status.
+    run = _child_pytest(tmp_path, SKIPS[how])
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "1 passed, 1 skipped" in run.stdout  # the tests themselves ran; the guard failed the run
+    assert "skipped" in run.stdout  # the tests themselves ran (or were collected); the guard failed the run
     assert "skips are failures in CI" in run.stdout
+
+
+def test_in_ci_a_skip_fails_the_run_without_the_terminal_reporter(tmp_path: Path) -> None:
+    # the guard counts the reports themselves, not the terminal's tally
+    run = _child_pytest(tmp_path, SKIPS["importorskip"], "-p", "no:terminal")
+    assert run.returncode == 1, run.stdout + run.stderr
+
+
+def test_in_ci_a_run_without_skips_passes(tmp_path: Path) -> None:
+    run = _child_pytest(tmp_path, "def test_ok():\n    pass\n")
+    assert run.returncode == 0, run.stdout + run.stderr
