@@ -405,8 +405,6 @@ async def run_ours(
             tune_gc()  # as the service does at start (reaper.service.run_service)
         rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports, store, clients
         warm = await sweeper.run_once(dry_run=False)
-        warm_summary, warm_actions = warm.summary(), _actions(warm)
-        warm.release_rows()  # as the service does once the sweep is counted (reaper.service)
         # setup, not measured: deliver every queued notice (one drain delivers a bounded batch)
         for _ in range(10 * n + 10):
             if not await outbox.drain(clock()):
@@ -462,10 +460,10 @@ async def run_ours(
             for name, g in (("intents", sweeper._intents),
                             ("delivered", outbox._delivered))
         },
-        "warmup": warm_summary,
+        "warmup": warm.summary(),
         "summary": res.summary(),
         "actions": _actions(res),
-        "warmup_actions": warm_actions,
+        "warmup_actions": _actions(warm),
     }
 
 

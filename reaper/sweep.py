@@ -133,11 +133,6 @@ class SweepResult:
         if keep:
             self.rows.extend(rows)
 
-    def release_rows(self) -> None:
-        """Drop the per-server rows (the counts stay): the service keeps the last result (health,
-        metrics) while the next sweep runs, and 10,000 rows are ~20 MB it does not need."""
-        self.rows = []
-
     def counts(self) -> dict[str, int]:
         return dict(self.states)
 
@@ -341,7 +336,10 @@ class Sweeper:
                 out.append((server, job, rule, self._should_probe(server, rule, now, horizon)))
             return out
 
-        await self._ensure_targets([p[0] for p in plan([sv for sv in servers if self._needs_address(sv)]) if p[3]])
+        # the route table, if a server to probe has no address (planned here for those alone)
+        lacking = plan([sv for sv in servers if self._needs_address(sv)])
+        await self._ensure_targets([sv for sv, _, _, should in lacking if should])
+        del lacking
 
         # Streaming: a stop needs a final notice already settled (policy.could_stop). If even all
         # such runs stopping stays within the safety limits, the limits cannot trip this sweep, so
@@ -492,7 +490,7 @@ class Sweeper:
         for r in rows:
             # One INFO line per decision that does something, and per change of state or action.
             key = r.obs.server.run_key()
-            seen = _seen(r.obs.state.value, r.decision.action.value)
+            seen = _shared((r.obs.state.value, r.decision.action.value))
             changed = key is not None and self._last_logged.get(key) != seen
             if key is not None:
                 self._last_logged[key] = seen
@@ -526,9 +524,9 @@ class Sweeper:
             if r.decision.notice is not None:
                 if r.obs.server.run_key() in queued:
                     res.notices += 1
-                    r.outcome = _outcome(f"{r.decision.notice.value} queued")
+                    r.outcome = _shared(f"{r.decision.notice.value} queued")
                 else:
-                    r.outcome = _outcome(f"{r.decision.notice.value} already queued")
+                    r.outcome = _shared(f"{r.decision.notice.value} already queued")
         if self.settings.slurm.walltime_notice is not None:
             await self._walltime_notices(rows, now)
         t = res.phase("record", t)
@@ -792,19 +790,13 @@ class _NoticeLimiter:
         self.counts: dict[str, int] | None = None
 
 
-_SEEN: dict[tuple[str, str], tuple[str, str]] = {}
-_OUTCOMES: dict[str, str] = {}
+_SHARED: dict[Any, Any] = {}
 
 
-def _seen(state: str, action: str) -> tuple[str, str]:
-    """One shared (state, action) pair per combination: the sweeper keeps one per server."""
-    k = (state, action)
-    return _SEEN.setdefault(k, k)
-
-
-def _outcome(text: str) -> str:
-    """One shared string per outcome ("final queued" ...), not one per row."""
-    return _OUTCOMES.setdefault(text, text)
+def _shared(value: Any) -> Any:
+    """One object per distinct value ("final queued", ("detached", "stop") ...), not one per
+    server: the sweeper keeps such a value for every server of the hub."""
+    return _SHARED.setdefault(value, value)
 
 
 async def bounded_map(fn: Callable[..., Any], items: list[tuple[Any, ...]], workers: int) -> list[Any]:

@@ -95,8 +95,9 @@ def _id() -> Column[Any]:
     return Column("id", Integer, primary_key=True, autoincrement=True)
 
 
-def _t() -> UTCDateTime:
-    return UTCDateTime()
+def _ref(name: str, target: str, ondelete: str, null: bool = False) -> Column[Any]:
+    """A reference to another table's id."""
+    return Column(name, Integer, ForeignKey(target, ondelete=ondelete), nullable=null)
 
 
 # One server run (user, server name, started): its latest observation and decision.
@@ -105,15 +106,15 @@ RUNS = Table(
     _id(),
     _c("user", String(NAME_LEN)),
     _c("server", String(NAME_LEN)),
-    _c("started", _t()),
-    _c("first_seen", _t()),
-    _c("last_seen", _t()),
-    _c("ended_at", _t(), True),
+    _c("started", UTCDateTime()),
+    _c("first_seen", UTCDateTime()),
+    _c("last_seen", UTCDateTime()),
+    _c("ended_at", UTCDateTime(), True),
     _c("end_reason", Text, True),
     # the latest observation
     _c("state", String(32), True),
-    _c("last_activity", _t(), True),
-    _c("detached_since", _t(), True),
+    _c("last_activity", UTCDateTime(), True),
+    _c("detached_since", UTCDateTime(), True),
     _c("job_id", String(64), True),
     _c("user_options", JSON(), True),
     _c("detail", Text, True),
@@ -121,13 +122,13 @@ RUNS = Table(
     _c("action", String(32), True),
     _c("reason", Text, True),
     _c("rule", String(NAME_LEN), True),
-    _c("spell", _t(), True),
-    _c("stop_at", _t(), True),
-    _c("next_at", _t(), True),
+    _c("spell", UTCDateTime(), True),
+    _c("stop_at", UTCDateTime(), True),
+    _c("next_at", UTCDateTime(), True),
     # what people and the reaper asked for
-    _c("kept_until", _t(), True),
+    _c("kept_until", UTCDateTime(), True),
     _c("kept_by", String(NAME_LEN), True),
-    _c("stop_requested_at", _t(), True),
+    _c("stop_requested_at", UTCDateTime(), True),
     UniqueConstraint("user", "server", "started", name="uq_reaper_runs_key"),
     Index("ix_reaper_runs_ended_at", "ended_at"),
 )
@@ -136,15 +137,15 @@ RUNS = Table(
 DECISIONS = Table(
     "reaper_decisions", metadata,
     _id(),
-    Column("run_id", Integer, ForeignKey("reaper_runs.id", ondelete="CASCADE"), nullable=False),
-    _c("at", _t()),
+    _ref("run_id", "reaper_runs.id", "CASCADE"),
+    _c("at", UTCDateTime()),
     _c("state", String(32)),
     _c("action", String(32)),
     _c("rule", String(NAME_LEN)),
     _c("reason", Text),
-    _c("spell", _t(), True),
-    _c("stop_at", _t(), True),
-    _c("next_at", _t(), True),
+    _c("spell", UTCDateTime(), True),
+    _c("stop_at", UTCDateTime(), True),
+    _c("next_at", UTCDateTime(), True),
     Index("ix_reaper_decisions_run_id_at", "run_id", "at"),
 )
 
@@ -152,17 +153,17 @@ DECISIONS = Table(
 NOTICES = Table(
     "reaper_notices", metadata,
     _id(),
-    Column("run_id", Integer, ForeignKey("reaper_runs.id", ondelete="CASCADE"), nullable=False),
+    _ref("run_id", "reaper_runs.id", "CASCADE"),
     _c("kind", String(16)),
-    _c("spell", _t(), True),
+    _c("spell", UTCDateTime(), True),
     _c("spell_key", String(40)),
     _c("seq", Integer),
-    _c("created_at", _t()),
+    _c("created_at", UTCDateTime()),
     _c("channels", JSON()),
     _c("context", JSON()),
-    _c("delivered_at", _t(), True),
+    _c("delivered_at", UTCDateTime(), True),
     _c("failed", Boolean, default=False),
-    _c("failed_at", _t(), True),
+    _c("failed_at", UTCDateTime(), True),
     UniqueConstraint("run_id", "kind", "spell_key", "seq", name="uq_reaper_notices_once"),
     Index("ix_reaper_notices_created_at", "created_at"),
 )
@@ -171,14 +172,14 @@ NOTICES = Table(
 DELIVERIES = Table(
     "reaper_deliveries", metadata,
     _id(),
-    Column("notice_id", Integer, ForeignKey("reaper_notices.id", ondelete="CASCADE"), nullable=False),
+    _ref("notice_id", "reaper_notices.id", "CASCADE"),
     _c("channel", String(32)),
     _c("status", String(16)),  # pending | delivered | failed
     _c("attempts", Integer, default=0),
-    _c("next_attempt_at", _t(), True),
+    _c("next_attempt_at", UTCDateTime(), True),
     _c("last_error", Text, True),
-    _c("delivered_at", _t(), True),
-    _c("updated_at", _t()),
+    _c("delivered_at", UTCDateTime(), True),
+    _c("updated_at", UTCDateTime()),
     UniqueConstraint("notice_id", "channel", name="uq_reaper_deliveries_channel"),
     Index("ix_reaper_deliveries_due", "status", "next_attempt_at"),
 )
@@ -187,8 +188,8 @@ DELIVERIES = Table(
 ACTIONS = Table(
     "reaper_actions", metadata,
     _id(),
-    Column("run_id", Integer, ForeignKey("reaper_runs.id", ondelete="SET NULL"), nullable=True),
-    _c("at", _t()),
+    _ref("run_id", "reaper_runs.id", "SET NULL", True),
+    _c("at", UTCDateTime()),
     _c("kind", String(32)),
     _c("ok", Boolean),
     _c("detail", Text),
@@ -200,8 +201,8 @@ ACTIONS = Table(
 SWEEPS = Table(
     "reaper_sweeps", metadata,
     _id(),
-    _c("started_at", _t()),
-    _c("finished_at", _t(), True),
+    _c("started_at", UTCDateTime()),
+    _c("finished_at", UTCDateTime(), True),
     _c("dry_run", Boolean),
     _c("ok", Boolean, True),
     _c("summary", JSON(), True),
@@ -213,8 +214,8 @@ LEASES = Table(
     "reaper_leases", metadata,
     Column("name", String(64), primary_key=True),
     _c("holder", String(NAME_LEN)),
-    _c("acquired_at", _t()),
-    _c("expires_at", _t()),
+    _c("acquired_at", UTCDateTime()),
+    _c("expires_at", UTCDateTime()),
 )
 
 # A cached Slack users.lookupByEmail answer (user_id None: "no such Slack user").
@@ -222,5 +223,5 @@ SLACK_LOOKUPS = Table(
     "reaper_slack_lookups", metadata,
     Column("email", String(320), primary_key=True),
     _c("user_id", String(64), True),
-    _c("expires_at", _t()),
+    _c("expires_at", UTCDateTime()),
 )

@@ -59,19 +59,11 @@ _CHUNK = 400  # runs per IN (...) query: 3 parameters each, far below SQLite's l
 _WHOLE_SWEEP = 2000  # more runs than this at once: read all open runs instead of looking each up
 # (a sweep reads its histories a batch of 1,000 at a time: those go through the index)
 
-_RUNS: Table = RUNS
 _LOOKUP_COLS = tuple(
-    _RUNS.c[name]
+    RUNS.c[name]
     for name in ("id", "user", "server", "started", "action", "state", "rule", "first_seen", "kept_until",
                  "stop_requested_at", "last_seen", "detached_since")
 )  # what run lookups need: not the reasons, details and options of 10,000 runs
-_NOTICES: Table = NOTICES
-_DELIVERIES: Table = DELIVERIES
-_DECISIONS: Table = DECISIONS
-_ACTIONS: Table = ACTIONS
-_SWEEPS: Table = SWEEPS
-_LEASES: Table = LEASES
-_SLACK: Table = SLACK_LOOKUPS
 
 
 @dataclass(frozen=True)
@@ -162,6 +154,13 @@ def make_engine(url: str | URL) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _near(keys: Sequence[tuple[str, str, datetime]]) -> tuple[Any, Any]:
+    """Conditions that find these runs (and few others) through the runs' unique index: by user,
+    then start time. SQLite answers a row-value ``IN (VALUES ...)`` with a scan of the whole
+    table; the caller keeps the exact keys among the rows found."""
+    return RUNS.c.user.in_(sorted({k[0] for k in keys})), RUNS.c.started.in_(sorted({k[2] for k in keys}))
 
 
 def _upgrade_in_child(u: URL) -> None:
@@ -343,23 +342,19 @@ class Store:
         if len(keys) > _WHOLE_SWEEP:
             # A whole sweep's worth: its runs are (nearly) all the open runs, read in one query.
             wanted = set(keys)
-            q = select(*_LOOKUP_COLS).where(_RUNS.c.ended_at.is_(None))
+            q = select(*_LOOKUP_COLS).where(RUNS.c.ended_at.is_(None))
             if lock and self.dialect == "postgresql":
-                q = q.order_by(_RUNS.c.id).with_for_update()
+                q = q.order_by(RUNS.c.id).with_for_update()
             rows = [r for r in s.execute(q) if (r.user, r.server, r.started) in wanted]
             found = {(r.user, r.server, r.started) for r in rows}
             keys = [k for k in keys if k not in found]
-        # By user (the unique index's first column), then the exact keys here: SQLite answers a
-        # row-value IN (VALUES ...) with a scan of the whole table, a user IN (...) from the index.
-        # (``started IN`` too: a user's past runs are skipped inside the index.)
+        # the others through the unique index, a chunk at a time (see _near)
         wanted_left = set(keys)
         for i in range(0, len(keys), _CHUNK):
             chunk = keys[i : i + _CHUNK]
-            q = select(*_LOOKUP_COLS).where(
-                _RUNS.c.user.in_(sorted({k[0] for k in chunk})), _RUNS.c.started.in_(sorted({k[2] for k in chunk}))
-            )
+            q = select(*_LOOKUP_COLS).where(*_near(chunk))
             if lock and self.dialect == "postgresql":
-                q = q.order_by(_RUNS.c.id).with_for_update()
+                q = q.order_by(RUNS.c.id).with_for_update()
             rows.extend(r for r in s.execute(q) if (r.user, r.server, r.started) in wanted_left)
         return rows
 
@@ -378,7 +373,7 @@ class Store:
         missing = [k for k in wanted if k not in found]
         if missing and create:
             s.execute(
-                self._insert(_RUNS).on_conflict_do_nothing(index_elements=["user", "server", "started"]),
+                self._insert(RUNS).on_conflict_do_nothing(index_elements=["user", "server", "started"]),
                 [
                     {"user": u, "server": n, "started": st, "first_seen": now, "last_seen": now}
                     for (u, n, st) in missing
@@ -407,13 +402,12 @@ class Store:
             for i in range(0, len(keys), _CHUNK):  # through the runs' unique index, as _select_runs
                 chunk = keys[i : i + _CHUNK]
                 q = (
-                    select(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
-                    .join(_NOTICES, _NOTICES.c.run_id == _RUNS.c.id)
+                    select(RUNS.c.user, RUNS.c.server, RUNS.c.started)
+                    .join(NOTICES, NOTICES.c.run_id == RUNS.c.id)
                     .where(
-                        _RUNS.c.user.in_(sorted({k[0] for k in chunk})),
-                        _RUNS.c.started.in_(sorted({k[2] for k in chunk})),
-                        _NOTICES.c.kind == NoticeKind.FINAL.value,
-                        or_(_NOTICES.c.delivered_at.is_not(None), _NOTICES.c.failed.is_(True)),
+                        *_near(chunk),
+                        NOTICES.c.kind == NoticeKind.FINAL.value,
+                        or_(NOTICES.c.delivered_at.is_not(None), NOTICES.c.failed.is_(True)),
                     )
                     .distinct()
                 )
@@ -436,9 +430,9 @@ class Store:
             id_list = list(ids)
             for i in range(0, len(id_list), 1000):
                 q = (
-                    select(_NOTICES)
-                    .where(_NOTICES.c.run_id.in_(id_list[i : i + 1000]))
-                    .order_by(_NOTICES.c.created_at, _NOTICES.c.id)
+                    select(NOTICES)
+                    .where(NOTICES.c.run_id.in_(id_list[i : i + 1000]))
+                    .order_by(NOTICES.c.created_at, NOTICES.c.id)
                 )
                 for n in s.execute(q):
                     notices[int(n.run_id)].append(
@@ -540,11 +534,11 @@ class Store:
                 notices.append((i, run_id, obs, dec))
         cols = {k: k for k in updates[0] if k != "b_id"}
         s.execute(
-            update(_RUNS).where(_RUNS.c.id == bindparam("b_id")).values({k: bindparam(k) for k in cols}),
+            update(RUNS).where(RUNS.c.id == bindparam("b_id")).values({k: bindparam(k) for k in cols}),
             updates,
         )
         if log:
-            s.execute(_DECISIONS.insert(), log)
+            s.execute(DECISIONS.insert(), log)
         ids = self._add_notices(
             s,
             [(run_id, dec.notice, dec.spell, list(dec.channels), notice_context(obs, dec, now))  # type: ignore[misc]
@@ -566,9 +560,9 @@ class Store:
         out: list[int | None] = [None] * len(specs)
         where: dict[tuple[int, str, str], int] = {}
         stmt = (
-            self._insert(_NOTICES)
+            self._insert(NOTICES)
             .on_conflict_do_nothing(index_elements=["run_id", "kind", "spell_key", "seq"])
-            .returning(_NOTICES.c.id, _NOTICES.c.run_id, _NOTICES.c.kind, _NOTICES.c.spell_key)
+            .returning(NOTICES.c.id, NOTICES.c.run_id, NOTICES.c.kind, NOTICES.c.spell_key)
         )
         # in slices: every notice's context (a dict of ~20 entries) is built only for its slice
         for c in range(0, len(specs), _SLICE):
@@ -596,7 +590,7 @@ class Store:
                     deliveries.append({"notice_id": int(r.id), "channel": ch, "status": "pending", "attempts": 0,
                                        "next_attempt_at": now, "updated_at": now})
             if deliveries:
-                s.execute(_DELIVERIES.insert(), deliveries)
+                s.execute(DELIVERIES.insert(), deliveries)
         return out
 
     def _add_notice(
@@ -614,10 +608,10 @@ class Store:
         if kind in _NUMBERED:
             earlier = (
                 s.execute(
-                    select(_NOTICES.c.created_at).where(
-                        _NOTICES.c.run_id == run_id,
-                        _NOTICES.c.kind == kind.value,
-                        _NOTICES.c.spell_key == skey,
+                    select(NOTICES.c.created_at).where(
+                        NOTICES.c.run_id == run_id,
+                        NOTICES.c.kind == kind.value,
+                        NOTICES.c.spell_key == skey,
                     )
                 )
                 .scalars()
@@ -629,7 +623,7 @@ class Store:
         else:
             seq = 0
         nid = s.execute(
-            self._insert(_NOTICES)
+            self._insert(NOTICES)
             .values(
                 run_id=run_id,
                 kind=kind.value,
@@ -642,12 +636,12 @@ class Store:
                 failed=False,
             )
             .on_conflict_do_nothing(index_elements=["run_id", "kind", "spell_key", "seq"])
-            .returning(_NOTICES.c.id)
+            .returning(NOTICES.c.id)
         ).scalar_one_or_none()
         if nid is None:
             return None
         s.execute(
-            _DELIVERIES.insert(),
+            DELIVERIES.insert(),
             [
                 {
                     "notice_id": nid,
@@ -684,22 +678,22 @@ class Store:
     def due_deliveries(self, now: datetime, limit: int = 100) -> list[Delivery]:
         q = (
             select(
-                _DELIVERIES.c.id,
-                _DELIVERIES.c.notice_id,
-                _DELIVERIES.c.channel,
-                _DELIVERIES.c.attempts,
-                _NOTICES.c.kind,
-                _NOTICES.c.context,
-                _NOTICES.c.spell,
-                _NOTICES.c.created_at,
-                _RUNS.c.user,
-                _RUNS.c.server,
-                _RUNS.c.started,
+                DELIVERIES.c.id,
+                DELIVERIES.c.notice_id,
+                DELIVERIES.c.channel,
+                DELIVERIES.c.attempts,
+                NOTICES.c.kind,
+                NOTICES.c.context,
+                NOTICES.c.spell,
+                NOTICES.c.created_at,
+                RUNS.c.user,
+                RUNS.c.server,
+                RUNS.c.started,
             )
-            .join(_NOTICES, _NOTICES.c.id == _DELIVERIES.c.notice_id)
-            .join(_RUNS, _RUNS.c.id == _NOTICES.c.run_id)
-            .where(_DELIVERIES.c.status == "pending", _DELIVERIES.c.next_attempt_at <= now)
-            .order_by(_DELIVERIES.c.next_attempt_at, _DELIVERIES.c.id)
+            .join(NOTICES, NOTICES.c.id == DELIVERIES.c.notice_id)
+            .join(RUNS, RUNS.c.id == NOTICES.c.run_id)
+            .where(DELIVERIES.c.status == "pending", DELIVERIES.c.next_attempt_at <= now)
+            .order_by(DELIVERIES.c.next_attempt_at, DELIVERIES.c.id)
             .limit(limit)
         )
         with self._read() as s:
@@ -731,15 +725,15 @@ class Store:
             for at, ids in sorted(by_time.items()):
                 for i in range(0, len(ids), 500):
                     nids = s.execute(
-                        update(_DELIVERIES)
-                        .where(_DELIVERIES.c.id.in_(ids[i : i + 500]), _DELIVERIES.c.status == "pending")
+                        update(DELIVERIES)
+                        .where(DELIVERIES.c.id.in_(ids[i : i + 500]), DELIVERIES.c.status == "pending")
                         .values(status="delivered", delivered_at=at, updated_at=at, next_attempt_at=None)
-                        .returning(_DELIVERIES.c.notice_id)
+                        .returning(DELIVERIES.c.notice_id)
                     ).scalars().all()
                     if nids:
                         s.execute(
-                            update(_NOTICES)
-                            .where(_NOTICES.c.id.in_(sorted(set(nids))), _NOTICES.c.delivered_at.is_(None))
+                            update(NOTICES)
+                            .where(NOTICES.c.id.in_(sorted(set(nids))), NOTICES.c.delivered_at.is_(None))
                             .values(delivered_at=at)
                         )
 
@@ -756,7 +750,7 @@ class Store:
         delivery is failed; when every channel of the notice failed so, the notice is failed."""
         with self._write() as s:
             values: dict[str, Any] = {
-                "attempts": _DELIVERIES.c.attempts + 1,
+                "attempts": DELIVERIES.c.attempts + 1,
                 "last_error": error[:4000],
                 "updated_at": now,
             }
@@ -765,20 +759,20 @@ class Store:
             else:
                 values.update(next_attempt_at=retry_at or now)
             nid = s.execute(
-                update(_DELIVERIES)
-                .where(_DELIVERIES.c.id == delivery_id, _DELIVERIES.c.status == "pending")
+                update(DELIVERIES)
+                .where(DELIVERIES.c.id == delivery_id, DELIVERIES.c.status == "pending")
                 .values(values)
-                .returning(_DELIVERIES.c.notice_id)
+                .returning(DELIVERIES.c.notice_id)
             ).scalar_one_or_none()
             if nid is None or not permanent:
                 return
             statuses = (
-                s.execute(select(_DELIVERIES.c.status).where(_DELIVERIES.c.notice_id == nid)).scalars().all()
+                s.execute(select(DELIVERIES.c.status).where(DELIVERIES.c.notice_id == nid)).scalars().all()
             )
             if statuses and all(st == "failed" for st in statuses):
                 s.execute(
-                    update(_NOTICES)
-                    .where(_NOTICES.c.id == nid, _NOTICES.c.failed.is_(False))
+                    update(NOTICES)
+                    .where(NOTICES.c.id == nid, NOTICES.c.failed.is_(False))
                     .values(failed=True, failed_at=now)
                 )
 
@@ -786,7 +780,7 @@ class Store:
         with self._read() as s:
             return int(
                 s.execute(
-                    select(func.count()).select_from(_DELIVERIES).where(_DELIVERIES.c.status == "pending")
+                    select(func.count()).select_from(DELIVERIES).where(DELIVERIES.c.status == "pending")
                 ).scalar_one()
             )
 
@@ -808,11 +802,11 @@ class Store:
             run_id = self._run_id(s, run, now) if run is not None else None
             return int(
                 s.execute(
-                    _ACTIONS.insert()
+                    ACTIONS.insert()
                     .values(
                         run_id=run_id, at=now, kind=kind, ok=ok, detail=detail, actor=actor, job_id=job_id
                     )
-                    .returning(_ACTIONS.c.id)
+                    .returning(ACTIONS.c.id)
                 ).scalar_one()
             )
 
@@ -822,8 +816,8 @@ class Store:
         with self._write() as s:
             run_id = self._run_id(s, run, now)
             s.execute(
-                update(_RUNS)
-                .where(_RUNS.c.id == run_id)
+                update(RUNS)
+                .where(RUNS.c.id == run_id)
                 .values(kept_until=until, kept_by=by if until is not None else None)
             )
 
@@ -831,22 +825,21 @@ class Store:
         now = as_utc(now)
         with self._write() as s:
             run_id = self._run_id(s, run, now)
-            s.execute(update(_RUNS).where(_RUNS.c.id == run_id).values(stop_requested_at=now))
+            s.execute(update(RUNS).where(RUNS.c.id == run_id).values(stop_requested_at=now))
 
     def mark_stops_requested(self, runs: Iterable[RunKey], now: datetime) -> None:
         """mark_stop_requested for many runs in one transaction (the intent, written before the stops)."""
         now = as_utc(now)
-        keys = [self._key(r) for r in runs]
+        keys = list(dict.fromkeys(self._key(r) for r in runs))
         if not keys:
             return
-        keys = list(dict.fromkeys(keys))
         with self._write() as s:
             # The runs a sweep stops were recorded by that sweep: one UPDATE per run through the
             # unique index, no read first. A run missing from the store is created, then marked.
             done = s.execute(
-                update(_RUNS)
-                .where(_RUNS.c.user == bindparam("k_user"), _RUNS.c.server == bindparam("k_server"),
-                       _RUNS.c.started == bindparam("k_started"))
+                update(RUNS)
+                .where(RUNS.c.user == bindparam("k_user"), RUNS.c.server == bindparam("k_server"),
+                       RUNS.c.started == bindparam("k_started"))
                 .values(stop_requested_at=now),
                 [{"k_user": u, "k_server": n, "k_started": st} for u, n, st in keys],
             )
@@ -855,7 +848,7 @@ class Store:
             rows = self._runs_for(s, keys, now, create=True, lock=True)
             ids = [int(rows[k].id) for k in keys]
             for i in range(0, len(ids), 500):
-                s.execute(update(_RUNS).where(_RUNS.c.id.in_(ids[i : i + 500])).values(stop_requested_at=now))
+                s.execute(update(RUNS).where(RUNS.c.id.in_(ids[i : i + 500])).values(stop_requested_at=now))
 
     def record_stops(self, items: Iterable[StopRecord], now: datetime) -> list[int | None]:
         """The outcome of many stops in one transaction: for each, its action row; for each done
@@ -874,17 +867,17 @@ class Store:
                                 "actor": it.actor, "job_id": it.job_id})
                 if it.end_reason is not None:
                     ended.append((run_id, it.end_reason))
-            s.execute(_ACTIONS.insert(), actions)
+            s.execute(ACTIONS.insert(), actions)
             failed = [int(rows[self._key(it.run)].id) for it in items if it.kind == "stop-failed"]
             if failed:  # the hub refused: nothing is pending, the next sweep may ask again
-                s.execute(update(_RUNS).where(_RUNS.c.id.in_(failed)).values(stop_requested_at=None))
+                s.execute(update(RUNS).where(RUNS.c.id.in_(failed)).values(stop_requested_at=None))
             by_reason: dict[str, list[int]] = {}
             for run_id, reason in ended:
                 by_reason.setdefault(reason, []).append(run_id)
             for reason, ids in by_reason.items():
                 for i in range(0, len(ids), 500):
                     s.execute(
-                        update(_RUNS).where(_RUNS.c.id.in_(ids[i : i + 500]), _RUNS.c.ended_at.is_(None))
+                        update(RUNS).where(RUNS.c.id.in_(ids[i : i + 500]), RUNS.c.ended_at.is_(None))
                         .values(ended_at=now, end_reason=reason)
                     )
             with_notice = [it for it in items if it.notice_context is not None]
@@ -901,12 +894,12 @@ class Store:
         with self._write() as s:
             user, server, started = self._key(run)
             s.execute(
-                update(_RUNS)
+                update(RUNS)
                 .where(
-                    _RUNS.c.user == user,
-                    _RUNS.c.server == server,
-                    _RUNS.c.started == started,
-                    _RUNS.c.ended_at.is_(None),
+                    RUNS.c.user == user,
+                    RUNS.c.server == server,
+                    RUNS.c.started == started,
+                    RUNS.c.ended_at.is_(None),
                 )
                 .values(ended_at=now, end_reason=reason)
             )
@@ -914,9 +907,9 @@ class Store:
     def open_runs(self) -> list[RunKey]:
         with self._read() as s:
             q = (
-                select(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
-                .where(_RUNS.c.ended_at.is_(None))
-                .order_by(_RUNS.c.id)
+                select(RUNS.c.user, RUNS.c.server, RUNS.c.started)
+                .where(RUNS.c.ended_at.is_(None))
+                .order_by(RUNS.c.id)
             )
             return [RunKey(r.user, r.server, r.started) for r in s.execute(q)]
 
@@ -924,10 +917,10 @@ class Store:
 
     def recent_actions(self, since: datetime, limit: int = 200) -> list[dict[str, Any]]:
         q = (
-            select(_ACTIONS, _RUNS.c.user, _RUNS.c.server, _RUNS.c.started, _RUNS.c.user_options)
-            .outerjoin(_RUNS, _RUNS.c.id == _ACTIONS.c.run_id)
-            .where(_ACTIONS.c.at >= since)
-            .order_by(_ACTIONS.c.at.desc(), _ACTIONS.c.id.desc())
+            select(ACTIONS, RUNS.c.user, RUNS.c.server, RUNS.c.started, RUNS.c.user_options)
+            .outerjoin(RUNS, RUNS.c.id == ACTIONS.c.run_id)
+            .where(ACTIONS.c.at >= since)
+            .order_by(ACTIONS.c.at.desc(), ACTIONS.c.id.desc())
             .limit(limit)
         )
         with self._read() as s:
@@ -950,10 +943,10 @@ class Store:
 
     def recent_notices(self, since: datetime, limit: int = 200) -> list[dict[str, Any]]:
         q = (
-            select(_NOTICES, _RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
-            .join(_RUNS, _RUNS.c.id == _NOTICES.c.run_id)
-            .where(_NOTICES.c.created_at >= since)
-            .order_by(_NOTICES.c.created_at.desc(), _NOTICES.c.id.desc())
+            select(NOTICES, RUNS.c.user, RUNS.c.server, RUNS.c.started)
+            .join(RUNS, RUNS.c.id == NOTICES.c.run_id)
+            .where(NOTICES.c.created_at >= since)
+            .order_by(NOTICES.c.created_at.desc(), NOTICES.c.id.desc())
             .limit(limit)
         )
         with self._read() as s:
@@ -961,9 +954,9 @@ class Store:
             per: dict[int, list[dict[str, Any]]] = {int(r.id): [] for r in rows}
             if per:
                 dq = (
-                    select(_DELIVERIES)
-                    .where(_DELIVERIES.c.notice_id.in_(list(per)))
-                    .order_by(_DELIVERIES.c.id)
+                    select(DELIVERIES)
+                    .where(DELIVERIES.c.notice_id.in_(list(per)))
+                    .order_by(DELIVERIES.c.id)
                 )
                 for d in s.execute(dq):
                     per[int(d.notice_id)].append(
@@ -1000,9 +993,9 @@ class Store:
     def runs_overview(self) -> list[dict[str, Any]]:
         """The latest state of every open run, ordered by user and server (times are aware datetimes)."""
         q = (
-            select(_RUNS)
-            .where(_RUNS.c.ended_at.is_(None))
-            .order_by(_RUNS.c.user, _RUNS.c.server, _RUNS.c.started)
+            select(RUNS)
+            .where(RUNS.c.ended_at.is_(None))
+            .order_by(RUNS.c.user, RUNS.c.server, RUNS.c.started)
         )
         with self._read() as s:
             return [dict(r._mapping) for r in s.execute(q)]
@@ -1013,21 +1006,21 @@ class Store:
         with self._write() as s:
             return int(
                 s.execute(
-                    _SWEEPS.insert().values(started_at=now, dry_run=dry_run).returning(_SWEEPS.c.id)
+                    SWEEPS.insert().values(started_at=now, dry_run=dry_run).returning(SWEEPS.c.id)
                 ).scalar_one()
             )
 
     def finish_sweep(self, sweep_id: int, now: datetime, ok: bool, summary: dict[str, Any]) -> None:
         with self._write() as s:
             s.execute(
-                update(_SWEEPS)
-                .where(_SWEEPS.c.id == sweep_id)
+                update(SWEEPS)
+                .where(SWEEPS.c.id == sweep_id)
                 .values(finished_at=now, ok=ok, summary=_jsonable(summary))
             )
 
     def last_successful_sweep(self) -> datetime | None:
         with self._read() as s:
-            t = s.execute(select(func.max(_SWEEPS.c.finished_at)).where(_SWEEPS.c.ok.is_(True))).scalar_one()
+            t = s.execute(select(func.max(SWEEPS.c.finished_at)).where(SWEEPS.c.ok.is_(True))).scalar_one()
         if t is None:
             return None
         # func.max() loses the column type on some dialects: coerce back to aware UTC
@@ -1045,15 +1038,15 @@ class Store:
         until = now + ttl
         with self._write() as s:
             ins = s.execute(
-                self._insert(_LEASES)
+                self._insert(LEASES)
                 .values(name=name, holder=holder, acquired_at=now, expires_at=until)
                 .on_conflict_do_nothing(index_elements=["name"])
             )
             if ins.rowcount == 1:
                 return True
             upd = s.execute(
-                update(_LEASES)
-                .where(_LEASES.c.name == name, or_(_LEASES.c.holder == holder, _LEASES.c.expires_at <= now))
+                update(LEASES)
+                .where(LEASES.c.name == name, or_(LEASES.c.holder == holder, LEASES.c.expires_at <= now))
                 .values(holder=holder, expires_at=until, acquired_at=now)
             )
             return upd.rowcount == 1
@@ -1064,7 +1057,7 @@ class Store:
         """(True, member id or None for "not on Slack") while a cached answer is fresh, else (False, None)."""
         now = as_utc(now)
         with self._read() as s:
-            row = s.execute(select(_SLACK.c.user_id, _SLACK.c.expires_at).where(_SLACK.c.email == email)).first()
+            row = s.execute(select(SLACK_LOOKUPS.c.user_id, SLACK_LOOKUPS.c.expires_at).where(SLACK_LOOKUPS.c.email == email)).first()
         if row is None or row.expires_at <= now:
             return False, None
         return True, row.user_id
@@ -1072,14 +1065,14 @@ class Store:
     def slack_remember(self, email: str, user_id: str | None, expires_at: datetime) -> None:
         expires_at = as_utc(expires_at)
         with self._write() as s:
-            s.execute(_SLACK.delete().where(_SLACK.c.email == email))
-            s.execute(_SLACK.insert().values(email=email, user_id=user_id, expires_at=expires_at))
+            s.execute(SLACK_LOOKUPS.delete().where(SLACK_LOOKUPS.c.email == email))
+            s.execute(SLACK_LOOKUPS.insert().values(email=email, user_id=user_id, expires_at=expires_at))
 
     def lease_holder(self, now: datetime, *, name: str = DEFAULT_LEASE) -> str | None:
         """Who holds an unexpired lease, if anyone."""
         now = as_utc(now)
         with self._read() as s:
-            row = s.execute(select(_LEASES.c.holder, _LEASES.c.expires_at).where(_LEASES.c.name == name)).first()
+            row = s.execute(select(LEASES.c.holder, LEASES.c.expires_at).where(LEASES.c.name == name)).first()
         if row is None or row.expires_at <= now:
             return None
         return str(row.holder)
@@ -1087,4 +1080,4 @@ class Store:
     def release_lease(self, holder: str, *, name: str = DEFAULT_LEASE) -> None:
         """Give the lease up (on a clean shutdown) so another reaper can take over at once."""
         with self._write() as s:
-            s.execute(_LEASES.delete().where(_LEASES.c.name == name, _LEASES.c.holder == holder))
+            s.execute(LEASES.delete().where(LEASES.c.name == name, LEASES.c.holder == holder))

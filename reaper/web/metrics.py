@@ -86,7 +86,7 @@ class Metrics:
                         ("failed", result.stops_failed)):
             if n:
                 self.stops.labels(outcome=name).inc(n)
-        if result.safety_tripped and result.held:
+        if result.held:  # (only a sweep that tripped the safety limits holds stops)
             self.stops.labels(outcome="held").inc(result.held)
         for (channel, kind), n in result.queued.items():
             self.notices.labels(channel=channel, kind=kind, result="queued").inc(n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from reaper.service import ReaperService
@@ -9,18 +10,32 @@ from reaper.web.metrics import METRICS
 from tests.unit.test_sweep import T0, Clock, FakeHub, detached_probe, make, server, settings, store  # noqa: F401
 
 
-async def test_tick_counts_the_sweep_then_keeps_only_its_counts(store):
+async def test_the_service_sweeps_keeping_counts_not_rows(store, tmp_path, monkeypatch):
+    # The service builds its sweeper to keep counts, not one row per server (10,000 rows are
+    # memory the next sweep needs); its tick feeds the metrics from those counts.
+    from reaper import service
+
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "t")
+    monkeypatch.setattr(service.ReaperService, "start_web", lambda self: asyncio.sleep(0))
+    st = settings().model_copy(update={"database_url": f"sqlite:///{tmp_path / 'svc.sqlite'}"})
+    started = ReaperService(None, st)
+    await started.start()
+    try:
+        assert started.sweeper is not None and started.sweeper.keep_rows is False
+    finally:
+        await started.stop()
+
     hub, clock = FakeHub(), Clock(T0)
     for i in range(3):
         since = T0 - timedelta(minutes=70)
         hub.add(server(user=f"u{i}", la=since), detached_probe(since))
     svc = ReaperService(None, settings())
     svc.store, svc.sweeper = store, make(store, hub, clock)
+    svc.sweeper.keep_rows = False  # as start() builds it
     METRICS.servers.labels(state="detached").set(0)
     await svc.tick()
     res = svc.last_result
     assert res is not None and res.ok
-    # the metrics saw the rows, then the rows were let go: the next sweep does not carry them
     assert METRICS.servers.labels(state="detached")._value.get() == 3
     assert res.rows == [] and res.summary()["servers"] == 3 and res.counts() == {"detached": 3}
 

@@ -472,23 +472,6 @@ async def test_a_server_that_answered_from_before_the_listing_needs_no_second_hu
     assert hub.stops == [("alice", "")] and r.stops == 1 and lookups == []
 
 
-async def test_a_released_result_keeps_its_counts_without_its_rows(store):
-    # the service keeps the last result for /health and the metrics while the next sweep runs;
-    # its 10,000 rows would be ~20 MB held for nothing
-    since = T0 - 70 * M
-    hub, clock = FakeHub(), Clock(T0)
-    hub.add(server(la=since), detached_probe(since))
-    hub.add(server(user="bob", la=T0), busy_probe(T0))
-    r = await make(store, hub, clock).run_once()
-    before = r.summary()
-    assert before["servers"] == 2 and sum(before["states"].values()) == 2
-    r.release_rows()
-    assert r.rows == []
-    assert r.summary() == before and r.counts() == before["states"]
-    r.release_rows()  # twice is harmless
-    assert r.summary() == before
-
-
 async def test_a_sweep_that_keeps_no_rows_counts_the_same(store, tmp_path):
     # The service's sweeper keeps counts, not one row per server: the metrics, the health page and
     # the log line need only those. Same hub, same decisions: same counts as a sweep keeping rows.
