@@ -120,9 +120,14 @@ def classify(
     return Observation(
         state=State.DETACHED,
         detached_since=last,
-        detail=f"no browser connected, {kern}",
+        detail=detached_detail(len(kernels), probe.terminals),
         **base,  # type: ignore[arg-type]
     )
+
+
+def detached_detail(kernels: int, terminals: int) -> str:
+    """The detail of a detached server (its kernels are all idle)."""
+    return f"no browser connected, {_kernels_words(kernels, 0, terminals)}"
 
 
 def _kernels_words(kernels: int, busy: int, terminals: int) -> str:
@@ -148,6 +153,49 @@ def needs_probe(server: HubServer, now: datetime, horizon: timedelta) -> bool:
     if la > now + CLOCK_SKEW:
         return False  # the future: treat as active
     return now - la >= horizon
+
+
+def confirm_detached(
+    server: HubServer,
+    status: Probe,
+    history: History,
+    now: datetime,
+    *,
+    fresh_within: timedelta = FRESH_WITHIN,
+) -> Observation | None:
+    """The server was detached at its last look and one ``/api/status`` answer says nothing has
+    happened since: the same detached spell, without asking ``/api/kernels``. None when that cannot
+    be told from the status alone (then the server is probed in full).
+
+    What it relies on (jupyter_server 2.x, checked on a real server by
+    tests/integration/test_real_hub_facts.py): ``last_activity`` moves with every request that is
+    not ``no_track_activity``, terminal activity, and every kernel message answering a tracked
+    request, and a kernel's ``execution_state`` turns busy only with such a message. So if it is
+    no later than the spell's start, no kernel went busy and nothing connected. A kernel shut down
+    (or started by the server itself) need not move it, but changes the kernel count, so the
+    recorded detail must be the very words a full probe would give now ("kernel idle" ...). A
+    server whose last look saw terminals (``probe.terminals``) is probed in full."""
+    since = history.detached_since
+    if history.last_state != State.DETACHED.value or since is None:
+        return None
+    la = status.status_last_activity
+    if not status.ok or status.status_connections != 0 or status.status_kernels is None or la is None:
+        return None
+    if la > since or now - la <= fresh_within:
+        return None
+    detail = detached_detail(status.status_kernels, 0)
+    if history.last_detail != detail:
+        return None
+    return Observation(
+        server=server,
+        state=State.DETACHED,
+        at=now,
+        last_activity=since,
+        detached_since=since,
+        kernels=status.status_kernels,
+        detail=detail,
+        probed=True,
+    )
 
 
 def continue_spell(obs: Observation, history: History) -> Observation:

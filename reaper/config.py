@@ -283,6 +283,10 @@ class ProbeSettings(Strict):
     concurrency: int = Field(default=32, ge=1, le=512)
     skip_fresh: bool = True  # don't probe servers whose hub activity is fresher than every threshold
     reprobe_every: Duration = timedelta(minutes=30)  # ... but probe each at least this often
+    # A server detached at its last look is first asked /api/status alone: if its last_activity has
+    # not moved since, nothing happened (no kernel message, start, shutdown, terminal or browser
+    # request) and /api/kernels is not asked. false: always probe in full.
+    confirm_with_status: bool = True
     # Also list terminals (/api/terminals): only adds "1 terminal open" to reasons; their activity
     # is already in /api/status. One more request per probe.
     terminals: bool = False

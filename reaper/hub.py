@@ -684,7 +684,7 @@ class HubClient:
         # do is /api/kernels needed (their execution_state and connections).
         if status_only:
             try:
-                st = await self._probe_get(base + "api/status", "status")
+                st = await self._probe_get(base + "api/status", "status", last=True)
                 if not isinstance(st, dict):
                     raise _ProbeFailure("status: unexpected answer (not an object)")
                 n = st.get("kernels")

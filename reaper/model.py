@@ -182,6 +182,7 @@ class History:
     last_state: str | None = None  # as of the last recorded sweep
     last_seen: datetime | None = None
     detached_since: datetime | None = None  # the last recorded start of a detached spell
+    last_detail: str | None = None  # the last recorded observation's detail
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from .activity import classify, continue_spell, needs_probe
+from .activity import classify, confirm_detached, continue_spell, needs_probe
 from .config import ResolvedRule, Settings
 from .faults import crashpoint
 from .groupcommit import GroupWriter
@@ -350,6 +350,7 @@ class Sweeper:
         stream = not dry_run and bool(could) and not self._too_many(len(could), len(servers))
         slot = asyncio.Semaphore(s.safety.stop_concurrency)
         histories: dict[RunKey, History] = {}
+        confirm = s.probe.confirm_with_status and hasattr(self.hub, "probe_status")
 
         def hist_of(server: HubServer) -> History:
             key = server.run_key()
@@ -366,16 +367,27 @@ class Sweeper:
 
         async def look(server: HubServer, job: Any, rule: ResolvedRule, should: bool) -> Row:
             probe: Probe | None = None
+            obs: Observation | None = None
+            hist = hist_of(server)
             if should:
-                probe = await self._probe(server)
+                if confirm and hist.last_state == State.DETACHED.value:
+                    # detached at the last look: one /api/status request tells whether anything
+                    # happened since (a failed one is the failed probe a full probe would give)
+                    probe = await self.hub.probe_status(server)
+                    if probe.ok:
+                        obs = confirm_detached(server, probe, hist, now, fresh_within=s.probe.attached_within)
+                        if obs is None:
+                            probe = await self._probe(server)
+                else:
+                    probe = await self._probe(server)
                 res.probes += 1
                 key = server.run_key()
                 if key is not None and probe.ok:
                     self._last_probed[key] = now
-            obs = classify(server, probe, now, fresh_within=s.probe.attached_within)
+            if obs is None:
+                obs = classify(server, probe, now, fresh_within=s.probe.attached_within)
             if job is not None:
                 obs = replace(obs, job_end=job.end)
-            hist = hist_of(server)
             obs = continue_spell(obs, hist)
             dec = decide(obs, hist, rule, now, s.tz)
             return Row(obs, dec, rule, answered_started=probe.status_started if probe is not None else None)

@@ -20,8 +20,9 @@ class FakeHub:
     fail_listing: bool = False
     stop_outcome: str = "stopped"  # stopped | pending | error
     stops: list[tuple[str, str]] = field(default_factory=list)
-    probe_calls: list[tuple[str, str]] = field(default_factory=list)
-    # called right before a re-check probe: lets a test make the user come back
+    probe_calls: list[tuple[str, str]] = field(default_factory=list)  # full probes
+    status_calls: list[tuple[str, str]] = field(default_factory=list)  # /api/status alone
+    # called right before each status-only probe and hub lookup: lets a test make the user come back
     before_recheck: object = None
 
     def add(self, server: HubServer, probe: Probe | None = None) -> None:
@@ -43,15 +44,20 @@ class FakeHub:
         return self.probes.get(key, Probe.failed("no such server"))
 
     async def probe_status(self, server: HubServer) -> Probe:
-        """Status only, as the re-check before a stop asks."""
+        """Status only, as the look at a server detached at its last sweep and the re-check before a
+        stop ask: what /api/status would say of the scripted full probe."""
+        key = (server.user, server.name)
+        self.status_calls.append(key)
         if callable(self.before_recheck):
             self.before_recheck(self, server.user, server.name)
-        full = await self.probe(server)
+        full = self.probes.get(key, Probe.failed("no such server"))
         if not full.ok:
             return full
-        return Probe(ok=True, status_last_activity=full.status_last_activity,
+        kernel_times = [k.last_activity for k in full.kernels if k.last_activity is not None]
+        la = full.status_last_activity
+        return Probe(ok=True, status_last_activity=max([la, *kernel_times]) if la else la,
                      status_connections=sum(k.connections for k in full.kernels),
-                     status_kernels=len(full.kernels))
+                     status_kernels=len(full.kernels), status_started=full.status_started)
 
     async def get_server(self, user: str, name: str = "") -> HubServer | None:
         if callable(self.before_recheck):

@@ -62,8 +62,8 @@ _WHOLE_SWEEP = 2000  # more runs than this at once: read all open runs instead o
 _LOOKUP_COLS = tuple(
     RUNS.c[name]
     for name in ("id", "user", "server", "started", "action", "state", "rule", "first_seen", "kept_until",
-                 "stop_requested_at", "last_seen", "detached_since")
-)  # what run lookups need: not the reasons, details and options of 10,000 runs
+                 "stop_requested_at", "last_seen", "detached_since", "detail")
+)  # what run lookups need: not the reasons and options of 10,000 runs
 
 
 @dataclass(frozen=True)
@@ -455,6 +455,7 @@ class Store:
                 last_state=r.state,
                 last_seen=r.last_seen,
                 detached_since=r.detached_since,
+                last_detail=r.detail,
             )
         return out
 

@@ -132,6 +132,60 @@ def test_silent_computation_shows_as_busy_kernel(real_hub: RealHub, alice: str) 
         real_hub.user_api("DELETE", alice, f"kernels/{kid}")
 
 
+def _status(hub: RealHub, user: str) -> dict:
+    r = httpx.get(f"{hub.direct_url(user)}api/status", params={"no_track_activity": "1"},
+                  headers=_auth(hub.service_token))
+    assert r.status_code == 200
+    return r.json()
+
+
+def test_status_last_activity_stands_still_until_a_kernel_message_even_with_no_browser(
+    real_hub: RealHub, alice: str
+) -> None:
+    """What probe.confirm_with_status relies on: a server detached at its last look whose
+    /api/status last_activity has not moved since has had no kernel message (a kernel goes busy
+    with one) and no request. Here the kernel is driven over ZMQ by a client on the node (no
+    websocket, no HTTP request): its messages still move the status. A kernel's shutdown does not,
+    but the kernel count shows it."""
+    from jupyter_client import BlockingKernelClient
+
+    kid = real_hub.start_kernel(alice)
+    ws = real_hub.open_kernel_ws(alice, kid)  # started and idle
+    ws.close()
+    real_hub.wait_for(lambda: _status(real_hub, alice)["connections"] == 0, 10, what="connections == 0")
+    time.sleep(1)
+    still = _status(real_hub, alice)
+    for _ in range(3):  # probes do not move it, nor does anything else while nothing happens
+        time.sleep(1)
+        again = _status(real_hub, alice)
+        assert again["last_activity"] == still["last_activity"] and again["kernels"] == still["kernels"]
+
+    [conn] = list(real_hub.workdir.rglob(f"kernel-{kid}.json"))  # the kernel's connection file
+    kc = BlockingKernelClient(connection_file=str(conn))
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.execute("import time; time.sleep(3)")
+        real_hub.wait_for(lambda: real_hub.kernel(alice, kid)["execution_state"] == "busy", 10,
+                          what="busy through ZMQ alone")
+        busy = _status(real_hub, alice)
+        assert busy["connections"] == 0  # no browser, no websocket
+        assert parse_time(busy["last_activity"]) > parse_time(still["last_activity"])
+    finally:
+        kc.stop_channels()
+    real_hub.wait_for(lambda: real_hub.kernel(alice, kid)["execution_state"] == "idle", 15, what="idle again")
+    before_shutdown = _status(real_hub, alice)
+    time.sleep(1)
+    r = httpx.delete(f"{real_hub.direct_url(alice)}api/kernels/{kid}", params={"no_track_activity": "1"},
+                     headers=_auth(real_hub.admin_token))
+    assert r.status_code == 204
+    after = _status(real_hub, alice)
+    # A shutdown asked with no_track_activity does NOT move it (jupyter_server 2.21, whatever its
+    # docstring says): only the kernel count shows it, which is why the count is compared too.
+    assert after["kernels"] == before_shutdown["kernels"] - 1
+    assert after["last_activity"] == before_shutdown["last_activity"]
+
+
 def test_reaper_role_has_exactly_the_documented_scopes(real_hub: RealHub) -> None:
     me = real_hub.api("GET", "user", token=real_hub.service_token)
     assert me.status_code == 200

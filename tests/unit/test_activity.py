@@ -134,3 +134,75 @@ def test_a_failed_probe_mid_spell_continues_the_detached_spell():
     assert continue_spell(moved, hist).idle_since == ts(1)  # the hub saw activity since: new spell
     attached_before = History(last_state="attached", last_seen=ts(5), detached_since=None)
     assert continue_spell(obs, attached_before) is obs
+
+
+# --- confirm_detached: one /api/status answer instead of a full probe -------------------------
+
+from reaper.activity import confirm_detached  # noqa: E402
+from reaper.model import History  # noqa: E402
+
+
+def was_detached(since_minutes_ago: float = 40, detail: str | None = "no browser connected, kernel idle") -> History:
+    return History(last_state="detached", detached_since=ts(since_minutes_ago), last_seen=ts(5),
+                   last_detail=detail)
+
+
+def status(minutes_ago: float | None = 40, connections: int = 0, kernels: int | None = 1, ok: bool = True) -> Probe:
+    if not ok:
+        return Probe.failed("status: timeout after 5s")
+    return Probe(ok=True, status_last_activity=ts(minutes_ago) if minutes_ago is not None else None,
+                 status_connections=connections, status_kernels=kernels)
+
+
+def test_status_unchanged_since_a_detached_look_confirms_the_same_spell():
+    obs = confirm_detached(server(), status(40), was_detached(40), NOW)
+    assert obs is not None and obs.state is State.DETACHED and obs.probed
+    assert obs.detached_since == ts(40) and obs.idle_since == ts(40) and obs.last_activity == ts(40)
+    assert obs.kernels == 1 and obs.busy_kernels == 0 and not obs.browser_connected
+    assert obs.detail == "no browser connected, kernel idle"  # the full look's words stand
+    # an older status time (the spell began with a kernel's message) confirms too
+    assert confirm_detached(server(), status(50), was_detached(40), NOW) is not None
+
+
+def test_a_kernel_count_or_terminals_unlike_the_last_look_need_the_full_probe():
+    # a kernel shut down (jupyter_server does not move last_activity for it) or one more: the
+    # recorded words no longer match what a full probe would say
+    assert confirm_detached(server(), status(40, kernels=0), was_detached(40), NOW) is None
+    assert confirm_detached(server(), status(40, kernels=2), was_detached(40), NOW) is None
+    two = was_detached(40, detail="no browser connected, 2 kernels, all idle")
+    assert confirm_detached(server(), status(40, kernels=2), two, NOW).detail == two.last_detail
+    # terminals seen at the last look (probe.terminals): their count is not in /api/status
+    terms = was_detached(40, detail="no browser connected, kernel idle, 1 terminal open")
+    assert confirm_detached(server(), status(40), terms, NOW) is None
+    assert confirm_detached(server(), status(40), was_detached(40, detail=None), NOW) is None
+    # the words are classify's own
+    full = classify(server(), Probe(ok=True, status_last_activity=ts(40), kernels=(kernel(), kernel())), NOW)
+    assert full.detail == two.last_detail
+
+
+def test_anything_since_the_spell_began_needs_the_full_probe():
+    h = was_detached(40)
+    # activity after the spell began: a kernel message (going busy sends one), a start, a shutdown,
+    # a terminal, a request
+    assert confirm_detached(server(), status(39), h, NOW) is None
+    # a browser is connected again
+    assert confirm_detached(server(), status(40, connections=1), h, NOW) is None
+    # the status says too little to tell
+    assert confirm_detached(server(), status(None), h, NOW) is None
+    assert confirm_detached(server(), status(40, kernels=None), h, NOW) is None
+
+
+def test_only_a_run_detached_at_its_last_look_is_confirmed():
+    for state in ("attached", "computing", "unreachable", None):
+        h = History(last_state=state, detached_since=ts(40), last_seen=ts(5))
+        assert confirm_detached(server(), status(40), h, NOW) is None, state
+    assert confirm_detached(server(), status(40), History(last_state="detached"), NOW) is None  # no spell start
+
+
+def test_a_failed_or_fresh_status_confirms_nothing():
+    assert confirm_detached(server(), status(ok=False), was_detached(40), NOW) is None
+    # a status time within attached_within is an open tab, whatever the history says
+    h = History(last_state="detached", detached_since=ts(1), last_seen=ts(0.5),
+                last_detail="no browser connected, kernel idle")
+    assert confirm_detached(server(), status(1), h, NOW) is None
+    assert confirm_detached(server(), status(1), h, NOW, fresh_within=timedelta(seconds=30)) is not None

@@ -81,6 +81,11 @@ async def test_probes_leave_no_idle_connection_to_the_servers_behind(sim: HubSim
         await asyncio.sleep(0.05)  # the closes land (both ends live in this process)
         # each server's probe ended with "Connection: close": nothing of the 36 is left open
         assert _open_fds() - before <= 2, f"{_open_fds() - before} descriptors left open by 36 probes"
+        # and so does the status-only look (a server detached at its last look)
+        statuses = await asyncio.gather(*(hub.probe_status(s) for s in servers))
+        assert all(p.ok and p.status_kernels is not None for p in statuses)
+        await asyncio.sleep(0.05)
+        assert _open_fds() - before <= 2, f"{_open_fds() - before} descriptors left open by 36 status probes"
 
 
 @pytest.mark.parametrize("via", ["direct", "proxy"])

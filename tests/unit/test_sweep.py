@@ -168,14 +168,18 @@ async def test_activity_seen_on_the_recheck_cancels_the_stop(store):
                                     kernels=(Kernel("k", "python3", "idle", 1, clock.now),))
 
     def came_back(h, user, name):
-        h.probes[(user, name)] = Probe(ok=True, status_last_activity=clock.now,
-                                       kernels=(Kernel("k", "python3", "idle", 1, clock.now),))
+        # the sweep's own look at alice (status alone: she was detached) still finds her gone;
+        # she comes back between that look and the re-check right before her stop
+        if h.status_calls.count((user, name)) == 2:
+            h.probes[(user, name)] = Probe(ok=True, status_last_activity=clock.now,
+                                           kernels=(Kernel("k", "python3", "idle", 1, clock.now),))
 
     hub.before_recheck = came_back
     r = await sw.run_once()
     assert hub.stops == [] and not r.safety_tripped
     row = {x.obs.server.user: x for x in r.rows}["alice"]
     assert not row.streamed and row.outcome.startswith("not stopped")
+    assert hub.status_calls.count(("alice", "")) == 2  # the look, then the re-check
 
 
 async def test_streamed_stop_goes_out_right_after_its_own_look_and_is_recorded_at_once(store):
@@ -197,13 +201,15 @@ async def test_streamed_stop_goes_out_right_after_its_own_look_and_is_recorded_a
 
     sw.stop_hook = Hook()
     clock.advance(31 * M)
-    calls_before = len(hub.probe_calls)
-    hub.before_recheck = lambda *a: pytest.fail("a streamed stop needs no second look")
+    calls_before, status_before = len(hub.probe_calls), len(hub.status_calls)
+    hub.get_server = lambda *a: pytest.fail("a streamed stop needs no second look")
     r = await sw.run_once()
     assert hub.stops == [("alice", "")] and r.stops == 1
     row = {x.obs.server.user: x for x in r.rows}["alice"]
     assert row.streamed and row.stop is not None and row.outcome == "stopped"
-    assert hub.probe_calls[calls_before:].count(("alice", "")) == 1  # one look, right before the stop
+    # one look, right before the stop: /api/status alone, as she was detached at the last sweep
+    assert hub.status_calls[status_before:].count(("alice", "")) == 1
+    assert hub.probe_calls[calls_before:].count(("alice", "")) == 0
     assert Hook.seen == [("alice", "stopped")]
     key = srv.run_key()
     assert key not in store.open_runs() and NoticeKind.STOPPED in kinds(store, key)
@@ -227,14 +233,14 @@ async def test_streamed_stop_is_not_asked_when_its_intent_cannot_be_recorded(sto
 
 async def test_a_listing_older_than_a_minute_is_checked_before_a_streamed_stop(store):
     hub, clock, srv, sw = await stop_due(store)
-    orig = hub.probe
+    orig = hub.probe_status  # (her look: status alone, she was detached at the last sweep)
 
     async def slow_probe(server):  # the sweep's look takes long; meanwhile the user restarted
         clock.advance(2 * M)
         hub.servers[("alice", "")] = dc_replace(srv, started=clock.now)
         return await orig(server)
 
-    hub.probe = slow_probe
+    hub.probe_status = slow_probe
     r = await sw.run_once()
     assert hub.stops == [] and r.rows[0].outcome == "gone before the stop"
 
@@ -457,7 +463,7 @@ async def test_a_server_that_answered_from_before_the_listing_needs_no_second_hu
     sw = make(store, hub, clock)
     await sw.run_once()
     clock.advance(31 * M)
-    orig, lookups = hub.probe, []
+    orig, lookups = hub.probe_status, []
 
     async def slow_probe(server):
         clock.advance(2 * M)
@@ -467,9 +473,10 @@ async def test_a_server_that_answered_from_before_the_listing_needs_no_second_hu
         lookups.append(user)
         return hub.servers.get((user, name))
 
-    hub.probe, hub.get_server = slow_probe, get_server
+    hub.probe_status, hub.get_server = slow_probe, get_server
     r = await sw.run_once()
     assert hub.stops == [("alice", "")] and r.stops == 1 and lookups == []
+    assert hub.status_calls == [("alice", "")]  # the look took 2 minutes: the listing was old
 
 
 async def test_a_sweep_that_keeps_no_rows_counts_the_same(store, tmp_path):
@@ -530,3 +537,90 @@ async def test_the_hub_is_looked_at_and_recorded_batch_by_batch(store, batch):
         assert looks == [("histories", 1), ("record_many", 1)] * 3
     else:
         assert looks == [("histories", 3), ("record_many", 3)]
+
+
+# --- a detached server's next look: /api/status alone when nothing happened ---------------------
+
+
+def make_full(store, hub, clock):
+    """A sweeper that always probes in full (probe.confirm_with_status: false)."""
+    st = parse_settings(POLICY.replace("reprobe_every: 30m}", "reprobe_every: 30m, confirm_with_status: false}"), env={})
+    assert not st.probe.confirm_with_status
+    return Sweeper(st, hub, store, notifier=Outbox(store, {"log": LogChannel()}), clock=clock)
+
+
+async def _timeline(store, confirm: bool):
+    """alice and bob detached for 70 min; a sweep every 5 minutes until both are stopped. bob's
+    kernel starts computing at +20 min, then finishes at +60 min (silent computations move
+    /api/status last_activity through the kernel's busy/idle messages); alice's kernel is shut down
+    at +30 min (which does not move it)."""
+    since = T0 - 70 * M
+    hub, clock = FakeHub(), Clock(T0)
+    hub.add(server(la=since), detached_probe(since))
+    hub.add(server(user="bob", la=since), detached_probe(since))
+    sw = make_full(store, hub, clock) if not confirm else make(store, hub, clock)
+    seen = []
+    for step in range(60):
+        if step == 4:
+            hub.probes[("bob", "")] = busy_probe(clock.now)
+        if step == 12:
+            hub.probes[("bob", "")] = detached_probe(clock.now)
+        if step == 6:  # alice's kernel is shut down: /api/status last_activity does not move
+            hub.probes[("alice", "")] = Probe(ok=True, status_last_activity=since, kernels=())
+        r = await sw.run_once()
+        seen.append(sorted((x.obs.server.user, x.obs.state.value, x.decision.action.value, x.decision.reason,
+                            x.obs.detail, x.outcome) for x in r.rows))
+        if not hub.servers:
+            break
+        clock.advance(5 * M)
+    return hub, seen
+
+
+async def test_a_detached_servers_next_look_is_status_alone_and_decides_exactly_as_a_full_probe(store, tmp_path):
+    other = Store.open(f"sqlite:///{tmp_path / 'full.sqlite'}")
+    try:
+        full_hub, full = await _timeline(other, confirm=False)
+    finally:
+        other.close()
+    hub, confirmed = await _timeline(store, confirm=True)
+    assert confirmed == full  # every state, decision, reason, detail and outcome
+    assert sorted(hub.stops) == sorted(full_hub.stops) == [("alice", ""), ("bob", "")]
+    # A full probe is made at a first look, after a look that was not "detached", when the status
+    # moved (bob's computation starting at sweep 4) and when the kernel count changed (alice's at
+    # sweep 6); every other look is status alone.
+    for user, changed in (("alice", 6), ("bob", 4)):
+        states = [row[1] for sweep in full for row in sweep if row[0] == user]
+        needs_full = sum(1 for i in range(len(states)) if i in (0, changed) or states[i - 1] != "detached")
+        assert full_hub.probe_calls.count((user, "")) == len(states)
+        assert hub.probe_calls.count((user, "")) == needs_full < len(states)
+        assert hub.status_calls.count((user, "")) >= len(states) - needs_full
+    assert "computing" in [row[1] for sweep in full for row in sweep if row[0] == "bob"]
+    assert "no browser connected, no kernel running" in [row[4] for sweep in full for row in sweep]
+
+
+async def test_a_failed_status_is_the_failed_probe_and_the_spell_goes_on(store):
+    since = T0 - 70 * M
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=since)
+    hub.add(srv, detached_probe(since))
+    sw = make(store, hub, clock)
+    await sw.run_once()
+    clock.advance(5 * M)
+    hub.probes[("alice", "")] = Probe.failed("status: timeout after 5s")
+    r = await sw.run_once()
+    row = r.rows[0]
+    assert row.obs.state is State.UNREACHABLE and "timeout" in row.obs.detail
+    assert row.obs.idle_since == since  # continue_spell: the same spell, no second warning
+    assert hub.probe_calls == [("alice", "")] and hub.status_calls == [("alice", "")]
+    assert row.decision.action is Action.OK
+
+
+async def test_status_alone_can_be_turned_off(store):
+    since = T0 - 70 * M
+    hub, clock = FakeHub(), Clock(T0)
+    hub.add(server(la=since), detached_probe(since))
+    sw = make_full(store, hub, clock)
+    for _ in range(3):
+        await sw.run_once()
+        clock.advance(5 * M)
+    assert hub.probe_calls == [("alice", "")] * 3 and hub.status_calls == []
