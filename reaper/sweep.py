@@ -90,6 +90,7 @@ class SweepResult:
     queued: dict[tuple[str, str], int] = field(default_factory=dict)  # (channel, notice kind) -> notices queued
     held: int = 0  # stops held back by the safety limits
     probes: int = 0
+    probes_status_only: int = 0  # looks answered by /api/status alone (probe.confirm_with_status)
     notices: int = 0
     stops: int = 0
     stops_pending: int = 0
@@ -141,6 +142,7 @@ class SweepResult:
             "servers": self.servers,
             "states": self.counts(),
             "probes": self.probes,
+            "probes_status_only": self.probes_status_only,
             "notices": self.notices,
             "stops": self.stops,
             "stops_pending": self.stops_pending,
@@ -293,12 +295,14 @@ class Sweeper:
                 log.error("could not record the end of the sweep: %s", e)
         took = (res.finished_at - res.started_at).total_seconds()
         log.info(
-            "sweep %s in %.1fs: %d servers %s, %d probed, %d notices, %d stopped, %d pending, %d failed%s",
+            "sweep %s in %.1fs: %d servers %s, %d probed (%d by status alone), %d notices, %d stopped, %d pending, "
+            "%d failed%s",
             "done" if res.ok else "FAILED",
             took,
             res.servers,
             res.counts(),
             res.probes,
+            res.probes_status_only,
             res.notices,
             res.stops,
             res.stops_pending,
@@ -378,6 +382,8 @@ class Sweeper:
                         obs = confirm_detached(server, probe, hist, now, fresh_within=s.probe.attached_within)
                         if obs is None:
                             probe = await self._probe(server)
+                        else:
+                            res.probes_status_only += 1
                 else:
                     probe = await self._probe(server)
                 res.probes += 1
@@ -895,7 +901,9 @@ def format_table(res: SweepResult, tz: Any, now: datetime | None = None) -> str:
         out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
     verdict = "ok" if res.ok else f"FAILED: {res.error}"
     out.append(
-        f"-- {len(res.rows)} servers {res.counts()}; {res.probes} probed; sweep {verdict}"
+        f"-- {len(res.rows)} servers {res.counts()}; {res.probes} probed"
+        + (f" ({res.probes_status_only} by status alone)" if res.probes_status_only else "")
+        + f"; sweep {verdict}"
         + ("; dry run: nothing was changed" if res.dry_run else "")
     )
     return "\n".join(out)

@@ -54,6 +54,11 @@ class Metrics:
         )
         self.stops = Counter("reaper_stops", "Server stops by outcome (stopped, pending, failed, held)",
                              ["outcome"], registry=r)
+        self.probes = Counter(
+            "reaper_probes",
+            "Looks at single-user servers: full (status and kernels) or status_only (a server detached at "
+            "its last look, nothing changed since)", ["kind"], registry=r,
+        )
         self.scancels = Counter("reaper_scancels", "Batch jobs cancelled by the reaper (scancel)", registry=r)
         self.orphans = Counter("reaper_orphans", "Orphaned batch jobs found (no hub server owns them)",
                                registry=r)
@@ -66,6 +71,8 @@ class Metrics:
             self.sweeps.labels(outcome=outcome)
         for outcome in ("stopped", "pending", "failed"):
             self.stops.labels(outcome=outcome)
+        for kind in ("full", "status_only"):
+            self.probes.labels(kind=kind)
 
     # ------------------------------------------------------------------ updates
 
@@ -86,6 +93,9 @@ class Metrics:
                         ("failed", result.stops_failed)):
             if n:
                 self.stops.labels(outcome=name).inc(n)
+        if result.probes:
+            self.probes.labels(kind="full").inc(result.probes - result.probes_status_only)
+            self.probes.labels(kind="status_only").inc(result.probes_status_only)
         if result.held:  # (only a sweep that tripped the safety limits holds stops)
             self.stops.labels(outcome="held").inc(result.held)
         for (channel, kind), n in result.queued.items():

@@ -559,7 +559,7 @@ async def _timeline(store, confirm: bool):
     hub.add(server(la=since), detached_probe(since))
     hub.add(server(user="bob", la=since), detached_probe(since))
     sw = make_full(store, hub, clock) if not confirm else make(store, hub, clock)
-    seen = []
+    seen, summaries = [], []
     for step in range(60):
         if step == 4:
             hub.probes[("bob", "")] = busy_probe(clock.now)
@@ -568,21 +568,22 @@ async def _timeline(store, confirm: bool):
         if step == 6:  # alice's kernel is shut down: /api/status last_activity does not move
             hub.probes[("alice", "")] = Probe(ok=True, status_last_activity=since, kernels=())
         r = await sw.run_once()
+        summaries.append(r.summary())
         seen.append(sorted((x.obs.server.user, x.obs.state.value, x.decision.action.value, x.decision.reason,
                             x.obs.detail, x.outcome) for x in r.rows))
         if not hub.servers:
             break
         clock.advance(5 * M)
-    return hub, seen
+    return hub, seen, summaries
 
 
 async def test_a_detached_servers_next_look_is_status_alone_and_decides_exactly_as_a_full_probe(store, tmp_path):
     other = Store.open(f"sqlite:///{tmp_path / 'full.sqlite'}")
     try:
-        full_hub, full = await _timeline(other, confirm=False)
+        full_hub, full, full_summaries = await _timeline(other, confirm=False)
     finally:
         other.close()
-    hub, confirmed = await _timeline(store, confirm=True)
+    hub, confirmed, summaries = await _timeline(store, confirm=True)
     assert confirmed == full  # every state, decision, reason, detail and outcome
     assert sorted(hub.stops) == sorted(full_hub.stops) == [("alice", ""), ("bob", "")]
     # A full probe is made at a first look, after a look that was not "detached", when the status
@@ -594,6 +595,10 @@ async def test_a_detached_servers_next_look_is_status_alone_and_decides_exactly_
         assert full_hub.probe_calls.count((user, "")) == len(states)
         assert hub.probe_calls.count((user, "")) == needs_full < len(states)
         assert hub.status_calls.count((user, "")) >= len(states) - needs_full
+    assert sum(r["probes_status_only"] for r in summaries) == sum(
+        sum(1 for sweep in confirmed for row in sweep if row[0] == user) for user in ("alice", "bob")
+    ) - len(hub.probe_calls)
+    assert all(r["probes_status_only"] == 0 for r in full_summaries)
     assert "computing" in [row[1] for sweep in full for row in sweep if row[0] == "bob"]
     assert "no browser connected, no kernel running" in [row[4] for sweep in full for row in sweep]
 

@@ -62,6 +62,9 @@ async def test_metrics_after_sweeps_count_what_happened(make_web):
     assert value(text, "reaper_notices_total", channel="log", kind="warning", result="queued") == 1
     assert value(text, "reaper_stops_total", outcome="stopped") == 0
     assert value(text, "reaper_sweep_duration_seconds_count") == 1
+    # a first look is always in full
+    assert value(text, "reaper_probes_total", kind="full") == 3
+    assert value(text, "reaper_probes_total", kind="status_only") == 0
     assert value(text, "reaper_last_successful_sweep_timestamp_seconds") == r1.finished_at.timestamp()
     # the log channel delivered both notices during the sweep: nothing waits in the outbox
     assert value(text, "reaper_outbox_depth") == 0
@@ -78,6 +81,9 @@ async def test_metrics_after_sweeps_count_what_happened(make_web):
     assert value(text, "reaper_servers", state="detached") == 2  # alice counted as seen before the stop
     assert value(text, "reaper_notices_total", channel="log", kind="final", result="queued") == 1  # no repeat
     assert value(text, "reaper_sweep_duration_seconds_count") == 2
+    # alice and bob were detached at their last look and nothing changed: /api/status alone
+    assert value(text, "reaper_probes_total", kind="full") == 3
+    assert value(text, "reaper_probes_total", kind="status_only") == 2
     assert value(text, "reaper_outbox_depth") == 0
 
     # a notice queued and not yet delivered shows in the outbox depth at the next scrape
