@@ -380,6 +380,8 @@ async def run_ours(
             "channels": ["log"],
         },
     }
+    if os.environ.get("BENCH_OURS_CONFIG"):  # e.g. '{"probe": {"confirm_with_status": false}}'
+        overrides = {**json.loads(os.environ["BENCH_OURS_CONFIG"]), **(overrides or {})}
     for k, v in (overrides or {}).items():
         config[k] = v
     os.environ["JUPYTERHUB_API_TOKEN"] = token
