@@ -24,6 +24,7 @@ Only the standard library is imported at module level, so the children pay only 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -358,6 +359,8 @@ async def run_ours(
     from reaper.sweep import Sweeper
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for module in filter(None, os.environ.get("BENCH_IMPORT", "").split(",")):  # e.g. reaper.web.app
+        importlib.import_module(module)
     folder = Path(workdir or tempfile.mkdtemp(prefix="reaper-bench-ours-"))
     db = folder / f"ours-{n}-{os.getpid()}.sqlite"
     half = max(idle_limit_s // 2, 60)
