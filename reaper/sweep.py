@@ -46,7 +46,7 @@ from .model import (
     State,
     humanize,
 )
-from .policy import could_stop, decide, probe_horizon, select_rule
+from .policy import decide, probe_horizon, select_rule
 
 log = logging.getLogger("reaper.sweep")
 
