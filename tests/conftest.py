@@ -1,15 +1,13 @@
 """Generic test helpers shared by every test folder.
 
-- `ci` fixture: whether we run in CI (env CI=true).
-- `require_real_part` fixture: the rule for tests needing real parts (JupyterHub, Slurm, PostgreSQL,
-  Chromium): skip only if not root and not CI, otherwise fail when the part is missing.
-The functions themselves live in tests/harness/__init__.py (import `tests.harness`).
+The one rule for tests needing real parts (JupyterHub, Slurm, PostgreSQL, Chromium) is
+`tests.harness.require_real_part`: skip only if not root and not CI, otherwise fail when the part
+is missing. The guard below makes any other skip fail the run in CI and as root.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,19 +18,6 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from tests import harness  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def ci() -> bool:
-    """True in CI: there a missing real part fails the test instead of skipping it."""
-    return harness.in_ci()
-
-
-@pytest.fixture(scope="session")
-def require_real_part() -> Callable[[bool, str], None]:
-    """Call as require_real_part(available, "what"): skips only when not root and not CI."""
-    return harness.require_real_part
-
 
 _skipped: list[str] = []  # node ids of the tests and modules that skipped in this run
 

@@ -3,8 +3,11 @@ missing real part fails the run; only a developer's machine without root may ski
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,14 +50,40 @@ SKIPS = {
 }
 
 
-def _child_pytest(tmp_path: Path, body: str, *options: str) -> subprocess.CompletedProcess[str]:
-    tdir = tmp_path / "tests"
+def _child_pytest(tmp_path: Path, body: str, *options: str, ci: bool = True) -> subprocess.CompletedProcess[str]:
+    """A child pytest with this project's conftest, run WITHOUT root: as ``nobody`` when this
+    process is root (as in CI), so that what fails its run is ``CI`` alone, not root."""
+    as_root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(prefix="skip-rule-")) if as_root else tmp_path  # pytest's tmp is 0700
+    tdir = base / "tests"
     tdir.mkdir()
     (tdir / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
     (tdir / "test_x.py").write_text(body)
-    env = {"PATH": "/usr/bin:/bin", "CI": "true", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(options or ("-q",)), str(tdir)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    if as_root:
+        for path in (base, tdir):
+            path.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(base)}
+    if ci:
+        env["CI"] = "true"
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(options or ("-q",)), str(tdir)],
+            cwd=base, env=env, capture_output=True, text=True, timeout=120,
+            user="nobody" if as_root else None, group="nogroup" if as_root else None,
+        )
+    finally:
+        if as_root:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_child_runs_without_root_and_may_skip_outside_ci(tmp_path: Path) -> None:
+    # the control: the same skip, not in CI and not root, passes (exit 0, one skipped), so the
+    # failures below come from CI alone
+    body = ("import os\nimport pytest\n\ndef test_not_root():\n    assert os.geteuid() != 0\n\n"
+            "@pytest.mark.skip(reason='a developer without root')\ndef test_skipped():\n    pass\n")
+    run = _child_pytest(tmp_path, body, ci=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 passed, 1 skipped" in run.stdout, run.stdout
 
 
 @pytest.mark.parametrize("how", sorted(SKIPS))
