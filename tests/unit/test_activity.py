@@ -4,8 +4,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from reaper.activity import classify, needs_probe
-from reaper.model import HubServer, Kernel, Probe, State
+from reaper.activity import classify, confirm_detached, needs_probe
+from reaper.model import History, HubServer, Kernel, Probe, State
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "api-jupyterhub-6.1.1"
 NOW = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
@@ -137,9 +137,6 @@ def test_a_failed_probe_mid_spell_continues_the_detached_spell():
 
 
 # --- confirm_detached: one /api/status answer instead of a full probe -------------------------
-
-from reaper.activity import confirm_detached  # noqa: E402
-from reaper.model import History  # noqa: E402
 
 
 def was_detached(since_minutes_ago: float = 40, detail: str | None = "no browser connected, kernel idle") -> History:

@@ -30,8 +30,12 @@ defaults:
 """
 
 
-def settings(extra: str = ""):
-    return parse_settings(POLICY + extra, env={})
+# the same policy, every look a full one (status and kernels)
+FULL_LOOKS = POLICY.replace("reprobe_every: 30m}", "reprobe_every: 30m, confirm_with_status: false}")
+
+
+def settings(extra: str = "", policy: str = POLICY):
+    return parse_settings(policy + extra, env={})
 
 
 @pytest.fixture(autouse=True, params=[1, 1000], ids=["batch=1", "batch=1000"])
@@ -66,9 +70,17 @@ def store(tmp_path):
     s.close()
 
 
-def make(store, hub, clock, extra=""):
-    st = settings(extra)
+def make(store, hub, clock, extra="", policy=POLICY):
+    st = settings(extra, policy)
     return Sweeper(st, hub, store, notifier=Outbox(store, {"log": LogChannel()}), clock=clock)
+
+
+def one_detached(store, since, policy=POLICY):
+    """alice, detached since ``since``, and a sweeper at T0: (hub, clock, her server, sweeper)."""
+    hub, clock = FakeHub(), Clock(T0)
+    srv = server(la=since)
+    hub.add(srv, detached_probe(since))
+    return hub, clock, srv, make(store, hub, clock, policy=policy)
 
 
 def kinds(store, key):
@@ -76,11 +88,7 @@ def kinds(store, key):
 
 
 async def test_full_cycle_warning_reminder_final_stop_stopped_notice(store):
-    idle_since = T0 - 70 * M
-    hub, clock = FakeHub(), Clock(T0)
-    srv = server(la=idle_since)
-    hub.add(srv, detached_probe(idle_since))
-    sw = make(store, hub, clock)
+    hub, clock, srv, sw = one_detached(store, T0 - 70 * M)
     key = srv.run_key()
 
     r = await sw.run_once()
@@ -542,13 +550,6 @@ async def test_the_hub_is_looked_at_and_recorded_batch_by_batch(store, batch):
 # --- a detached server's next look: /api/status alone when nothing happened ---------------------
 
 
-def make_full(store, hub, clock):
-    """A sweeper that always probes in full (probe.confirm_with_status: false)."""
-    st = parse_settings(POLICY.replace("reprobe_every: 30m}", "reprobe_every: 30m, confirm_with_status: false}"), env={})
-    assert not st.probe.confirm_with_status
-    return Sweeper(st, hub, store, notifier=Outbox(store, {"log": LogChannel()}), clock=clock)
-
-
 async def _timeline(store, confirm: bool):
     """alice and bob detached for 70 min; a sweep every 5 minutes until both are stopped. bob's
     kernel starts computing at +20 min, then finishes at +60 min (silent computations move
@@ -558,7 +559,8 @@ async def _timeline(store, confirm: bool):
     hub, clock = FakeHub(), Clock(T0)
     hub.add(server(la=since), detached_probe(since))
     hub.add(server(user="bob", la=since), detached_probe(since))
-    sw = make_full(store, hub, clock) if not confirm else make(store, hub, clock)
+    sw = make(store, hub, clock, policy=POLICY if confirm else FULL_LOOKS)
+    assert sw.settings.probe.confirm_with_status is confirm
     seen, summaries = [], []
     for step in range(60):
         if step == 4:
@@ -605,10 +607,7 @@ async def test_a_detached_servers_next_look_is_status_alone_and_decides_exactly_
 
 async def test_a_failed_status_is_the_failed_probe_and_the_spell_goes_on(store):
     since = T0 - 70 * M
-    hub, clock = FakeHub(), Clock(T0)
-    srv = server(la=since)
-    hub.add(srv, detached_probe(since))
-    sw = make(store, hub, clock)
+    hub, clock, srv, sw = one_detached(store, since)
     await sw.run_once()
     clock.advance(5 * M)
     hub.probes[("alice", "")] = Probe.failed("status: timeout after 5s")
@@ -621,10 +620,8 @@ async def test_a_failed_status_is_the_failed_probe_and_the_spell_goes_on(store):
 
 
 async def test_status_alone_can_be_turned_off(store):
-    since = T0 - 70 * M
-    hub, clock = FakeHub(), Clock(T0)
-    hub.add(server(la=since), detached_probe(since))
-    sw = make_full(store, hub, clock)
+    hub, clock, _, sw = one_detached(store, T0 - 70 * M, policy=FULL_LOOKS)
+    assert not sw.settings.probe.confirm_with_status
     for _ in range(3):
         await sw.run_once()
         clock.advance(5 * M)
