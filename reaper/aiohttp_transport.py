@@ -63,14 +63,14 @@ class AiohttpSender:
         return self._session
 
     async def send_raw(
-        self, method: str, url: str, headers: dict[str, str], *, seconds: float
+        self, method: str, url: str, headers: dict[str, str], *, seconds: float, body: bytes | None = None
     ) -> tuple[int, bytes]:
         """One request: (status, body). Raises TransportTimeout / TransportFailure when no answer
         came back. ``url`` is sent as given (already quoted: never re-quoted)."""
         session = self._get_session()
         with transport_errors():
             async with session.request(
-                method, URL(url, encoded=True), headers=headers, allow_redirects=False,
+                method, URL(url, encoded=True), headers=headers, allow_redirects=False, data=body,
                 timeout=aiohttp.ClientTimeout(total=None, connect=seconds, sock_read=seconds),
             ) as resp:
                 return resp.status, await resp.read()

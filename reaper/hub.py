@@ -355,6 +355,8 @@ class HubClient:
         headers: Mapping[str, str] | None = None,
         request_timeout: float | None = None,
         sem: asyncio.Semaphore | None = None,
+        body: bytes | None = None,
+        retries: int | None = None,
     ) -> httpx.Response:
         """One hub call with retries. Returns any non-retryable answer (2xx/3xx/4xx) to the caller;
         raises HubError when retryable failures (transport errors, 5xx, 429) outlast the retries."""
@@ -363,7 +365,8 @@ class HubClient:
             hdrs.update(headers)
         last = ""
         status: int | None = None
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             if attempt:
                 await asyncio.sleep(self._delay(attempt - 1))
             try:
@@ -371,13 +374,14 @@ class HubClient:
                     if self._hub_aiohttp is not None:
                         # httpx's Request/Response objects cost more CPU than the call itself
                         full = url + ("?" + urlencode(params) if params else "")
-                        code, body = await self._hub_aiohttp.send_raw(
-                            method, full, hdrs, seconds=request_timeout or self.timeout
+                        code, content = await self._hub_aiohttp.send_raw(
+                            method, full, hdrs, seconds=request_timeout or self.timeout, body=body
                         )
-                        response = _Answer(code, body)  # type: ignore[assignment]
+                        response = _Answer(code, content)  # type: ignore[assignment]
                     else:
                         response = await self._client.request(
-                            method, url, params=params, headers=hdrs, timeout=request_timeout or self.timeout
+                            method, url, params=params, headers=hdrs, content=body,
+                            timeout=request_timeout or self.timeout,
                         )
             except self._timeouts:
                 last, status = f"timeout after {request_timeout or self.timeout:g}s", None
@@ -388,8 +392,8 @@ class HubClient:
                     return response
                 status = response.status_code
                 last = f"HTTP {status} {self._snippet(response)}".rstrip()
-            log.warning("hub %s: %s (attempt %d of %d)", what, last, attempt + 1, self.retries + 1)
-        raise HubError(f"{what}: {last} after {self.retries + 1} attempts", status=status)
+            log.warning("hub %s: %s (attempt %d of %d)", what, last, attempt + 1, retries + 1)
+        raise HubError(f"{what}: {last} after {retries + 1} attempts", status=status)
 
     def _json(self, response: httpx.Response, what: str) -> Any:
         try:
@@ -531,6 +535,47 @@ class HubClient:
             if server.name == server_name:
                 return server
         return None
+
+    # -- the page's login (the hub's OAuth, see reaper.web.login) ------------------------------
+
+    async def identify(self, token: str) -> dict[str, Any] | None:
+        """The hub's model of whoever holds ``token`` (``GET /user`` with that token): name, kind,
+        admin, groups, scopes. None when the hub does not know the token (403/401/404). Raises
+        HubError when the hub cannot tell."""
+        what = "identify a login token"
+        response = await self._hub_request(
+            "GET", self._api("user"), what=what, headers={"Authorization": f"token {token}"}
+        )
+        if response.status_code in (401, 403, 404):
+            return None
+        self._expect_ok(response, what)
+        model = self._json(response, what)
+        if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+            raise HubError(f"{what}: the hub's answer is not a user model")
+        return model
+
+    async def oauth_token(self, *, client_id: str, code: str, redirect_uri: str, code_verifier: str) -> str:
+        """Trade an OAuth code for the user's access token (``POST /oauth2/token``; the service's
+        own API token is its client secret). Asked once: a code is good for one trade only."""
+        what = "trade the login code for a token"
+        form = urlencode({
+            "client_id": client_id,
+            "client_secret": self._token,
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": code_verifier,
+        }).encode()
+        response = await self._hub_request(
+            "POST", self._api("oauth2", "token"), what=what, body=form, retries=0,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        self._expect_ok(response, what)
+        answer = self._json(response, what)
+        token = answer.get("access_token") if isinstance(answer, dict) else None
+        if not isinstance(token, str) or not token:
+            raise HubError(f"{what}: no access_token in the hub's answer")
+        return token
 
     # -- stop --------------------------------------------------------------------------------
 

@@ -6,10 +6,14 @@ JupyterHub); it lets sweep tests script time, probes and failures exactly.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import secrets
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
-from reaper.hub import HubListingError, StopResult
+from reaper.hub import HubError, HubListingError, StopResult
 from reaper.model import HubServer, Probe
 
 
@@ -24,6 +28,11 @@ class FakeHub:
     status_calls: list[tuple[str, str]] = field(default_factory=list)  # /api/status alone
     # called right before each status-only probe and hub lookup: lets a test make the user come back
     before_recheck: object = None
+    # the page's login: token -> the hub's user model (GET /hub/api/user); OAuth codes granted
+    identities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    codes: dict[str, dict[str, str]] = field(default_factory=dict)
+    identify_calls: list[str] = field(default_factory=list)
+    hub_down: bool = False  # identify and oauth_token raise HubError, as after the retries
 
     def add(self, server: HubServer, probe: Probe | None = None) -> None:
         self.servers[(server.user, server.name)] = server
@@ -74,6 +83,35 @@ class FakeHub:
             self.servers[(user, name)] = replace(s, pending="stop")
             return StopResult("pending", 202, "stop pending")
         return StopResult("error", 500, "HTTP 500")
+
+    # -- the page's login, as the hub answers it
+
+    def grant(self, token: str, *, client_id: str, redirect_uri: str, code_challenge: str,
+              code_challenge_method: str = "S256", **_: str) -> str:
+        """The hub's authorize step for the holder of ``token``: a one-time code for that login."""
+        code = secrets.token_urlsafe(8)
+        self.codes[code] = {"token": token, "client_id": client_id, "redirect_uri": redirect_uri,
+                            "challenge": code_challenge, "method": code_challenge_method}
+        return code
+
+    async def identify(self, token: str) -> dict[str, Any] | None:
+        self.identify_calls.append(token)
+        if self.hub_down:
+            raise HubError("identify a login token: ConnectError after 4 attempts")
+        model = self.identities.get(token)
+        return dict(model) if model is not None else None
+
+    async def oauth_token(self, *, client_id: str, code: str, redirect_uri: str, code_verifier: str) -> str:
+        """POST /hub/api/oauth2/token as the hub checks it: a code is good once, for its client and
+        redirect URI, with the verifier whose S256 hash is the challenge given at authorize."""
+        if self.hub_down:
+            raise HubError("trade the login code for a token: ConnectError after 1 attempts")
+        grant = self.codes.pop(code, None)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(code_verifier.encode()).digest()).decode().rstrip("=")
+        if (grant is None or grant["client_id"] != client_id or grant["redirect_uri"] != redirect_uri
+                or grant["method"] != "S256" or grant["challenge"] != digest):
+            raise HubError('trade the login code for a token: HTTP 400 {"error": "invalid_grant"}', status=400)
+        return grant["token"]
 
     async def aclose(self) -> None:
         return None

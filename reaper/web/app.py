@@ -1,4 +1,4 @@
-"""The reaper's web page as a JupyterHub managed service (tornado, HubOAuth).
+"""The reaper's web page as a JupyterHub managed service (tornado; the hub's OAuth login, reaper.web.login).
 
 The hub tells a managed service with a ``url`` where to listen (``JUPYTERHUB_SERVICE_URL``) and
 under which prefix it is proxied (``JUPYTERHUB_SERVICE_PREFIX``, e.g. ``/services/reaper/``), and
@@ -116,7 +116,7 @@ class WebContext:
 
     service: Any  # reaper.service.ReaperService (or a test double with the same attributes)
     prefix: str
-    hub_auth: Any  # jupyterhub.services.auth.HubOAuth
+    login: Any  # reaper.web.login.HubLogin
     metrics: Metrics = METRICS
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     dry_run_at: datetime | None = None
@@ -139,39 +139,26 @@ class WebContext:
         return self.prefix + path.lstrip("/")
 
 
-def make_hub_auth(settings: Any, prefix: str) -> Any:
-    from jupyterhub.services.auth import HubOAuth
-
-    kw: dict[str, Any] = {
-        "api_url": settings.hub.effective_api_url(),
-        "base_url": prefix,
-        "cache_max_age": 60,
-    }
-    token = settings.hub.effective_token()
-    if token:
-        kw["api_token"] = token
-    return HubOAuth(**kw)
-
-
 def make_app(
     service: Any,
     *,
     prefix: str = "/services/reaper/",
-    hub_auth: Any = None,
+    login: Any = None,
     metrics: Metrics | None = None,
     cookie_secret: bytes | None = None,
     clock: Any = None,
 ) -> Application:
-    """The tornado application (routes under ``prefix``). ``hub_auth`` defaults to a HubOAuth
-    configured from the hub's environment and the service's settings."""
+    """The tornado application (routes under ``prefix``). ``login`` defaults to the hub's OAuth
+    login, configured from the hub's environment, asking the service's hub client."""
     from . import handlers as h
+    from .login import HubLogin
 
     web_settings(service.settings.web)  # fail early on a bad web section
     if not prefix.endswith("/"):
         prefix += "/"
-    if hub_auth is None:
-        hub_auth = make_hub_auth(service.settings, prefix)
-    ctx = WebContext(service=service, prefix=prefix, hub_auth=hub_auth, metrics=metrics or METRICS, clock=clock)
+    if login is None:
+        login = HubLogin.from_environment(service.hub, prefix)
+    ctx = WebContext(service=service, prefix=prefix, login=login, metrics=metrics or METRICS, clock=clock)
     args = {"ctx": ctx}
     p = prefix
     routes: list[Any] = [
@@ -196,7 +183,7 @@ def make_app(
         cookie_secret=cookie_secret or secrets.token_bytes(32),
         xsrf_cookies=True,
         xsrf_cookie_kwargs={"httponly": True, "samesite": "Strict"},
-        login_url=p,  # replaced by the hub's OAuth URL in HubAuthenticated.get_login_url
+        login_url=p,  # replaced by the hub's OAuth URL in BaseHandler.get_login_url
         default_handler_class=h.NotFoundHandler,
         default_handler_args=args,
         compress_response=True,

@@ -2,7 +2,7 @@
 
 Authorization, in one place (``BaseHandler.authorize``): a user sees and acts on their own servers
 only; hub admins and members of ``web.admin_group`` see and act on every server. Every POST needs
-the xsrf token (tornado ``xsrf_cookies``, checked the JupyterHub way by HubOAuth). Every action is
+the xsrf token (tornado ``xsrf_cookies``, bound to the login: reaper.web.login). Every action is
 logged and recorded with who did it. /metrics and /health need no login and show no user data.
 """
 
@@ -18,7 +18,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated, UserNotAllowed
 from tornado import web
 
 from ..config import format_duration, parse_duration
@@ -255,13 +254,12 @@ def _jsonable(v: Any) -> Any:
 # --------------------------------------------------------------------------- handlers
 
 
-class BaseHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
+class BaseHandler(web.RequestHandler):
     ctx: WebContext
     api = False
 
     def initialize(self, ctx: WebContext) -> None:
         self.ctx = ctx
-        self.hub_auth = ctx.hub_auth
 
     # ---- headers
 
@@ -278,27 +276,26 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
     # ---- identity
 
     async def prepare(self) -> None:
-        # Ask the hub without blocking the loop (HubAuthenticated.get_current_user is synchronous).
-        if hasattr(self, "_hub_auth_user_cache"):
+        if hasattr(self, "_login_user"):
             return
-        model = await self.hub_auth.get_user(self, sync=False)
-        if model:
-            try:
-                model = self.check_hub_user(model)
-            except UserNotAllowed:
-                model = None
-        self._hub_auth_user_cache = model
-        self.current_user = model
+        self._login_user: dict[str, Any] | None = None
+        self._login_user = await self.ctx.login.user(self)
+        self.current_user = self._login_user
 
     def get_current_user(self) -> Any:
-        # Never ask the hub synchronously from the event loop (HubAuthenticated would, e.g. when the
-        # xsrf check runs before prepare()): prepare() above has asked already, asynchronously.
-        return getattr(self, "_hub_auth_user_cache", None)
+        return getattr(self, "_login_user", None)  # asked of the hub in prepare(), asynchronously
 
     def get_login_url(self) -> str:
         if self.api:
             raise web.HTTPError(403, "log in through the hub, or send a token")
-        return str(super().get_login_url())
+        return str(self.ctx.login.login_url(self))
+
+    @property
+    def xsrf_token(self) -> bytes:
+        return bytes(self.ctx.login.xsrf_token(self))
+
+    def check_xsrf_cookie(self) -> None:
+        self.ctx.login.check_xsrf(self)
 
     @property
     def me(self) -> str:
@@ -422,20 +419,19 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
     def get_template_namespace(self) -> dict[str, Any]:
         ns = super().get_template_namespace()
         ns.update(ctx=self.ctx, hub_name=self.ctx.settings.hub.name, prefix=self.ctx.prefix,
-                  hub_home="/hub/home", current=self._hub_auth_user_cache if hasattr(
-                      self, "_hub_auth_user_cache") else None)
+                  hub_home="/hub/home", current=getattr(self, "_login_user", None))
         return ns
 
 
 class NotFoundHandler(BaseHandler):
     async def prepare(self) -> None:
-        self._hub_auth_user_cache = None
+        self._login_user = None
         raise web.HTTPError(404, "no such page")
 
 
 class AddSlashHandler(BaseHandler):
     async def prepare(self) -> None:
-        self._hub_auth_user_cache = None
+        self._login_user = None
 
     def get(self) -> None:
         self.redirect(self.ctx.prefix)  # a fixed target: never an open redirect
@@ -682,7 +678,7 @@ class MetricsHandler(BaseHandler):
     """Prometheus text format. No login (no user data in it), as Prometheus scrapes it."""
 
     async def prepare(self) -> None:
-        self._hub_auth_user_cache = None
+        self._login_user = None
 
     async def get(self) -> None:
         m = self.ctx.metrics
@@ -703,7 +699,7 @@ class HealthHandler(BaseHandler):
     """200 while sweeps succeed (the last one younger than 3 x sweep_every), 503 otherwise."""
 
     async def prepare(self) -> None:
-        self._hub_auth_user_cache = None
+        self._login_user = None
 
     async def get(self) -> None:
         now = self.ctx.now()
@@ -742,11 +738,11 @@ class HealthHandler(BaseHandler):
                                 "last_successful_sweep": last.isoformat() if last else None}))
 
 
-class CallbackHandler(HubOAuthCallbackHandler):  # type: ignore[misc]
-    """HubOAuth's callback, with our HubOAuth instance and security headers."""
+class CallbackHandler(BaseHandler):
+    """The hub's OAuth callback (reaper.web.login.HubLogin.finish_login)."""
 
-    def initialize(self, ctx: WebContext) -> None:
-        self.hub_auth = ctx.hub_auth
+    async def prepare(self) -> None:
+        self._login_user = None  # the login is being made: finish_login asks who, if it must
 
-    def set_default_headers(self) -> None:
-        BaseHandler.set_default_headers(self)  # type: ignore[arg-type]
+    async def get(self) -> None:
+        await self.ctx.login.finish_login(self)

@@ -40,21 +40,27 @@ async def test_the_service_sweeps_keeping_counts_not_rows(store, tmp_path, monke
     assert res.rows == [] and res.summary()["servers"] == 3 and res.counts() == {"detached": 3}
 
 
-def test_the_service_process_loads_no_orm_no_alembic_no_httpx(tmp_path):
+def test_the_service_process_loads_no_orm_no_alembic_no_httpx_no_jupyterhub(tmp_path):
     # Memory a long-running service would hold for nothing: SQLAlchemy's ORM (~6 MB; the store
-    # uses Core statements only), alembic (~11 MB; a needed migration runs in a child) and httpx
-    # (only for hub.http "httpx"). Checked in a fresh interpreter, as the service starts.
+    # uses Core statements only), alembic (~11 MB; a needed migration runs in a child), httpx
+    # (only for hub.http "httpx") and JupyterHub itself (its services.auth imports its ORM, alembic,
+    # mako and pygments: the page's login is reaper.web.login). Checked in a fresh interpreter, with
+    # the page's application built, as the service starts.
     import subprocess
     import sys
 
     code = (
         "import sys, reaper.service, reaper.web.app, reaper.notify.email, reaper.notify.outbox\n"
+        "from reaper.config import parse_settings\n"
         "from reaper.store import Store\n"
         "from reaper.hub import HubClient\n"
         f"s = Store.open('sqlite:///{tmp_path / 'r.sqlite'}', isolated=True)\n"
         "s.record_action(None, 'test', True, 'x', __import__('datetime').datetime.now(__import__('datetime').UTC))\n"
-        "HubClient('http://127.0.0.1:1/hub/api', 't')\n"
-        "print(' '.join(m for m in ('sqlalchemy.orm', 'alembic', 'httpx') if m in sys.modules) or 'none')\n"
+        "hub = HubClient('http://127.0.0.1:1/hub/api', 't')\n"
+        "service = type('S', (), {'settings': parse_settings('{}', env={}), 'store': s, 'hub': hub})()\n"
+        "reaper.web.app.make_app(service)\n"
+        "loaded = ('sqlalchemy.orm', 'alembic', 'httpx', 'jupyterhub', 'mako', 'pygments')\n"
+        "print(' '.join(m for m in loaded if m in sys.modules) or 'none')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -1,8 +1,9 @@
 """Shared fixtures of the web tests (import them: `from tests.web import make_web, web`).
 
-A started web app (real tornado server on 127.0.0.1, real HubOAuth, real SQLite store, real
-Sweeper) with a scripted hub; only the hub's OAuth identity lookup (HubOAuth.user_for_token) is
-replaced, so cookies, xsrf and authorization run the real code."""
+A started web app (real tornado server on 127.0.0.1, the real login (reaper.web.login), real
+SQLite store, real Sweeper) with a scripted hub (tests/fakes.py FakeHub, whose ``identities`` answer
+who holds a token, as GET /hub/api/user would), so cookies, xsrf and authorization run the real
+code."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from reaper.notify.outbox import LogChannel, Outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper, SweepResult
 from reaper.web.app import make_app
+from reaper.web.login import HubLogin
 from reaper.web.metrics import Metrics
 from tests.fakes import FakeHub
 from tests.harness.hub import free_ports
@@ -38,11 +40,17 @@ defaults:
   channels: [log]
 """
 
+ACCESS = "access:services!service=reaper"
+CLIENT_ID = "service-reaper"
+HUB = "http://127.0.0.1:8000"
 IDENTITIES: dict[str, dict[str, Any]] = {
-    "tok-alice": {"kind": "user", "name": "alice", "admin": False, "groups": ["physics"]},
-    "tok-bob": {"kind": "user", "name": "bob", "admin": False, "groups": []},
-    "tok-root": {"kind": "user", "name": "root", "admin": True, "groups": []},
-    "tok-carol": {"kind": "user", "name": "carol", "admin": False, "groups": ["reaper-admins"]},
+    "tok-alice": {"kind": "user", "name": "alice", "admin": False, "groups": ["physics"], "scopes": [ACCESS]},
+    "tok-bob": {"kind": "user", "name": "bob", "admin": False, "groups": [], "scopes": [ACCESS]},
+    "tok-root": {"kind": "user", "name": "root", "admin": True, "groups": [], "scopes": ["access:services"]},
+    "tok-carol": {"kind": "user", "name": "carol", "admin": False, "groups": ["reaper-admins"], "scopes": [ACCESS]},
+    # the hub knows dave, but his token has no access to this service (another service's only)
+    "tok-dave": {"kind": "user", "name": "dave", "admin": False, "groups": [],
+                 "scopes": ["access:services!service=other"]},
 }
 
 
@@ -80,7 +88,7 @@ class Web:
     hub: FakeHub
     store: Store
     metrics: Metrics
-    hub_auth: Any
+    login: HubLogin
     client: httpx.AsyncClient
     ctx: Any  # reaper.web.app.WebContext of the running app
     cookies: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -91,8 +99,7 @@ class Web:
     def cookie_header(self, who: str | None) -> dict[str, str]:
         jar = dict(self.cookies.get(who or "", {}))
         if who:
-            jar[self.hub_auth.cookie_name] = create_signed_value(
-                SECRET, self.hub_auth.cookie_name, f"tok-{who}").decode()
+            jar[self.login.cookie_name] = create_signed_value(SECRET, self.login.cookie_name, f"tok-{who}").decode()
         return {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
 
     async def get(self, path: str, who: str | None, **kw: Any) -> httpx.Response:
@@ -127,38 +134,25 @@ async def make_web(tmp_path):
     made: list[tuple[HTTPServer, httpx.AsyncClient, Store]] = []
 
     async def make(extra: str = "", servers: list[HubServer] | None = None, *, sweep: bool = True) -> Web:
-        from jupyterhub.services.auth import HubOAuth
-
         st = settings(extra)
         store = Store.open(f"sqlite:///{tmp_path / 'reaper.sqlite'}")
-        hub = FakeHub()
+        hub = FakeHub(identities={k: dict(v) for k, v in IDENTITIES.items()})
         for s in servers if servers is not None else [hub_server("alice"), hub_server("bob")]:
             hub.add(s, attached_probe())
         sweeper = Sweeper(st, hub, store, notifier=Outbox(store, {"log": LogChannel()}))
         service = Service(settings=st, store=store, hub=hub, sweeper=sweeper)
         if sweep:
             service.last_result = await sweeper.run_once()
-        hub_auth = HubOAuth(oauth_client_id="service-reaper", api_token="service-token",
-                            api_url="http://127.0.0.1:9/hub/api", base_url=PREFIX,
-                            oauth_redirect_uri=f"http://127.0.0.1:8000{PREFIX}oauth_callback")
-
-        def user_for_token(token: str, use_cache: bool = True, session_id: str = "", *, sync: bool = True):
-            model = dict(IDENTITIES[token]) if token in IDENTITIES else None
-
-            async def later() -> Any:
-                return model
-
-            return model if sync else later()
-
-        hub_auth.user_for_token = user_for_token
+        login = HubLogin(hub, prefix=PREFIX, client_id=CLIENT_ID, authorize_url="/hub/api/oauth2/authorize",
+                         redirect_uri=f"{HUB}{PREFIX}oauth_callback", access_scopes={ACCESS})
         metrics = Metrics()
-        app = make_app(service, prefix=PREFIX, hub_auth=hub_auth, metrics=metrics, cookie_secret=SECRET)
+        app = make_app(service, prefix=PREFIX, login=login, metrics=metrics, cookie_secret=SECRET)
         port = free_ports(1)[0]
         server = HTTPServer(app)
         server.listen(port, address="127.0.0.1")
         client = httpx.AsyncClient(timeout=30, follow_redirects=False)
         made.append((server, client, store))
-        return Web(f"http://127.0.0.1:{port}", service, hub, store, metrics, hub_auth, client,
+        return Web(f"http://127.0.0.1:{port}", service, hub, store, metrics, login, client,
                    app.settings["reaper_ctx"])
 
     yield make

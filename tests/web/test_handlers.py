@@ -1,7 +1,7 @@
 # ruff: noqa: F811  (pytest fixtures imported from tests.web are parameters here)
 """The reaper's page: authorization, xsrf, keep running, stop now, admin views, escaping, headers,
-/health. A real tornado server, real HubOAuth (cookies, xsrf), a real SQLite store and a real
-Sweeper; the hub is scripted (tests/fakes.py) and only HubOAuth.user_for_token is replaced."""
+/health. A real tornado server, the real login (cookies, xsrf: reaper.web.login), a real SQLite store
+and a real Sweeper; the hub is scripted (tests/fakes.py). The OAuth flow itself: tests/web/test_login.py."""
 
 from __future__ import annotations
 
