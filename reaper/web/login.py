@@ -33,9 +33,9 @@ import os
 import re
 import secrets
 import time
-from itertools import islice
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
