@@ -233,7 +233,7 @@ def test_the_models_match_the_migrated_schema(store: Store) -> None:
     assert diff == []
 
 
-def test_open_creates_the_sqlite_folder_and_uses_wal(tmp_path: Path) -> None:
+def test_open_creates_the_sqlite_folder_uses_wal_and_a_small_page_cache(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "reaper.sqlite"
     s = Store.open(f"sqlite:///{path}")
     try:
@@ -241,6 +241,7 @@ def test_open_creates_the_sqlite_folder_and_uses_wal(tmp_path: Path) -> None:
         with s.engine.connect() as c:
             assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert int(c.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) >= 10000
+            assert c.exec_driver_sql("PRAGMA cache_size").scalar() == -256  # KiB; SQLite's default: -2000
     finally:
         s.close()
 
