@@ -403,9 +403,23 @@ async def run_ours(
         import tracemalloc
 
         tracemalloc.start(1)
+    web_server = None
     try:
         outbox = make_outbox(settings, store)
         sweeper = Sweeper(settings, hub, store, notifier=outbox, clock=clock, keep_rows=False)  # as the service
+        if not os.environ.get("BENCH_NO_WEB"):
+            # the page, built and listening as the managed service serves it (reaper.web.app.start_web):
+            # the running service's memory, not the sweeping core's alone
+            from types import SimpleNamespace
+
+            from tornado.httpserver import HTTPServer
+
+            from reaper.web.app import make_app
+
+            page = SimpleNamespace(settings=settings, store=store, hub=hub, sweeper=sweeper, outbox=outbox,
+                                   last_result=None)
+            web_server = HTTPServer(make_app(page, prefix="/services/reaper/"), xheaders=True)
+            web_server.listen(0, address="127.0.0.1")
         if not os.environ.get("BENCH_NO_TUNE_GC"):
             tune_gc()  # as the service does at start (reaper.service.run_service)
         rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports, store, clients
@@ -451,6 +465,8 @@ async def run_ours(
             for st in snap.statistics("lineno")[:25]:
                 print(st, file=sys.stderr)
     finally:
+        if web_server is not None:
+            web_server.stop()
         await hub.aclose()
         await asyncio.to_thread(store.close)
     return {
