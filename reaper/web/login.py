@@ -248,8 +248,11 @@ class HubLogin:
         next_url = uri if uri.startswith(self.prefix) and not uri.startswith("//") else self.prefix
         self._pending[state] = _Pending(now + self.state_seconds, next_url, verifier)
         _trim(self._pending, now, MAX_PENDING)
+        # the admin's cookie options apply (e.g. samesite, domain), but never to its lifetime or path
+        extra = {k: v for k, v in self.cookie_options.items()
+                 if k.lower() not in ("path", "httponly", "max_age", "expires", "expires_days")}
         handler.set_signed_cookie(self._state_cookie(state), state, expires_days=None,
-                                  max_age=int(self.state_seconds), **self._cookie_kwargs(handler))
+                                  max_age=int(self.state_seconds), **{**self._cookie_kwargs(handler), **extra})
         query = urlencode({
             "client_id": self.client_id,
             "redirect_uri": self.redirect_uri,

@@ -213,6 +213,18 @@ async def test_xsrf_tokens_are_bound_to_the_login_and_the_hub_session(web):
     assert r.status_code in (200, 302, 303) and web.hub.stops == [("alice", "")]
 
 
+async def test_the_hubs_cookie_options_apply_to_both_cookies(make_web):
+    web = await make_web()
+    web.login.cookie_options = {"samesite": "Strict", "max_age": 5}
+    r = await Browser(web).get(web.url())
+    [state_line] = cookies_set(r).values()
+    assert "SameSite=Strict" in state_line and "Max-Age=600" in state_line  # not its lifetime
+    q = parse_qs(urlparse(r.headers["location"]).query)
+    code = web.hub.grant("tok-alice", **{k: v[0] for k, v in q.items()})
+    r = await callback(web, {"code": code, "state": q["state"][0]}, jar(r))
+    assert "SameSite=Strict" in cookies_set(r)[CLIENT_ID] and "Max-Age=5" in cookies_set(r)[CLIENT_ID]
+
+
 async def test_behind_https_the_cookies_are_secure(web):
     r = await Browser(web).get(web.url(), headers={"X-Forwarded-Proto": "https"})
     assert all("Secure" in line for line in cookies_set(r).values())
