@@ -247,8 +247,9 @@ class HubClient:
         # A stop's DELETE lasts as long as the spawner takes to stop (Slurm: ~1 s): the hub is
         # waiting, not working, so stops have their own limit instead of holding hub-call slots.
         self._stop_sem = asyncio.Semaphore(max(stop_concurrency, 1))
+        self._login_sem = asyncio.Semaphore(2)  # the page's login calls (reaper.web.login)
         # Hub calls: one small keep-alive pool to one host.
-        hub_conns = hub_concurrency + max(stop_concurrency, 1)
+        hub_conns = hub_concurrency + max(stop_concurrency, 1) + 2
         probe_conns = (3 if probe_terminals else 2) * probe_concurrency
         self._client: Any = None  # httpx clients: only with hub.http "httpx" or a given transport
         self._probe_client: Any = None
@@ -543,10 +544,13 @@ class HubClient:
         admin, groups, scopes. None when the hub does not know the token (403/401/404). Raises
         HubError when the hub cannot tell."""
         what = "identify a login token"
+        # the page's own slots, a short timeout and one retry: a visitor waits for an answer, and
+        # anyone may send a token, so these calls never take the sweep's slots
         response = await self._hub_request(
-            "GET", self._api("user"), what=what, headers={"Authorization": f"token {token}"}
+            "GET", self._api("user"), what=what, headers={"Authorization": f"token {token}"},
+            sem=self._login_sem, retries=min(self.retries, 1), request_timeout=min(self.timeout, 5.0),
         )
-        if response.status_code in (401, 403, 404):
+        if response.status_code in (401, 403):  # the hub's answer for a token it does not know
             return None
         self._expect_ok(response, what)
         model = self._json(response, what)
@@ -567,8 +571,8 @@ class HubClient:
             "code_verifier": code_verifier,
         }).encode()
         response = await self._hub_request(
-            "POST", self._api("oauth2", "token"), what=what, body=form, retries=0,
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            "POST", self._api("oauth2", "token"), what=what, body=form, retries=0, sem=self._login_sem,
+            headers={"Content-Type": "application/x-www-form-urlencoded"}, request_timeout=min(self.timeout, 5.0),
         )
         self._expect_ok(response, what)
         answer = self._json(response, what)

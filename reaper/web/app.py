@@ -217,6 +217,13 @@ async def start_web(service: Any) -> WebServer:
         log.info("no JUPYTERHUB_SERVICE_URL (and no web.listen): the web page is not served")
         return WebServer(None, None, None)
     u = urlparse(url)
+    if u.scheme == "https":
+        # the hub's internal_ssl: it would reach the page over TLS with client certificates, which
+        # the page does not serve; plain HTTP on an https address would fail in a way no one reads
+        log.error("the hub asks for the page over TLS (internal_ssl: %s); the page does not support it "
+                  "and is not served. Sweeps go on. Run the hub without internal_ssl, or give the page a plain "
+                  "http address (web.listen, and the service's url in jupyterhub_config.py).", url)
+        return WebServer(None, None, None)
     host = u.hostname or "127.0.0.1"
     port = u.port or (443 if u.scheme == "https" else 80)
     prefix = ws.prefix or os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or "/services/reaper/"

@@ -266,10 +266,10 @@ class BaseHandler(web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header(
             "Content-Security-Policy",
-            "default-src 'self'; frame-ancestors 'self'; form-action 'self'; base-uri 'none'; object-src 'none'",
+            "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'",
         )
         self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("X-Frame-Options", "SAMEORIGIN")
+        self.set_header("X-Frame-Options", "DENY")  # not even a user server of the same origin frames it
         self.set_header("Referrer-Policy", "same-origin")
         self.set_header("Cache-Control", "no-store")
 
@@ -419,7 +419,7 @@ class BaseHandler(web.RequestHandler):
     def get_template_namespace(self) -> dict[str, Any]:
         ns = super().get_template_namespace()
         ns.update(ctx=self.ctx, hub_name=self.ctx.settings.hub.name, prefix=self.ctx.prefix,
-                  hub_home="/hub/home", current=getattr(self, "_login_user", None))
+                  hub_home=self.ctx.login.hub_home, current=getattr(self, "_login_user", None))
         return ns
 
 

@@ -154,6 +154,10 @@ async def test_the_pages_login_calls_answer_alike_on_both_paths(http: str) -> No
             assert await hub.identify("unknown") is None
             with pytest.raises(HubError, match="invalid_grant"):
                 await hub.oauth_token(client_id="service-reaper", code="used", redirect_uri="/cb", code_verifier="v")
+        # a wrong API address (404) is an error, not "nobody": it must not log everyone out
+        async with client(f"http://127.0.0.1:{port}/wrong/api", http) as wrong:
+            with pytest.raises(HubError, match="HTTP 404"):
+                await wrong.identify("user-token")
     finally:
         await runner.cleanup()
     posts = [s for s in seen if s[0] == "POST"]

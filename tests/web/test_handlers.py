@@ -250,9 +250,9 @@ async def test_user_controlled_values_are_escaped(make_web):
 async def test_security_headers_and_no_tokens_in_the_output(web):
     r = await web.get("", "alice")
     assert "default-src 'self'" in r.headers["content-security-policy"]
-    assert "frame-ancestors 'self'" in r.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
     assert r.headers["x-content-type-options"] == "nosniff"
-    assert r.headers["x-frame-options"] == "SAMEORIGIN"
+    assert r.headers["x-frame-options"] == "DENY"
     assert r.headers["referrer-policy"] == "same-origin"
     api = await web.get("api/servers", "root")
     for text in (r.text, api.text):

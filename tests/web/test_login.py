@@ -90,30 +90,51 @@ async def test_the_whole_flow_brings_the_visitor_back_to_the_page_they_asked_for
     assert web.hub.codes == {}  # the code was used up
 
 
-async def test_the_state_must_be_this_browsers_and_is_good_once(web):
+async def test_the_state_must_be_this_browsers(web):
     q, mine = await start_login(web)
     _, theirs = await start_login(web)
     code = web.hub.grant("tok-alice", **{k: v[0] for k, v in q.items()})
     state = q["state"][0]
-    # another browser's state cookie, no cookie, no state, no code, a refusal by the hub
+    # another browser's state cookie, no cookie, no state, no code
     assert (await callback(web, {"code": code, "state": state}, theirs)).status_code == 403
     assert (await callback(web, {"code": code, "state": state}, {})).status_code == 403
     assert (await callback(web, {"code": code}, mine)).status_code == 400
     assert (await callback(web, {"state": state}, mine)).status_code == 400
-    r = await callback(web, {"error": "access_denied", "error_description": "no thanks"}, mine)
-    assert r.status_code == 400 and "no thanks" in r.text
     # a forged state cookie (not signed with the page's secret)
-    forged = {next(iter(mine)): state}
+    name = next(iter(mine))
+    forged = {name: state}
     assert (await callback(web, {"code": code, "state": state}, forged)).status_code == 403
     assert CLIENT_ID not in jar(await callback(web, {"code": code, "state": state}, forged))
     # the right cookie name, signed with the page's secret, with another state in it
-    other = {next(iter(mine)): create_signed_value(SECRET, next(iter(mine)), "another-state").decode()}
+    other = {name: create_signed_value(SECRET, name, '{"s": "another", "v": "x", "n": "/", "e": 1e12}').decode()}
     assert (await callback(web, {"code": code, "state": state}, other)).status_code == 403
-    # then the right one works, once
+    # then the right one works; the code is good once (the hub refuses it again)
     ok = await callback(web, {"code": code, "state": state}, mine)
     assert ok.status_code == 302 and CLIENT_ID in jar(ok)
-    code2 = web.hub.grant("tok-alice", **{k: v[0] for k, v in q.items()})
-    assert (await callback(web, {"code": code2, "state": state}, mine)).status_code == 403
+    again = await callback(web, {"code": code, "state": state}, mine)
+    assert again.status_code == 502 and CLIENT_ID not in jar(again)
+
+
+async def test_the_hubs_refusal_is_said_plainly_and_only_to_the_browser_that_asked(web):
+    q, mine = await start_login(web)
+    state = q["state"][0]
+    r = await callback(web, {"state": state, "error": "access_denied", "error_description": "<b>call 555</b>"}, mine)
+    assert r.status_code == 400 and "access_denied" in r.text and "call 555" not in r.text
+    r = await callback(web, {"state": state, "error": "made-up <i>", "error_description": "x"}, mine)
+    assert r.status_code == 400 and "made-up" not in r.text
+    # a crafted link without this browser's login shows nothing of its text
+    r = await callback(web, {"state": "x", "error": "access_denied", "error_description": "call 555"}, {})
+    assert r.status_code == 403 and "call 555" not in r.text
+
+
+async def test_no_flood_of_visitors_pushes_a_login_under_way_out(web):
+    q, mine = await start_login(web)
+    for _ in range(300):  # anonymous visits: each starts a login of its own, kept in its own browser
+        assert (await Browser(web).get(web.url())).status_code == 302
+    code = web.hub.grant("tok-alice", **{k: v[0] for k, v in q.items()})
+    r = await callback(web, {"code": code, "state": q["state"][0]}, mine)
+    assert r.status_code == 302 and CLIENT_ID in jar(r)
+    assert not hasattr(web.login, "_pending")  # nothing kept in the service per visitor
 
 
 async def test_a_stale_callback_of_someone_logged_in_just_goes_back_without_a_new_token(web):
@@ -124,6 +145,78 @@ async def test_a_stale_callback_of_someone_logged_in_just_goes_back_without_a_ne
     again = await callback(web, {"code": code, "state": q["state"][0]}, login)  # the state cookie is gone
     assert again.status_code == 302 and again.headers["location"] == PREFIX
     assert CLIENT_ID not in jar(again) and code in web.hub.codes  # no trade, no new login
+
+
+async def test_a_service_token_is_not_the_user_of_the_same_name(make_web):
+    web = await make_web()
+    web.hub.identities["tok-svc"] = {"kind": "service", "name": "alice", "scopes": ["access:services"]}
+    api = {"Authorization": "token tok-svc", "Accept": "application/json"}
+    assert (await Browser(web).get(web.url("api/servers"), headers=api)).status_code == 403
+    r = await Browser(web).post(web.url("stop"), data={"user": "alice", "server": ""}, headers=api)
+    assert r.status_code == 403 and web.hub.stops == []
+
+
+async def test_a_scripts_read_with_the_cookie_needs_the_xsrf_token(web):
+    # what a user server's page on the same origin could do: fetch() the page with an admin's cookie
+    scripted = {**web.cookie_header("root"), "Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-origin"}
+    assert (await Browser(web).get(web.url("api/servers"), headers=scripted)).status_code == 403
+    embedded = {**web.cookie_header("root"), "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Site": "cross-site"}
+    assert (await Browser(web).get(web.url("api/servers"), headers=embedded)).status_code == 403
+    xsrf = await web.xsrf("root")
+    ok = await Browser(web).get(web.url("api/servers"), headers={**scripted, "X-XSRFToken": xsrf})
+    assert ok.status_code == 200
+    navigate = {**web.cookie_header("root"), "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Site": "none"}
+    assert (await Browser(web).get(web.url(), headers=navigate)).status_code == 200
+
+
+async def test_cookies_set_for_a_domain_are_cleared_for_it(make_web):
+    web = await make_web()
+    web.login.cookie_options = {"domain": "hub.example.org"}
+    del web.hub.identities["tok-alice"]
+    r = await web.get("", "alice")
+    assert "Domain=hub.example.org" in cookies_set(r)[CLIENT_ID]
+
+
+async def test_many_visitors_with_one_token_ask_the_hub_once_and_the_sweeps_slots_are_not_used(make_web):
+    import asyncio
+
+    web = await make_web()
+    gate = asyncio.Event()
+    real = web.hub.identify
+
+    async def slow(token):
+        await gate.wait()
+        return await real(token)
+
+    web.hub.identify = slow
+    pending = [asyncio.ensure_future(web.get("api/servers", "alice")) for _ in range(5)]
+    await asyncio.sleep(0.3)
+    gate.set()
+    assert [r.status_code for r in await asyncio.gather(*pending)] == [200] * 5
+    assert web.hub.identify_calls == ["tok-alice"]
+
+
+async def test_when_the_pages_hub_slots_stay_busy_a_visitor_gets_a_503_not_a_hang(make_web, monkeypatch):
+    import asyncio
+
+    from reaper.web import login as login_module
+
+    monkeypatch.setattr(login_module, "HUB_WAIT", 0.2)
+    web = await make_web()
+    gate = asyncio.Event()
+
+    async def stuck(token):
+        await gate.wait()
+        return None
+
+    web.hub.identify = stuck
+    held = [asyncio.ensure_future(Browser(web).get(web.url("api/servers"), headers={"Authorization": f"token t{i}"}))
+            for i in range(login_module.HUB_SLOTS)]
+    await asyncio.sleep(0.1)
+    r = await Browser(web).get(web.url("api/servers"), headers={"Authorization": "token another"})
+    assert r.status_code == 503
+    gate.set()
+    assert [x.status_code for x in await asyncio.gather(*held)] == [403] * login_module.HUB_SLOTS
 
 
 async def test_the_pkce_verifier_goes_with_the_code_and_a_refused_trade_logs_no_one_in(web):
@@ -215,7 +308,7 @@ async def test_xsrf_tokens_are_bound_to_the_login_and_the_hub_session(web):
 
 async def test_the_hubs_cookie_options_apply_to_both_cookies(make_web):
     web = await make_web()
-    web.login.cookie_options = {"samesite": "Strict", "max_age": 5}
+    web.login.cookie_options = {"samesite": "Strict", "max_age": 5, "secure": False}
     r = await Browser(web).get(web.url())
     [state_line] = cookies_set(r).values()
     assert "SameSite=Strict" in state_line and "Max-Age=600" in state_line  # not its lifetime
@@ -226,6 +319,8 @@ async def test_the_hubs_cookie_options_apply_to_both_cookies(make_web):
 
 
 async def test_behind_https_the_cookies_are_secure(web):
+    r = await Browser(web).get(web.url(), headers={"Forwarded": "for=1.2.3.4;proto=https"})
+    assert all("Secure" in line and "SameSite=Lax" in line for line in cookies_set(r).values())
     r = await Browser(web).get(web.url(), headers={"X-Forwarded-Proto": "https"})
     assert all("Secure" in line for line in cookies_set(r).values())
     q = parse_qs(urlparse(r.headers["location"]).query)
@@ -270,16 +365,21 @@ def test_configured_from_the_hubs_environment():
     assert login.redirect_uri == "/jh/services/reaper/oauth_callback"
     assert login.access_scopes == {"access:services!service=reaper", "access:services"}
     assert login.secure and login.cookie_options == {"samesite": "Strict"}
-    assert login.cookie_name == "service-reaper"
+    assert login.cookie_name == "service-reaper" and login.hub_home == "/jh/hub/home"
     bare = HubLogin.from_environment(object(), "/services/reaper/", {"JUPYTERHUB_SERVICE_NAME": "reaper"})
     assert bare.client_id == "service-reaper" and bare.access_scopes == {"access:services!service=reaper"}
+    # no environment at all: still a scope to require (fails closed), never "every hub user"
+    none = HubLogin.from_environment(object(), "/services/reaper/", {})
+    assert none.access_scopes == {"access:services!service=reaper"} and none.client_id == "service-reaper"
+    empty = HubLogin.from_environment(object(), "/services/reaper/", {"JUPYTERHUB_OAUTH_ACCESS_SCOPES": "[]"})
+    assert empty.access_scopes == {"access:services!service=reaper"}
     assert bare.authorize_url == "/hub/api/oauth2/authorize" and not bare.secure
     assert bare.redirect_uri == "/services/reaper/oauth_callback"
     with pytest.raises(ValueError, match="client id"):
         HubLogin(object(), prefix="/", client_id="", authorize_url="/a", redirect_uri="/b")
 
 
-def test_the_tables_stay_bounded():
+def test_the_identity_table_stays_bounded():
     table = {f"k{i}": (100.0 if i % 2 else 5.0, None) for i in range(12)}
     _trim(table, now=10.0, limit=10)  # the six expired go
     assert len(table) == 6 and all(v[0] == 100.0 for v in table.values())
@@ -294,3 +394,15 @@ async def test_forged_login_cookie_is_nobody(web):
     assert r.status_code == 403 and web.hub.identify_calls == []
     plain = await Browser(web).get(web.url("api/servers"), headers={"Cookie": f"{CLIENT_ID}=tok-alice"})
     assert plain.status_code == 403
+
+
+async def test_the_page_is_not_served_in_plain_http_where_the_hub_expects_tls(web, monkeypatch, caplog):
+    # the hub's internal_ssl gives the service an https address: serving plain HTTP there would
+    # fail in a way no one reads, so the page says why it is not served (sweeps go on)
+    from reaper.web.app import start_web
+    from tests.harness.hub import free_ports
+
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", f"https://127.0.0.1:{free_ports(1)[0]}")
+    started = await start_web(web.service)
+    assert started.url is None and started.server is None
+    assert "internal_ssl" in caplog.text
