@@ -181,8 +181,7 @@ def make_app(
         static_path=str(HERE / "static"),
         static_url_prefix=p + "static/",
         cookie_secret=cookie_secret or secrets.token_bytes(32),
-        xsrf_cookies=True,
-        xsrf_cookie_kwargs={"httponly": True, "samesite": "Strict"},
+        xsrf_cookies=True,  # tornado calls check_xsrf_cookie on every POST: BaseHandler binds it to the login
         login_url=p,  # replaced by the hub's OAuth URL in BaseHandler.get_login_url
         default_handler_class=h.NotFoundHandler,
         default_handler_args=args,
