@@ -21,6 +21,7 @@ config.yaml keys (section ``web``)::
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import secrets
@@ -139,6 +140,15 @@ class WebContext:
         return self.prefix + path.lstrip("/")
 
 
+def page_secret(api_token: str | None) -> bytes:
+    """The key that signs the page's cookies and xsrf tokens: derived from the service's API token
+    (HMAC, one way), so a restart of the service keeps its visitors logged in and their open forms
+    valid; a new token (or none: random) logs them in again through the hub, unnoticed."""
+    if not api_token:
+        return secrets.token_bytes(32)
+    return hmac.new(api_token.encode(), b"jupyterhub-reaper page cookie secret", "sha256").digest()
+
+
 def make_app(
     service: Any,
     *,
@@ -180,7 +190,7 @@ def make_app(
         template_path=str(HERE / "templates"),
         static_path=str(HERE / "static"),
         static_url_prefix=p + "static/",
-        cookie_secret=cookie_secret or secrets.token_bytes(32),
+        cookie_secret=cookie_secret or page_secret(service.settings.hub.effective_token()),
         xsrf_cookies=True,  # tornado calls check_xsrf_cookie on every POST: BaseHandler binds it to the login
         login_url=p,  # replaced by the hub's OAuth URL in BaseHandler.get_login_url
         default_handler_class=h.NotFoundHandler,

@@ -406,3 +406,27 @@ async def test_the_page_is_not_served_in_plain_http_where_the_hub_expects_tls(we
     started = await start_web(web.service)
     assert started.url is None and started.server is None
     assert "internal_ssl" in caplog.text
+
+
+async def test_a_restart_keeps_visitors_logged_in_while_the_api_token_stays(web, monkeypatch):
+    from tornado.httpserver import HTTPServer
+
+    from reaper.web.app import make_app, page_secret
+    from tests.harness.hub import free_ports
+
+    assert page_secret("tok-1") == page_secret("tok-1") != page_secret("tok-2")
+    assert len(page_secret("tok-1")) == 32 and b"tok-1" not in page_secret("tok-1")
+    assert page_secret(None) != page_secret(None)  # no token: a random key each start
+    # the page made after a restart (same token) reads a login cookie signed before it
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "tok-1")
+    server = HTTPServer(make_app(web.service, prefix=PREFIX, login=web.login))
+    port = free_ports(1)[0]
+    server.listen(port, address="127.0.0.1")
+    url = f"http://127.0.0.1:{port}{PREFIX}api/servers"
+    try:
+        before = create_signed_value(page_secret("tok-1"), CLIENT_ID, "tok-alice").decode()
+        assert (await Browser(web).get(url, headers={"Cookie": f"{CLIENT_ID}={before}"})).status_code == 200
+        other = create_signed_value(page_secret("tok-2"), CLIENT_ID, "tok-alice").decode()
+        assert (await Browser(web).get(url, headers={"Cookie": f"{CLIENT_ID}={other}"})).status_code == 403
+    finally:
+        server.stop()
