@@ -257,8 +257,8 @@ class Sweeper:
         """No address of its own (spawner state) and none known for its current run."""
         return not sv.target and not (sv.state or {}).get("server_url") and sv.run_key() not in self._target_known
 
-    async def _probe(self, server: HubServer) -> Probe:
-        return await self.hub.probe(server)
+    async def _probe(self, server: HubServer, *, status: Probe | None = None) -> Probe:
+        return await self.hub.probe(server, status=status) if status is not None else await self.hub.probe(server)
 
     def _too_many(self, stops: int, running: int) -> bool:
         """Whether ``stops`` stops among ``running`` servers break the safety limits."""
@@ -380,8 +380,8 @@ class Sweeper:
                     probe = await self.hub.probe_status(server)
                     if probe.ok:
                         obs = confirm_detached(server, probe, hist, now, fresh_within=s.probe.attached_within)
-                        if obs is None:
-                            probe = await self._probe(server)
+                        if obs is None:  # something happened: the full look, without asking the status again
+                            probe = await self._probe(server, status=probe)
                         else:
                             res.probes_status_only += 1
                 else:

@@ -26,6 +26,7 @@ class FakeHub:
     stops: list[tuple[str, str]] = field(default_factory=list)
     probe_calls: list[tuple[str, str]] = field(default_factory=list)  # full probes
     status_calls: list[tuple[str, str]] = field(default_factory=list)  # /api/status alone
+    probes_after_status: list[tuple[str, str]] = field(default_factory=list)  # full probes given that status
     # called right before each status-only probe and hub lookup: lets a test make the user come back
     before_recheck: object = None
     # the page's login: token -> the hub's user model (GET /hub/api/user); OAuth codes granted
@@ -47,9 +48,11 @@ class FakeHub:
     async def refresh_targets(self) -> None:
         return None
 
-    async def probe(self, server: HubServer) -> Probe:
+    async def probe(self, server: HubServer, *, status: Probe | None = None) -> Probe:
         key = (server.user, server.name)
         self.probe_calls.append(key)
+        if status is not None:
+            self.probes_after_status.append(key)
         return self.probes.get(key, Probe.failed("no such server"))
 
     async def probe_status(self, server: HubServer) -> Probe:

@@ -165,3 +165,24 @@ async def test_the_pages_login_calls_answer_alike_on_both_paths(http: str) -> No
     assert posts[0][2] == {"client_id": "service-reaper", "client_secret": TOKEN, "grant_type": "authorization_code",
                            "code": "good", "redirect_uri": "/services/reaper/oauth_callback", "code_verifier": "v" * 43}
     assert [s[1] for s in seen if s[0] == "GET"] == ["token user-token", "token unknown"]
+
+
+@pytest.mark.parametrize("http", ["aiohttp", "httpx"])
+async def test_a_full_look_after_a_status_look_does_not_ask_the_status_again(http: str) -> None:
+    sim = HubSim(Population(users=1, computing=1), token=TOKEN, hub_latency=0.0, stop_time=0.0)
+    await sim.start()
+    try:
+        async with client(sim.api_url, http) as hub:
+            [srv] = await hub.list_active_servers()
+            alone = await hub.probe(srv)
+            sim.reset()
+            status = await hub.probe_status(srv)
+            assert status.ok and status.status_kernels == 1
+            full = await hub.probe(srv, status=status)
+            asked = {k: v for k, v in sim.stats()["requests"].items() if " GET /" in k and "/hub/api" not in k}
+        assert full.ok and full.kernels == alone.kernels and full.status_last_activity == alone.status_last_activity
+        assert full.status_connections == alone.status_connections and full.status_kernels == 1
+        assert full.status_started == alone.status_started and full.terminals == alone.terminals
+        assert sorted(k.rsplit("/", 1)[-1] for k in asked for _ in range(asked[k])) == ["kernels", "status", "terminals"]
+    finally:
+        await sim.close()

@@ -601,6 +601,8 @@ async def test_a_detached_servers_next_look_is_status_alone_and_decides_exactly_
         sum(1 for sweep in confirmed for row in sweep if row[0] == user) for user in ("alice", "bob")
     ) - len(hub.probe_calls)
     assert all(r["probes_status_only"] == 0 for r in full_summaries)
+    # the full look that follows a status look that saw a change does not ask the status again
+    assert sorted(set(hub.probes_after_status)) == [("alice", ""), ("bob", "")] and full_hub.probes_after_status == []
     assert "computing" in [row[1] for sweep in full for row in sweep if row[0] == "bob"]
     assert "no browser connected, no kernel running" in [row[4] for sweep in full for row in sweep]
 
