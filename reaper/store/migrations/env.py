@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from logging.config import fileConfig
 
+from alembic import context
 from sqlalchemy import Connection
 
-from alembic import context
 from reaper.store.models import metadata
 
 VERSION_TABLE = "reaper_alembic_version"
