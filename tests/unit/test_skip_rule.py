@@ -106,3 +106,43 @@ def test_in_ci_a_skip_fails_the_run_without_the_terminal_reporter(tmp_path: Path
 def test_in_ci_a_run_without_skips_passes(tmp_path: Path) -> None:
     run = _child_pytest(tmp_path, "def test_ok():\n    pass\n")
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+# Every place in the suite that needs a real part, run with each part reported missing:
+SITES = [
+    "tests/unit/test_store.py",  # PostgreSQL (session fixture pg_server)
+    "tests/faults/test_database_faults.py",  # PostgreSQL, and the real hub
+    "tests/integration/test_browser.py",  # the real hub, chromium, playwright
+    "tests/integration/test_slurm_batch.py",  # Slurm, and the real hub on Slurm
+    "tests/integration/test_managed_service.py",  # the real hub (tests/integration/conftest.py)
+    "tests/adapters/test_pbs.py",  # root, to run qdel as another user
+]
+
+
+def _sites_run(ci: bool) -> tuple[subprocess.CompletedProcess[str], set[str], set[str]]:
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("CI", None)
+    if ci:
+        env["CI"] = "true"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "tests.harness.force_missing", "-q",
+         "-rfEs", "--timeout", "120", *SITES],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    failed = {line.split()[1] for line in run.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))}
+    skipped = {line for line in run.stdout.splitlines() if line.startswith("SKIPPED ")}
+    return run, failed, skipped
+
+
+def test_every_real_part_site_fails_in_ci_when_its_part_is_missing() -> None:
+    run, failed, skipped = _sites_run(ci=True)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
+    assert not skipped and " skipped" not in run.stdout.splitlines()[-1], run.stdout[-3000:]
+    assert "is not available, and as root or in CI that is a failure" in run.stdout
+    for site in SITES:  # each site failed for its missing part, none passed silently
+        assert any(f.startswith(site) for f in failed), (site, sorted(failed))
+    # the control, outside CI and without root: the same tests skip (and nothing else does)
+    control, control_failed, _ = _sites_run(ci=False)
+    assert control.returncode == 0, control.stdout[-3000:]
+    last = control.stdout.splitlines()[-1]
+    assert f"{len(failed)} skipped" in last and not control_failed, (last, len(failed))
