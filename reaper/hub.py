@@ -247,7 +247,8 @@ class HubClient:
         # A stop's DELETE lasts as long as the spawner takes to stop (Slurm: ~1 s): the hub is
         # waiting, not working, so stops have their own limit instead of holding hub-call slots.
         self._stop_sem = asyncio.Semaphore(max(stop_concurrency, 1))
-        self._login_sem = asyncio.Semaphore(2)  # the page's login calls (reaper.web.login)
+        # the page's login calls: never the sweep's slots (reaper.web.login admits at most 2 at once)
+        self._login_sem = asyncio.Semaphore(2)
         # Hub calls: one small keep-alive pool to one host.
         hub_conns = hub_concurrency + max(stop_concurrency, 1) + 2
         probe_conns = (3 if probe_terminals else 2) * probe_concurrency
@@ -541,11 +542,11 @@ class HubClient:
 
     async def identify(self, token: str) -> dict[str, Any] | None:
         """The hub's model of whoever holds ``token`` (``GET /user`` with that token): name, kind,
-        admin, groups, scopes. None when the hub does not know the token (403/401/404). Raises
-        HubError when the hub cannot tell."""
+        admin, groups, scopes. None when the hub does not know the token (401/403). Raises
+        HubError when the hub cannot tell (a 404 included: a wrong API address)."""
         what = "identify a login token"
-        # the page's own slots, a short timeout and one retry: a visitor waits for an answer, and
-        # anyone may send a token, so these calls never take the sweep's slots
+        # a short timeout and one retry: a visitor waits for the answer. The page's calls go
+        # through their own semaphore, never the sweep's (how many at once: reaper.web.login)
         response = await self._hub_request(
             "GET", self._api("user"), what=what, headers={"Authorization": f"token {token}"},
             sem=self._login_sem, retries=min(self.retries, 1), request_timeout=min(self.timeout, 5.0),

@@ -258,7 +258,7 @@ class Sweeper:
         return not sv.target and not (sv.state or {}).get("server_url") and sv.run_key() not in self._target_known
 
     async def _probe(self, server: HubServer, *, status: Probe | None = None) -> Probe:
-        return await self.hub.probe(server, status=status) if status is not None else await self.hub.probe(server)
+        return await self.hub.probe(server, status=status)
 
     def _too_many(self, stops: int, running: int) -> bool:
         """Whether ``stops`` stops among ``running`` servers break the safety limits."""

@@ -196,12 +196,14 @@ class HubLogin:
             return dict(hit[1]) if hit[1] is not None else None
         asking = self._asking.get(key)
         if asking is None:  # the first to ask: others with the same token wait for this answer
-            asking = self._asking[key] = asyncio.ensure_future(self._ask_hub(token))
+            asking = self._asking[key] = asyncio.ensure_future(self._ask_hub(self.hub.identify, token))
             asking.add_done_callback(lambda f: self._remember(key, f))
         model = await asyncio.shield(asking)
         return dict(model) if model is not None else None
 
-    async def _ask_hub(self, token: str) -> dict[str, Any] | None:
+    async def _ask_hub(self, call: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Every hub call of the page (who holds a token, the code trade) goes through its slots:
+        anyone can make the page ask, so a visitor who waits HUB_WAIT for one gets a 503."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(HUB_SLOTS)
         try:
@@ -209,7 +211,7 @@ class HubLogin:
         except TimeoutError:
             raise web.HTTPError(503, "too many logins being checked with the hub; try again shortly") from None
         try:
-            return await self.hub.identify(token)  # type: ignore[no-any-return]
+            return await call(*args, **kw)
         finally:
             self._slots.release()
 
@@ -385,8 +387,8 @@ class HubLogin:
         if not isinstance(record.get("e"), (int, float)) or record["e"] <= self.clock():
             raise web.HTTPError(403, "this login took too long; log in again")
         try:
-            token = await self.hub.oauth_token(client_id=self.client_id, code=code, redirect_uri=self.redirect_uri,
-                                               code_verifier=str(record.get("v", "")))
+            token = await self._ask_hub(self.hub.oauth_token, client_id=self.client_id, code=code,
+                                        redirect_uri=self.redirect_uri, code_verifier=str(record.get("v", "")))
         except HubError as e:
             log.warning("login: %s", e)
             raise web.HTTPError(502, "the hub did not complete the login; log in again") from None

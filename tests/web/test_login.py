@@ -430,3 +430,29 @@ async def test_a_restart_keeps_visitors_logged_in_while_the_api_token_stays(web,
         assert (await Browser(web).get(url, headers={"Cookie": f"{CLIENT_ID}={other}"})).status_code == 403
     finally:
         server.stop()
+
+
+async def test_code_trades_take_the_pages_hub_slots_too(make_web, monkeypatch):
+    # anyone can start a login and come back with a made-up code: those trades wait for the
+    # same slots as the identity checks, and a visitor who waits too long gets a 503
+    import asyncio
+
+    from reaper.web import login as login_module
+
+    monkeypatch.setattr(login_module, "HUB_WAIT", 0.2)
+    web = await make_web()
+    gate = asyncio.Event()
+
+    async def stuck(**kw):
+        await gate.wait()
+        raise login_module.web.HTTPError(599)
+
+    web.hub.oauth_token = stuck
+    logins = [await start_login(web) for _ in range(login_module.HUB_SLOTS + 1)]
+    held = [asyncio.ensure_future(callback(web, {"code": "x", "state": q["state"][0]}, c))
+            for q, c in logins[:-1]]
+    await asyncio.sleep(0.1)
+    q, c = logins[-1]
+    assert (await callback(web, {"code": "x", "state": q["state"][0]}, c)).status_code == 503
+    gate.set()
+    await asyncio.gather(*held)
