@@ -120,7 +120,7 @@ if SPAWNER == "slurm":
     # its host and port back to the hub.
     import batchspawner  # noqa: F401
 
-    c.JupyterHub.spawner_class = "reaper.spawner.SlurmSpawner"
+    c.JupyterHub.spawner_class = "reaper.hubside.spawner.SlurmSpawner"
     # The job starts the server through batchspawner's wrapper (it reports the port back to the
     # hub); name it by full path, as the job's PATH need not contain this venv.
     _wrapper = BIN / "batchspawner-singleuser"

@@ -81,7 +81,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from .model import humanize
+    from .core.model import humanize
     from .store import Store
 
     settings = _load(args.config or default_config_path())
@@ -143,7 +143,7 @@ def cmd_notify(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from datetime import UTC, datetime
 
-    from .model import NoticeKind
+    from .core.model import NoticeKind
     from .notify.render import render, sample_context
 
     settings = _load(args.config or default_config_path())

@@ -115,7 +115,7 @@ class ReaperService:
         # a migration runs in a child interpreter: this process stays free of alembic
         self.store = await asyncio.to_thread(lambda: Store.open(s.database_url, isolated=True))
         self.hub = make_hub_client(s)
-        from .web.metrics import count_notice
+        from .metrics import count_notice
 
         self.outbox = make_outbox(s, self.store, observer=count_notice)
         self.sweeper = Sweeper(s, self.hub, self.store, notifier=self.outbox, stop_hook=make_stop_hook(s, self.store),
@@ -194,7 +194,7 @@ class ReaperService:
         guard = self.sweeper.stop_hook
         before = (getattr(guard, "scancels", 0), getattr(guard, "orphans_cancelled", 0))
         self.last_result = await self.sweeper.run_once()
-        from .web import metrics
+        from . import metrics
 
         metrics.record_sweep(self.last_result)
         scancels = getattr(guard, "scancels", 0) - before[0]

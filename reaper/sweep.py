@@ -30,11 +30,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from .activity import classify, confirm_detached, continue_spell, needs_probe
 from .config import ResolvedRule, Settings
-from .faults import crashpoint
-from .groupcommit import GroupWriter
-from .model import (
+from .core.activity import classify, confirm_detached, continue_spell, needs_probe
+from .core.model import (
     Action,
     Decision,
     History,
@@ -46,7 +44,9 @@ from .model import (
     State,
     humanize,
 )
-from .policy import decide, probe_horizon, select_rule
+from .core.policy import decide, probe_horizon, select_rule
+from .faults import crashpoint
+from .groupcommit import GroupWriter
 
 log = logging.getLogger("reaper.sweep")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from reaper.core.model import HubServer, Probe
 from reaper.hub import HubError, HubListingError, StopResult
-from reaper.model import HubServer, Probe
 
 
 @dataclass

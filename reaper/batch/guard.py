@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ..model import HubServer, NoticeKind, RunKey
+from ..core.model import HubServer, NoticeKind, RunKey
 from .base import BatchError, BatchSystem, Job
 
 log = logging.getLogger("reaper.batch")

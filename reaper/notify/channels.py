@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..config import Settings
-from ..model import Action, Decision, HubServer, NoticeKind, Observation, State
+from ..core.model import Action, Decision, HubServer, NoticeKind, Observation, State
 from .outbox import DeliveryError, LogChannel
 from .render import NoticeContext, RenderedNotice, context_from, render
 

@@ -4,7 +4,7 @@ Templates ship in ``reaper/notify/templates``; an admin can override any of them
 with the same name in a directory (``notify.templates`` in config.yaml). The admin directory is
 searched first, the package second, so a site can override one file and keep the rest.
 
-Files, for each kind in :class:`reaper.model.NoticeKind` (warning, reminder, final, stopped,
+Files, for each kind in :class:`reaper.core.model.NoticeKind` (warning, reminder, final, stopped,
 walltime, orphan):
 
 =========================  =====================================================================
@@ -44,7 +44,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
-from reaper.model import Decision, NoticeKind, Observation, humanize
+from reaper.core.model import Decision, NoticeKind, Observation, humanize
 
 PACKAGE_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 

@@ -42,7 +42,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import StaticPool
 
-from ..model import Decision, History, NoticeKind, Observation, RunKey, SentNotice
+from ..core.model import Decision, History, NoticeKind, Observation, RunKey, SentNotice
 from .models import (
     ACTIONS,
     DECISIONS,

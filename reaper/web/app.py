@@ -36,7 +36,7 @@ from tornado.httpserver import HTTPServer
 from tornado.web import Application
 
 from ..config import Duration, format_duration
-from .metrics import METRICS, Metrics
+from ..metrics import METRICS, Metrics
 
 log = logging.getLogger("reaper.web")
 

@@ -21,9 +21,9 @@ from zoneinfo import ZoneInfo
 from tornado import web
 
 from ..config import format_duration, parse_duration
-from ..model import History, HubServer, RunKey, humanize
+from ..core.model import History, HubServer, RunKey, humanize
+from ..metrics import CONTENT_TYPE_LATEST
 from .app import KeepPolicy, WebContext
-from .metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("reaper.web")
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from reaper.config import parse_settings
-from reaper.model import Action, Decision, HubServer, NoticeKind, Observation, State
+from reaper.core.model import Action, Decision, HubServer, NoticeKind, Observation, State
 from reaper.service import make_outbox
 from reaper.store import Store
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reaper.model import NoticeKind
+from reaper.core.model import NoticeKind
 from reaper.notify.email import EmailSender, resolve_address, valid_address
 from reaper.notify.outbox import DeliveryError
 from reaper.notify.render import NoticeContext, render, sample_context

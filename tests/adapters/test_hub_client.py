@@ -20,6 +20,7 @@ import httpx
 import pytest
 import respx
 
+from reaper.core.model import HubServer
 from reaper.hub import (
     PAGINATION_MEDIA_TYPE,
     HubClient,
@@ -27,7 +28,6 @@ from reaper.hub import (
     HubListingError,
     StopResult,
 )
-from reaper.model import HubServer
 
 FIX = Path(
     os.environ.get(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reaper.model import NoticeKind
+from reaper.core.model import NoticeKind
 from reaper.notify.render import (
     NoticeContext,
     check_templates,
@@ -182,7 +182,7 @@ def test_rendering_an_override_with_a_bogus_variable_raises(tmp_path: Path) -> N
 
 
 def test_context_from_an_observation_names_the_server_where_it_runs_and_the_links() -> None:
-    from reaper.model import Action, Decision, HubServer, Observation, State
+    from reaper.core.model import Action, Decision, HubServer, Observation, State
 
     now = datetime(2026, 11, 25, 18, 18, tzinfo=UTC)
     server = HubServer(

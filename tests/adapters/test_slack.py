@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import pytest
 
-from reaper.model import NoticeKind
+from reaper.core.model import NoticeKind
 from reaper.notify.outbox import DeliveryError
 from reaper.notify.render import render, sample_context
 from reaper.notify.slack import MemoryLookupCache, SlackSender

@@ -30,8 +30,8 @@ import yaml
 from sqlalchemy import text
 
 from reaper.config import parse_settings
+from reaper.core.model import Action, State
 from reaper.hub import HubClient
-from reaper.model import Action, State
 from reaper.service import make_outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper

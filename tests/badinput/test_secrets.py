@@ -25,8 +25,8 @@ import pytest
 from sqlalchemy import MetaData, select
 
 from reaper.config import load_settings
+from reaper.core.model import Action
 from reaper.hub import HubClient
-from reaper.model import Action
 from reaper.notify.outbox import DeliveryError
 from reaper.service import make_outbox
 from reaper.store import Store
@@ -249,7 +249,7 @@ async def test_no_secret_in_logs_exceptions_store_check_config_or_metrics(
     assert_clean("check-config output", [r.stdout, r.stderr], secrets)
 
     # ---- metrics
-    from reaper.web.metrics import METRICS
+    from reaper.metrics import METRICS
 
     metrics = METRICS.exposition().decode()
     assert "reaper_" in metrics

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from reaper.config import Settings, parse_settings
+from reaper.core.model import Action
 from reaper.hub import HubClient
-from reaper.model import Action
 from reaper.notify.outbox import LogChannel, Outbox
 from reaper.service import make_hub_client
 from reaper.store import Store

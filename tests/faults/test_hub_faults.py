@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from reaper.model import Action, NoticeKind
+from reaper.core.model import Action, NoticeKind
 from tests.faults.conftest import (
     FaultTally,
     Reaper,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from reaper.model import Action, State
+from reaper.core.model import Action, State
 from tests.faults.conftest import FaultTally, Reaper, running, start_servers, stop_leftovers
 from tests.harness.faultproxy import FaultProxy, Rule
 from tests.harness.hub import RealHub

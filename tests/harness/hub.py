@@ -302,7 +302,7 @@ class RealHub:
 
     managed: start the reaper as a managed hub service (REAPER_MANAGED=1); off by default,
         because most tests run sweeps in-process with `service_token`.
-    spawner: "local" (SimpleLocalProcessSpawner) or "slurm" (reaper.spawner.SlurmSpawner; pass
+    spawner: "local" (SimpleLocalProcessSpawner) or "slurm" (reaper.hubside.spawner.SlurmSpawner; pass
         SLURM_CONF and the like in extra_env).
     activity_interval: the hub's last_activity_interval and the servers' JUPYTERHUB_ACTIVITY_INTERVAL.
     """

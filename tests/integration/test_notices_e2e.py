@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from reaper.config import parse_settings
+from reaper.core.model import Action, Decision, HubServer, NoticeKind, Observation, State
 from reaper.hub import HubClient
-from reaper.model import Action, Decision, HubServer, NoticeKind, Observation, State
 from reaper.service import make_outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from reaper.config import parse_settings
+from reaper.core.model import Action, NoticeKind, State
 from reaper.hub import HubClient
-from reaper.model import Action, NoticeKind, State
 from reaper.notify.outbox import LogChannel, Outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper

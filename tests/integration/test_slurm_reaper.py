@@ -20,8 +20,8 @@ import pytest
 
 from reaper.batch import make_batch_system
 from reaper.config import parse_settings
+from reaper.core.model import State
 from reaper.hub import HubClient
-from reaper.model import State
 from reaper.service import make_outbox, make_stop_hook
 from reaper.store import Store
 from reaper.sweep import Sweeper

@@ -4,8 +4,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from reaper.activity import classify, confirm_detached, needs_probe
-from reaper.model import History, HubServer, Kernel, Probe, State
+from reaper.core.activity import classify, confirm_detached, needs_probe
+from reaper.core.model import History, HubServer, Kernel, Probe, State
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "api-jupyterhub-6.1.1"
 NOW = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
@@ -114,7 +114,7 @@ def test_needs_probe_skips_fresh_hub_activity_and_future_but_not_missing():
 
 def test_real_fixture_busy_kernel_is_computing():
     data = json.loads((FIX / "busy_kernel_state.json").read_text())
-    from reaper.hub import _kernel, parse_time  # the hub client's own parsers
+    from reaper.hub.client import _kernel, parse_time  # the hub client's own parsers
 
     probe = Probe(ok=True, status_last_activity=parse_time(data["status"]["last_activity"]),
                   kernels=tuple(_kernel(k) for k in data["kernels"]))
@@ -123,8 +123,8 @@ def test_real_fixture_busy_kernel_is_computing():
 
 
 def test_a_failed_probe_mid_spell_continues_the_detached_spell():
-    from reaper.activity import continue_spell
-    from reaper.model import History
+    from reaper.core.activity import continue_spell
+    from reaper.core.model import History
 
     since = ts(200)
     hist = History(last_state="detached", last_seen=ts(5), detached_since=since)

@@ -88,7 +88,7 @@ async def test_linger_gathers_a_steady_trickle_into_one_batch() -> None:
 def test_mark_delivered_many_marks_each_delivery_and_its_notice(tmp_path, n: int) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from reaper.model import NoticeKind, RunKey
+    from reaper.core.model import NoticeKind, RunKey
     from reaper.store import Store
 
     store = Store.open(f"sqlite:///{tmp_path}/s.sqlite")

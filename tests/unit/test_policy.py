@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reaper.config import parse_settings
-from reaper.model import (
+from reaper.core.model import (
     Action,
     History,
     HubServer,
@@ -16,7 +16,7 @@ from reaper.model import (
     SentNotice,
     State,
 )
-from reaper.policy import could_stop, decide, probe_horizon, select_rule
+from reaper.core.policy import could_stop, decide, probe_horizon, select_rule
 
 NOW = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
 H = timedelta(hours=1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+from reaper.metrics import METRICS
 from reaper.service import ReaperService
-from reaper.web.metrics import METRICS
 from tests.unit.test_sweep import T0, Clock, FakeHub, detached_probe, make, server, settings, store  # noqa: F401
 
 

@@ -22,7 +22,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, inspect, select, text
 
-from reaper.model import Action, Decision, History, HubServer, NoticeKind, Observation, RunKey, State
+from reaper.core.model import Action, Decision, History, HubServer, NoticeKind, Observation, RunKey, State
 from reaper.store import VERSION_TABLE, Store
 from reaper.store.models import DECISIONS, metadata
 from tests.harness import require_real_part
@@ -591,7 +591,7 @@ def test_permanent_failure_on_every_channel_marks_the_notice_failed(store: Store
 def test_could_stop_runs_is_policy_could_stop_over_the_histories(store: Store) -> None:
     # The sweep asks the store which runs could stop (one query) instead of reading every history
     # first: the answer must be exactly what policy.could_stop says of each run's history.
-    from reaper.policy import could_stop
+    from reaper.core.policy import could_stop
 
     now = T0 + timedelta(hours=2)
     runs = {}

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from reaper.config import parse_settings
-from reaper.model import Action, HubServer, Kernel, NoticeKind, Probe, State
+from reaper.core.model import Action, HubServer, Kernel, NoticeKind, Probe, State
 from reaper.notify.outbox import LogChannel, Outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper, format_table

@@ -18,13 +18,13 @@ from tornado.httpserver import HTTPServer
 from tornado.web import create_signed_value
 
 from reaper.config import parse_settings
-from reaper.model import HubServer, Kernel, Probe
+from reaper.core.model import HubServer, Kernel, Probe
+from reaper.metrics import Metrics
 from reaper.notify.outbox import LogChannel, Outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper, SweepResult
 from reaper.web.app import make_app
 from reaper.web.login import HubLogin
-from reaper.web.metrics import Metrics
 from tests.fakes import FakeHub
 from tests.harness.hub import free_ports
 

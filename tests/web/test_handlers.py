@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from reaper.model import RunKey
+from reaper.core.model import RunKey
 from reaper.sweep import SweepResult
 from reaper.web.app import KeepPolicy, web_settings
 from reaper.web.handlers import KeepRefused, keep_until, parse_walltime, reclaimed, relative
@@ -174,7 +174,7 @@ async def test_keep_running_never_goes_past_the_walltime_in_user_options(make_we
 
 async def test_a_kept_server_gets_no_stop_from_the_next_sweep(make_web):
     idle = utcnow() - timedelta(hours=10)
-    from reaper.model import Kernel, Probe
+    from reaper.core.model import Kernel, Probe
 
     w = await make_web("", [hub_server("alice")], sweep=False)
     w.hub.probes[("alice", "")] = Probe(ok=True, status_last_activity=idle,

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from reaper.model import HubServer, Kernel, NoticeKind, Probe
+from reaper.core.model import HubServer, Kernel, NoticeKind, Probe
+from reaper.metrics import Metrics, record_sweep
 from reaper.sweep import SweepResult
-from reaper.web.metrics import Metrics, record_sweep
 from tests.fakes import Clock
 from tests.web import make_web, utcnow  # noqa: F401  (fixture)
 

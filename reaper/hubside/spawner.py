@@ -1,6 +1,6 @@
 """The Slurm spawner shipped with jupyterhub-reaper: batchspawner's SlurmSpawner, hardened.
 
-    c.JupyterHub.spawner_class = "reaper.spawner.SlurmSpawner"
+    c.JupyterHub.spawner_class = "reaper.hubside.spawner.SlurmSpawner"
 
 What it changes (batchspawner 1.3.0):
 

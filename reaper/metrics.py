@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..model import State
+from .core.model import State
 
 __all__ = [
     "CONTENT_TYPE_LATEST",

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, tzinfo
 
-from .config import ResolvedRule, Thresholds
+from ..config import ResolvedRule, Thresholds
 from .model import (
     Action,
     Decision,

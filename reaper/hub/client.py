@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import httpx
 
 
-from reaper.model import HubServer, Kernel, Probe
+from reaper.core.model import HubServer, Kernel, Probe
 
 log = logging.getLogger(__name__)
 

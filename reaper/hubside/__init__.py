@@ -1,0 +1,1 @@
+"""Code that runs inside the JupyterHub process, not in the reaper service: the Slurm spawner."""
