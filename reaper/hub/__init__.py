@@ -1,27 +1,43 @@
-"""The JupyterHub adapter: the REST client (listing, stop, route table) and the probes of the
-single-user servers."""
+"""The JupyterHub adapter: the hub's REST API (listing, stop, the route table) and the probes of
+the single-user servers, over one transport.
 
-from .client import (
-    NO_TRACK,
-    PAGINATION_MEDIA_TYPE,
-    HubClient,
-    HubError,
-    HubListingError,
-    StopResult,
-    parse_time,
-    quote_segment,
-    server_from_model,
-    servers_from_user,
-)
+- ``client.py``     HubClient: what the sweep asks of the hub
+- ``options.py``    HubOptions, ProbeOptions: the client's settings
+- ``api.py``        HubAPI: one retried hub API call, pagination; HubError, HubListingError
+- ``transport.py``  Transport (``send -> Answer``), AiohttpTransport (the default)
+- ``httpx_transport.py``  HttpxTransport (``hub.http: httpx``, the respx tests)
+- ``routes.py``     RouteTable: each server's own address (spawner state, the proxy table)
+- ``probe.py``      the servers' answers -> Probe (pure)
+- ``models.py``     the hub's models -> HubServer, Kernel (pure)
+"""
+
+from __future__ import annotations
+
+from .api import PAGINATION_MEDIA_TYPE, HubAPI, HubError, HubListingError
+from .client import NO_TRACK, HubClient, StopResult
+from .models import kernel_from_model, parse_time, quote_segment, server_from_model, servers_from_user
+from .options import HubOptions, ProbeOptions
+from .probe import probe_from_answers, probe_from_status
+from .transport import Answer, Transport, TransportFailure, TransportTimeout
 
 __all__ = [
     "NO_TRACK",
     "PAGINATION_MEDIA_TYPE",
+    "Answer",
+    "HubAPI",
     "HubClient",
     "HubError",
     "HubListingError",
+    "HubOptions",
+    "ProbeOptions",
     "StopResult",
+    "Transport",
+    "TransportFailure",
+    "TransportTimeout",
+    "kernel_from_model",
     "parse_time",
+    "probe_from_answers",
+    "probe_from_status",
     "quote_segment",
     "server_from_model",
     "servers_from_user",
