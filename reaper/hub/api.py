@@ -66,8 +66,6 @@ class HubAPI:
         backoff: float = 0.5,
         secrets: Collection[str] = (),
     ) -> None:
-        if not token:
-            raise ValueError("a hub API token is required")
         self.api_url = api_url.rstrip("/")
         self.transport = transport
         self.timeout = timeout

@@ -102,6 +102,8 @@ class HubClient:
         *,
         transports: tuple[Transport, Transport] | None = None,
     ) -> None:
+        if not token:
+            raise ValueError("a hub API token is required")
         self.options = options = options or HubOptions()
         self.probes = probes = probes or ProbeOptions()
         hub_transport, self._probe_transport = transports or open_transports(options, probes)
@@ -116,9 +118,9 @@ class HubClient:
         self._probe_slots = asyncio.Semaphore(probes.concurrency)
         self._probe_retries = min(max(probes.retries, 0), 1)
         self._probe_headers = {"Authorization": f"token {probes.token or token}", "Accept": "application/json"}
-        # a sweep talks to each server once: close its connection after its last request
-        self._probe_closing = {**self._probe_headers, "Connection": "close"} if probes.via == "direct" \
-            else self._probe_headers
+        self._probe_closing = self._probe_headers  # the headers of a probe's last request
+        if probes.via == "direct":  # a sweep talks to each server once: close the connection after
+            self._probe_closing = {**self._probe_headers, "Connection": "close"}
         self.routes = RouteTable(self.api, page_size=options.page_size)
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -519,6 +519,21 @@ async def test_probe_via_proxy_is_opt_in_and_uses_the_public_url(router):
         ProbeOptions(via="proxy")
 
 
+@pytest.mark.parametrize("bad", [{"page_size": 0}, {"concurrency": 0}, {"retries": -1}, {"http": "requests"}])
+def test_hub_settings_that_cannot_work_are_refused(bad):
+    with pytest.raises(ValueError):
+        HubOptions(**bad)
+
+
+def test_probe_settings_that_cannot_work_and_a_client_without_a_token_are_refused():
+    for bad in ({"concurrency": 0}, {"via": "sideways"}, {"via": "proxy"}):  # proxy: without public_url
+        with pytest.raises(ValueError):
+            ProbeOptions(**bad)
+    with pytest.raises(ValueError, match="token is required"):
+        HubClient(API, "")
+    assert "probe-only" not in repr(ProbeOptions(token="probe-only"))
+
+
 @pytest.mark.parametrize(
     ("status", "kernels", "reason", "kernel_calls"),
     [
