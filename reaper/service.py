@@ -38,28 +38,32 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def make_hub_client(settings: Settings) -> HubClient:
+    from .hub import HubOptions, ProbeOptions
+
     token = settings.hub.effective_token()
     if not token:
         raise ConfigError(
             "hub.api_token",
             [(None, "hub.api_token", "no hub token: set JUPYTERHUB_API_TOKEN (the hub does for managed services)")],
         )
-    return HubClient(
-        settings.hub.effective_api_url(),
-        token,
-        public_url=settings.hub.effective_public_url(),
-        probe_via=settings.probe.via,
-        timeout=settings.hub.timeout.total_seconds(),
-        probe_timeout=settings.probe.timeout.total_seconds(),
-        retries=settings.hub.retries,
-        hub_concurrency=settings.hub.concurrency,
-        probe_concurrency=settings.probe.concurrency,
+    hub, probe = settings.hub, settings.probe
+    options = HubOptions(
+        http=hub.http,
+        timeout=hub.timeout.total_seconds(),
+        retries=hub.retries,
+        concurrency=hub.concurrency,
         stop_concurrency=settings.safety.stop_concurrency,
-        page_size=settings.hub.page_size,
-        probe_token=settings.probe.token or None,
-        probe_terminals=settings.probe.terminals,
-        http=settings.hub.http,
+        page_size=hub.page_size,
     )
+    probes = ProbeOptions(
+        via=probe.via,
+        public_url=hub.effective_public_url(),
+        timeout=probe.timeout.total_seconds(),
+        concurrency=probe.concurrency,
+        terminals=probe.terminals,
+        token=probe.token or None,
+    )
+    return HubClient(hub.effective_api_url(), token, options, probes)
 
 
 def make_outbox(settings: Settings, store: Any, *, observer: Any = None) -> Outbox:

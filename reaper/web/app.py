@@ -159,15 +159,15 @@ def make_app(
     clock: Any = None,
 ) -> Application:
     """The tornado application (routes under ``prefix``). ``login`` defaults to the hub's OAuth
-    login, configured from the hub's environment, asking the service's hub client."""
+    login, configured from the hub's environment, asking the hub over the service's hub client's API."""
     from . import handlers as h
-    from .login import HubLogin
+    from .login import HubAuth, HubLogin
 
     web_settings(service.settings.web)  # fail early on a bad web section
     if not prefix.endswith("/"):
         prefix += "/"
     if login is None:
-        login = HubLogin.from_environment(service.hub, prefix)
+        login = HubLogin.from_environment(HubAuth(service.hub.api), prefix)
     ctx = WebContext(service=service, prefix=prefix, login=login, metrics=metrics or METRICS, clock=clock)
     args = {"ctx": ctx}
     p = prefix

@@ -42,10 +42,13 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlencode, urlparse
 
 from tornado import web
+
+if TYPE_CHECKING:
+    from ..hub import HubAPI
 
 log = logging.getLogger("reaper.web")
 
@@ -55,7 +58,7 @@ SESSION_COOKIE = "jupyterhub-session-id"  # the hub's, on path /
 OAUTH_ERRORS = frozenset({"invalid_request", "unauthorized_client", "access_denied", "unsupported_response_type",
                           "invalid_scope", "server_error", "temporarily_unavailable"})
 MAX_CACHED = 10_000  # identities kept at once (each for cache_seconds)
-HUB_SLOTS = 2  # the page's hub calls at once (HubClient has as many connections for them)
+HUB_SLOTS = 2  # the page's hub calls at once (the hub transport keeps as many connections for them)
 HUB_WAIT = 5.0  # seconds a request waits for a slot before a 503
 
 
@@ -99,16 +102,79 @@ def script_read(request: Any) -> bool:
     return not (mode == "no-cors" and site == "same-origin")
 
 
+class LoginHub(Protocol):
+    """What the login asks of the hub (:class:`HubAuth` over HTTP; the tests' FakeHub from a table)."""
+
+    async def identify(self, token: str) -> dict[str, Any] | None: ...
+
+    async def oauth_token(self, *, client_id: str, code: str, redirect_uri: str, code_verifier: str) -> str: ...
+
+
+class HubAuth:
+    """The login's two hub calls, over the hub client's API (its transport, its pool): who holds a
+    token, and the code trade, whose client secret is the service's own API token. Through slots of
+    their own, never the sweep's; with a short timeout, as a visitor waits for the answer."""
+
+    def __init__(self, api: HubAPI) -> None:
+        self.api = api
+        self._slots = asyncio.Semaphore(HUB_SLOTS)
+        self._seconds = min(api.timeout, 5.0)
+
+    async def identify(self, token: str) -> dict[str, Any] | None:
+        """The hub's model of whoever holds ``token`` (``GET /user`` with that token): name, kind,
+        admin, groups, scopes. None when the hub does not know the token (401/403). Raises
+        HubError when the hub cannot tell (a 404 included: a wrong API address)."""
+        from ..hub import HubError
+
+        what = "identify a login token"
+        answer = await self.api.call(
+            "GET", self.api.url("user"), what=what, headers={"Authorization": f"token {token}"},
+            slots=self._slots, retries=min(self.api.retries, 1), seconds=self._seconds,
+        )
+        if answer.status in (401, 403):  # the hub's answer for a token it does not know
+            return None
+        self.api.expect_ok(answer, what)
+        model = self.api.json(answer, what)
+        if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+            raise HubError(f"{what}: the hub's answer is not a user model")
+        return model
+
+    async def oauth_token(self, *, client_id: str, code: str, redirect_uri: str, code_verifier: str) -> str:
+        """Trade an OAuth code for the user's access token (``POST /oauth2/token``; the service's
+        own API token is its client secret). Asked once: a code is good for one trade only."""
+        from ..hub import HubError
+
+        what = "trade the login code for a token"
+        form = urlencode({
+            "client_id": client_id,
+            "client_secret": self.api.token,
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": code_verifier,
+        }).encode()
+        answer = await self.api.call(
+            "POST", self.api.url("oauth2", "token"), what=what, body=form, retries=0, slots=self._slots,
+            headers={"Content-Type": "application/x-www-form-urlencoded"}, seconds=self._seconds,
+        )
+        self.api.expect_ok(answer, what)
+        reply = self.api.json(answer, what)
+        token = reply.get("access_token") if isinstance(reply, dict) else None
+        if not isinstance(token, str) or not token:
+            raise HubError(f"{what}: no access_token in the hub's answer")
+        return token
+
+
 class HubLogin:
     """Identify the page's visitors through the hub (see the module's docstring).
 
     ``hub`` answers ``identify(token)`` and ``oauth_token(client_id=, code=, redirect_uri=,
-    code_verifier=)`` (reaper.hub.HubClient does, over HTTP; the tests' FakeHub from a table).
+    code_verifier=)`` (:class:`HubAuth` does, over HTTP; the tests' FakeHub from a table).
     """
 
     def __init__(
         self,
-        hub: Any,
+        hub: LoginHub,
         *,
         prefix: str,
         client_id: str,
@@ -143,7 +209,7 @@ class HubLogin:
         self._slots: asyncio.Semaphore | None = None  # made in the running loop
 
     @classmethod
-    def from_environment(cls, hub: Any, prefix: str, env: Mapping[str, str] | None = None) -> HubLogin:
+    def from_environment(cls, hub: LoginHub, prefix: str, env: Mapping[str, str] | None = None) -> HubLogin:
         """Configured as the hub configures a managed service (JUPYTERHUB_CLIENT_ID, ..._HOST,
         ..._BASE_URL, ..._OAUTH_CALLBACK_URL, ..._OAUTH_ACCESS_SCOPES, ..._SERVICE_NAME,
         ..._COOKIE_OPTIONS, ..._PUBLIC_URL)."""

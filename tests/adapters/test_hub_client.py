@@ -26,6 +26,8 @@ from reaper.hub import (
     HubClient,
     HubError,
     HubListingError,
+    HubOptions,
+    ProbeOptions,
     StopResult,
 )
 
@@ -52,7 +54,8 @@ def router() -> Iterator[respx.MockRouter]:
 
 @pytest.fixture
 async def hub() -> AsyncIterator[HubClient]:
-    async with HubClient(API, TOKEN, http="httpx", public_url=PUBLIC, backoff=0, retries=3, page_size=50) as client:
+    async with HubClient(API, TOKEN, HubOptions(http="httpx", backoff=0, retries=3, page_size=50),
+                         ProbeOptions(public_url=PUBLIC)) as client:
         yield client
 
 
@@ -481,7 +484,7 @@ async def test_probe_address_comes_from_the_proxy_table_fetched_once_per_sweep(r
     assert await hub.refresh_targets() == 2  # alice's and bob's routes (the hub's own has no user)
     assert await hub.target_for(running("alice")) == "http://127.0.0.1:54321"
     assert proxy.calls.last.request.headers["Accept"] == PAGINATION_MEDIA_TYPE
-    p1, p2 = await hub.probe_many([running("alice"), running("bob", "gpu")])
+    p1, p2 = await asyncio.gather(hub.probe(running("alice")), hub.probe(running("bob", "gpu")))
     assert p1.ok and p2.ok, (p1.error, p2.error)
     assert alice["kernels"].call_count == 1 and bob["kernels"].call_count == 1
     assert proxy.call_count == 1
@@ -508,12 +511,27 @@ async def test_proxy_table_forbidden_makes_probes_fail_with_the_reason(router, h
 
 async def test_probe_via_proxy_is_opt_in_and_uses_the_public_url(router):
     routes = probe_routes(router, f"{PUBLIC}/user/alice/")
-    async with HubClient(API, TOKEN, http="httpx", public_url=PUBLIC, probe_via="proxy", backoff=0) as client:
+    async with HubClient(API, TOKEN, HubOptions(http="httpx", backoff=0), ProbeOptions(via="proxy", public_url=PUBLIC)) as client:
         probe = await client.probe(running(target="http://10.0.0.5:1"))
     assert probe.ok and probe.via == "proxy"
     assert routes["status"].calls.last.request.url.params["no_track_activity"] == "1"
     with pytest.raises(ValueError):
-        HubClient(API, TOKEN, http="httpx", probe_via="proxy")
+        ProbeOptions(via="proxy")
+
+
+@pytest.mark.parametrize("bad", [{"page_size": 0}, {"concurrency": 0}, {"retries": -1}, {"http": "requests"}])
+def test_hub_settings_that_cannot_work_are_refused(bad):
+    with pytest.raises(ValueError):
+        HubOptions(**bad)
+
+
+def test_probe_settings_that_cannot_work_and_a_client_without_a_token_are_refused():
+    for bad in ({"concurrency": 0}, {"via": "sideways"}, {"via": "proxy"}):  # proxy: without public_url
+        with pytest.raises(ValueError):
+            ProbeOptions(**bad)
+    with pytest.raises(ValueError, match="token is required"):
+        HubClient(API, "")
+    assert "probe-only" not in repr(ProbeOptions(token="probe-only"))
 
 
 @pytest.mark.parametrize(
@@ -598,10 +616,10 @@ async def test_hub_calls_and_probes_are_bounded_by_their_own_semaphores(router):
 
     router.route(host="hub.internal").mock(side_effect=hub_answer)
     router.route(host="10.0.0.9").mock(side_effect=probe_answer)
-    async with HubClient(API, TOKEN, http="httpx", hub_concurrency=2, probe_concurrency=3, backoff=0) as client:
+    async with HubClient(API, TOKEN, HubOptions(http="httpx", concurrency=2, backoff=0), ProbeOptions(concurrency=3)) as client:
         results = await asyncio.gather(*(client.get_server(f"u{i}") for i in range(8)))
-        probes = await client.probe_many(
-            [running(f"u{i}", target=f"http://10.0.0.9:{5000 + i}") for i in range(9)]
+        probes = await asyncio.gather(
+            *(client.probe(running(f"u{i}", target=f"http://10.0.0.9:{5000 + i}")) for i in range(9))
         )
     assert results == [None] * 8
     assert all(p.ok for p in probes)
@@ -622,7 +640,7 @@ async def test_authorization_header_is_sent_and_the_token_never_leaks_into_error
     router.get("http://10.0.0.5:1/user/alice/api/kernels").mock(return_value=httpx.Response(500, text=echo))
     router.get("http://10.0.0.5:1/user/alice/api/terminals").mock(return_value=httpx.Response(200, json=[]))
 
-    async with HubClient(API, TOKEN, http="httpx", backoff=0, retries=1) as client:
+    async with HubClient(API, TOKEN, HubOptions(http="httpx", backoff=0, retries=1)) as client:
         assert TOKEN not in repr(client)
         with pytest.raises(HubListingError) as listing:
             await client.list_active_servers()
@@ -644,7 +662,7 @@ async def test_authorization_header_is_sent_and_the_token_never_leaks_into_error
 async def test_probe_token_is_sent_to_single_user_servers_instead_of_the_admin_token(router):
     routes = probe_routes(router, "http://10.0.0.5:1/user/alice/")
     hubcall = router.delete(f"{API}/users/alice/server").mock(return_value=httpx.Response(204))
-    async with HubClient(API, TOKEN, http="httpx", probe_token="probe-only", backoff=0) as client:
+    async with HubClient(API, TOKEN, HubOptions(http="httpx", backoff=0), ProbeOptions(token="probe-only")) as client:
         await client.probe(running(target="http://10.0.0.5:1"))
         await client.stop("alice")
     assert routes["status"].calls.last.request.headers["Authorization"] == "token probe-only"

@@ -31,7 +31,7 @@ from sqlalchemy import text
 
 from reaper.config import parse_settings
 from reaper.core.model import Action, State
-from reaper.hub import HubClient
+from reaper.hub import HubClient, ProbeOptions
 from reaper.service import make_outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper
@@ -169,7 +169,7 @@ async def test_hostile_names_are_probed_decided_recorded_and_rendered_escaped(
     sink = SmtpSink().start()
     store = Store.open(f"sqlite:///{tmp_path / 'reaper.sqlite'}")
     client = HubClient(
-        real_hub.api_url, real_hub.service_token, public_url=real_hub.base_url, probe_timeout=5
+        real_hub.api_url, real_hub.service_token, probes=ProbeOptions(public_url=real_hub.base_url, timeout=5)
     )
     try:
         settings = parse_settings(

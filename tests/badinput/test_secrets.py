@@ -26,7 +26,7 @@ from sqlalchemy import MetaData, select
 
 from reaper.config import load_settings
 from reaper.core.model import Action
-from reaper.hub import HubClient
+from reaper.hub import HubClient, ProbeOptions
 from reaper.notify.outbox import DeliveryError
 from reaper.service import make_outbox
 from reaper.store import Store
@@ -166,8 +166,7 @@ async def test_no_secret_in_logs_exceptions_store_check_config_or_metrics(
     client = HubClient(
         settings.hub.effective_api_url(),
         settings.hub.effective_token() or "",
-        public_url=real_hub.base_url,
-        probe_timeout=5,
+        probes=ProbeOptions(public_url=real_hub.base_url, timeout=5),
     )
     exc_texts: list[str] = []
     try:

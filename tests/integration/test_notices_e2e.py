@@ -17,7 +17,7 @@ import pytest
 
 from reaper.config import parse_settings
 from reaper.core.model import Action, Decision, HubServer, NoticeKind, Observation, State
-from reaper.hub import HubClient
+from reaper.hub import HubClient, ProbeOptions
 from reaper.service import make_outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper
@@ -73,7 +73,7 @@ async def test_detached_server_gets_warning_reminder_final_stop_stopped_once_eac
     real_hub.start_server(user)
     settings = parse_settings(POLICY.format(port=sink.port, public=real_hub.base_url), env={})
     db = f"sqlite:///{tmp_path / 'reaper.sqlite'}"
-    client = HubClient(real_hub.api_url, real_hub.service_token, public_url=real_hub.base_url)
+    client = HubClient(real_hub.api_url, real_hub.service_token, probes=ProbeOptions(public_url=real_hub.base_url))
 
     def reaper():
         store = Store.open(db)

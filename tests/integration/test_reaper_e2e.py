@@ -17,7 +17,7 @@ import pytest
 
 from reaper.config import parse_settings
 from reaper.core.model import Action, NoticeKind, State
-from reaper.hub import HubClient
+from reaper.hub import HubClient, ProbeOptions
 from reaper.notify.outbox import LogChannel, Outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper
@@ -41,7 +41,7 @@ defaults:
 def make_sweeper(hub, tmp_path: Path, extra: str = "") -> tuple[Sweeper, Store, HubClient]:
     settings = parse_settings(FAST + extra, env={})
     store = Store.open(f"sqlite:///{tmp_path / 'reaper.sqlite'}")
-    client = HubClient(hub.api_url, hub.service_token, public_url=hub.base_url, probe_timeout=5)
+    client = HubClient(hub.api_url, hub.service_token, probes=ProbeOptions(public_url=hub.base_url, timeout=5))
     return Sweeper(settings, client, store, notifier=Outbox(store, {"log": LogChannel()})), store, client
 
 
@@ -174,7 +174,8 @@ async def test_probe_through_the_proxy_opt_in_does_count_as_activity(real_hub, t
     )
     assert settings.probe.via == "proxy"
     store = Store.open(f"sqlite:///{tmp_path / 'p.sqlite'}")
-    client = HubClient(real_hub.api_url, real_hub.service_token, public_url=real_hub.base_url, probe_via="proxy")
+    client = HubClient(real_hub.api_url, real_hub.service_token,
+                       probes=ProbeOptions(public_url=real_hub.base_url, via="proxy"))
     sweeper = Sweeper(settings, client, store, notifier=Outbox(store, {"log": LogChannel()}))
     try:
         for _ in range(3):

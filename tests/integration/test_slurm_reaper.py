@@ -21,7 +21,7 @@ import pytest
 from reaper.batch import make_batch_system
 from reaper.config import parse_settings
 from reaper.core.model import State
-from reaper.hub import HubClient
+from reaper.hub import HubClient, ProbeOptions
 from reaper.service import make_outbox, make_stop_hook
 from reaper.store import Store
 from reaper.sweep import Sweeper
@@ -63,7 +63,7 @@ def settings_for(slurm: Any, *, scancel: str = "scancel", cancel: bool = True) -
 
 def reaper(settings: Any, hub: Any, tmp_path: Path) -> tuple[Sweeper, Store, HubClient]:
     store = Store.open(f"sqlite:///{tmp_path / 'reaper.sqlite'}")
-    client = HubClient(hub.api_url, hub.service_token, public_url=hub.base_url)
+    client = HubClient(hub.api_url, hub.service_token, probes=ProbeOptions(public_url=hub.base_url))
     sweeper = Sweeper(settings, client, store, notifier=make_outbox(settings, store),
                       stop_hook=make_stop_hook(settings, store))
     return sweeper, store, client

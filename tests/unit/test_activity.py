@@ -114,10 +114,10 @@ def test_needs_probe_skips_fresh_hub_activity_and_future_but_not_missing():
 
 def test_real_fixture_busy_kernel_is_computing():
     data = json.loads((FIX / "busy_kernel_state.json").read_text())
-    from reaper.hub.client import _kernel, parse_time  # the hub client's own parsers
+    from reaper.hub.models import kernel_from_model, parse_time  # the hub client's own parsers
 
     probe = Probe(ok=True, status_last_activity=parse_time(data["status"]["last_activity"]),
-                  kernels=tuple(_kernel(k) for k in data["kernels"]))
+                  kernels=tuple(kernel_from_model(k) for k in data["kernels"]))
     now = datetime(2026, 11, 25, 20, 30, tzinfo=UTC)
     assert classify(server(), probe, now).state is State.COMPUTING
 

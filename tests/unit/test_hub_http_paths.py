@@ -1,7 +1,7 @@
-"""The hub client's two HTTP paths answer alike: httpx (respx tests, ``hub.http: httpx``) and
-straight aiohttp (the default; no httpx Request/Response objects on the hot path). Checked against
-the hub simulator over real loopback HTTP: listing, a 204 stop, a 202 stop, a missing server, and
-a hub that is down."""
+"""The hub client's two transports answer alike: httpx (respx tests, ``hub.http: httpx``) and
+aiohttp (the default; no httpx Request/Response objects on the hot path). Checked against the hub
+simulator over real loopback HTTP: listing, a 204 stop, a 202 stop, a missing server, and a hub
+that is down."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import socket
 import pytest
 
 from benchmarks.hubsim import HubSim, Population
-from reaper.hub import HubClient, HubError
+from reaper.hub import HubClient, HubError, HubOptions, ProbeOptions
+from reaper.hub.transport import AiohttpTransport
+from reaper.web.login import HubAuth
 
 TOKEN = "sim-token"
 
@@ -24,14 +26,14 @@ async def sim():
     await s.close()
 
 
-def client(url: str, http: str) -> HubClient:
-    return HubClient(url, TOKEN, http=http, page_size=7, retries=1, timeout=5)
+def client(url: str, http: str, backoff: float = 0.5) -> HubClient:
+    return HubClient(url, TOKEN, HubOptions(http=http, page_size=7, retries=1, timeout=5, backoff=backoff))
 
 
 @pytest.mark.parametrize("http", ["aiohttp", "httpx"])
 async def test_listing_and_stops_answer_alike_on_both_paths(sim: HubSim, http: str) -> None:
     async with client(sim.api_url, http) as hub:
-        assert (hub._hub_aiohttp is not None) == (http == "aiohttp")
+        assert isinstance(hub.api.transport, AiohttpTransport) == (http == "aiohttp")
         servers = await hub.list_active_servers()
         assert len(servers) == 36  # 30 default servers + 6 named, over pages of 7
         assert len({(s.user, s.name) for s in servers}) == 36
@@ -50,8 +52,7 @@ async def test_a_hub_that_is_down_is_an_error_after_the_retries_on_both_paths(ht
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here
-    async with client(f"http://127.0.0.1:{port}/hub/api", http) as hub:
-        hub.backoff = 0.01
+    async with client(f"http://127.0.0.1:{port}/hub/api", http, backoff=0.01) as hub:
         with pytest.raises(HubError, match="ConnectError.*after 2 attempts"):
             await hub.list_active_servers()
         result = await hub.stop("alice")
@@ -72,7 +73,7 @@ async def test_probes_leave_no_idle_connection_to_the_servers_behind(sim: HubSim
     # descriptor (and a few KB) per server, ~10,000 on a big hub, until the pool's timer runs.
     import asyncio
 
-    async with HubClient(sim.api_url, TOKEN, http=http, probe_terminals=terminals) as hub:
+    async with HubClient(sim.api_url, TOKEN, HubOptions(http=http), ProbeOptions(terminals=terminals)) as hub:
         servers = await hub.list_active_servers()
         await asyncio.sleep(0.05)
         before = _open_fds()
@@ -92,7 +93,7 @@ async def test_probes_leave_no_idle_connection_to_the_servers_behind(sim: HubSim
 async def test_probes_answer_alike_on_both_paths_direct_and_through_the_proxy(sim: HubSim, via: str) -> None:
     seen = {}
     for http in ("aiohttp", "httpx"):
-        async with HubClient(sim.api_url, TOKEN, http=http, probe_via=via, public_url=sim.url) as hub:
+        async with HubClient(sim.api_url, TOKEN, HubOptions(http=http), ProbeOptions(via=via, public_url=sim.url)) as hub:
             servers = await hub.list_active_servers()
             probes = [await hub.probe(s) for s in servers]
             assert all(p.ok and p.via == via for p in probes), [p.error for p in probes if not p.ok]
@@ -106,10 +107,11 @@ def test_the_default_path_never_imports_httpx() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from reaper.service import make_hub_client; from reaper.hub import HubClient; "
+    code = ("import sys; from reaper.service import make_hub_client; "
+            "from reaper.hub import HubClient, HubOptions, ProbeOptions; "
             "HubClient('http://127.0.0.1:1/hub/api', 't'); "
-            "HubClient('http://127.0.0.1:1/hub/api', 't', probe_via='proxy', public_url='http://127.0.0.1:1'); "
-            "print('httpx' in sys.modules); HubClient('http://127.0.0.1:1/hub/api', 't', http='httpx'); "
+            "HubClient('http://127.0.0.1:1/hub/api', 't', None, ProbeOptions(via='proxy', public_url='http://127.0.0.1:1')); "
+            "print('httpx' in sys.modules); HubClient('http://127.0.0.1:1/hub/api', 't', HubOptions(http='httpx')); "
             "print('httpx' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
@@ -146,18 +148,19 @@ async def test_the_pages_login_calls_answer_alike_on_both_paths(http: str) -> No
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        async with client(f"http://127.0.0.1:{port}/hub/api", http) as hub:
-            got = await hub.oauth_token(client_id="service-reaper", code="good",
-                                        redirect_uri="/services/reaper/oauth_callback", code_verifier="v" * 43)
+        async with client(f"http://127.0.0.1:{port}/hub/api", http) as hub_client:
+            login = HubAuth(hub_client.api)
+            got = await login.oauth_token(client_id="service-reaper", code="good",
+                                          redirect_uri="/services/reaper/oauth_callback", code_verifier="v" * 43)
             assert got == "user-token"
-            assert (await hub.identify("user-token"))["name"] == "alice"
-            assert await hub.identify("unknown") is None
+            assert (await login.identify("user-token"))["name"] == "alice"
+            assert await login.identify("unknown") is None
             with pytest.raises(HubError, match="invalid_grant"):
-                await hub.oauth_token(client_id="service-reaper", code="used", redirect_uri="/cb", code_verifier="v")
+                await login.oauth_token(client_id="service-reaper", code="used", redirect_uri="/cb", code_verifier="v")
         # a wrong API address (404) is an error, not "nobody": it must not log everyone out
         async with client(f"http://127.0.0.1:{port}/wrong/api", http) as wrong:
             with pytest.raises(HubError, match="HTTP 404"):
-                await wrong.identify("user-token")
+                await HubAuth(wrong.api).identify("user-token")
     finally:
         await runner.cleanup()
     posts = [s for s in seen if s[0] == "POST"]

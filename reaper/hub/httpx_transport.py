@@ -1,9 +1,45 @@
-"""httpx's side of the hub client (``hub.http: httpx``, and the respx tests): a probe pool per
-server address. Imported only when that path is used."""
+"""The hub transport over httpx (``hub.http: httpx``, and the respx tests, which mock httpx).
+
+Imported only when that path is used: the service does not load httpx (~10 MB) otherwise. Same
+interface and failures as :class:`reaper.hub.transport.AiohttpTransport`.
+"""
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Mapping
+
 import httpx
+
+from .transport import Answer, TransportFailure, TransportTimeout
+
+
+class HttpxTransport:
+    """One httpx client (its own pool). ``per_server``: a tiny pool per server address instead of
+    one shared pool (see :class:`PerHostTransport`), for probes sent straight to the servers."""
+
+    def __init__(self, *, connections: int, keepalive: int, per_server: int = 0) -> None:
+        pools = PerHostTransport(per_host=2, max_hosts=per_server) if per_server else None
+        # transport=None: httpx's own, which respx replaces in tests
+        self._client = httpx.AsyncClient(
+            transport=pools,
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=keepalive),
+            follow_redirects=False,
+        )
+
+    async def send(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, seconds: float
+    ) -> Answer:
+        try:
+            response = await self._client.request(method, url, headers=headers, content=body, timeout=seconds)
+        except httpx.TimeoutException as exc:
+            raise TransportTimeout(type(exc).__name__, str(exc)) from None
+        except httpx.TransportError as exc:
+            raise TransportFailure(type(exc).__name__, str(exc)) from None
+        return Answer(response.status_code, response.content)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 class PerHostTransport(httpx.AsyncBaseTransport):
@@ -13,8 +49,6 @@ class PerHostTransport(httpx.AsyncBaseTransport):
     recently used ones closed once idle beyond ``max_hosts``."""
 
     def __init__(self, *, per_host: int = 2, max_hosts: int = 64) -> None:
-        import ssl
-
         self.per_host = per_host
         self.max_hosts = max_hosts
         self._ssl = ssl.create_default_context()  # made once, shared by every pool

@@ -1,0 +1,125 @@
+"""The hub's and the single-user servers' JSON models -> the core's dataclasses. Pure: no I/O.
+
+Malformed data raises (ValueError / TypeError / KeyError): a timestamp that cannot be read is never
+taken for "no activity".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from reaper.core.model import HubServer, Kernel
+
+log = logging.getLogger(__name__)
+
+
+def quote_segment(value: str) -> str:
+    """Quote one path segment the way JupyterHub does (``url_escape_path``): '/' becomes %2F."""
+    return quote(value, safe="@~")
+
+
+def url_path(url: str) -> str:
+    """The path part of a server url (a full URL when the hub uses subdomains)."""
+    if "://" in url:
+        return urlsplit(url).path or "/"
+    return url
+
+
+def parse_time(value: Any) -> datetime | None:
+    """ISO-8601 (with 'Z' or an offset) -> aware UTC datetime; None stays None.
+
+    Raises ValueError for anything else, so that malformed data is never taken for "no activity".
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"not a timestamp: {value!r}")
+    dt = datetime.fromisoformat(value)
+    if dt.tzinfo is None:
+        return dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def server_from_model(user_model: Mapping[str, Any], name: str, model: Mapping[str, Any]) -> HubServer:
+    """One hub server model (an entry of a user model's ``servers``) -> HubServer.
+
+    Raises ValueError / TypeError / KeyError on malformed data.
+    """
+    user = user_model["name"]
+    if not isinstance(user, str):
+        raise TypeError(f"user name is not a string: {user!r}")
+    state = model.get("state") or {}
+    if not isinstance(state, dict):
+        raise TypeError(f"server state of {user}/{name} is not an object")
+    user_options = model.get("user_options") or {}
+    if not isinstance(user_options, dict):
+        raise TypeError(f"user_options of {user}/{name} is not an object")
+    groups = user_model.get("groups") or []
+    if not isinstance(groups, list):
+        raise TypeError(f"groups of {user} is not a list")
+    pending = model.get("pending")
+    server_url = state.get("server_url")
+    target = (
+        server_url if isinstance(server_url, str) and server_url.startswith(("http://", "https://")) else None
+    )
+    return HubServer(
+        user=user,
+        name=str(model.get("name", name) or ""),
+        started=parse_time(model.get("started")),
+        last_activity=parse_time(model.get("last_activity")),
+        ready=bool(model.get("ready", False)),
+        pending=str(pending) if pending is not None else None,
+        url=str(model.get("url") or ""),
+        user_options=dict(user_options),
+        state=dict(state),
+        groups=tuple(str(g) for g in groups),
+        admin=bool(user_model.get("admin", False)),
+        target=target,
+    )
+
+
+def servers_from_user(user_model: Mapping[str, Any]) -> list[HubServer]:
+    """Every running server (default and named) of one user model.
+
+    A server the hub marks ``stopped: true`` (only listed with include_stopped_servers) is not
+    running and is left out; a pending one is kept (the core decides what to do with it).
+    """
+    if not isinstance(user_model, Mapping) or not isinstance(user_model.get("name"), str):
+        raise TypeError("user entry without a name")
+    servers = user_model.get("servers")
+    if not isinstance(servers, dict):
+        raise TypeError(
+            f"user {user_model['name']!r} has no 'servers' object (does the token have read:servers?)"
+        )
+    out: list[HubServer] = []
+    for name, model in servers.items():
+        if not isinstance(model, dict):
+            raise TypeError(f"server {user_model['name']}/{name} is not an object")
+        if model.get("stopped") is True:
+            log.debug("hub lists %s/%s as stopped; not a running server", user_model["name"], name)
+            continue
+        out.append(server_from_model(user_model, name, model))
+    return out
+
+
+def kernel_from_model(model: Any) -> Kernel:
+    """One entry of a single-user server's ``/api/kernels`` -> Kernel."""
+    if not isinstance(model, dict):
+        raise TypeError("kernel is not an object")
+    kid, name, state = model.get("id"), model.get("name"), model.get("execution_state")
+    if not isinstance(kid, str) or not isinstance(state, str):
+        raise TypeError("kernel without id or execution_state")
+    conns = model.get("connections", 0)
+    if not isinstance(conns, int) or isinstance(conns, bool):
+        raise TypeError("kernel connections is not an integer")
+    return Kernel(
+        id=kid,
+        name=str(name or ""),
+        execution_state=state,
+        connections=conns,
+        last_activity=parse_time(model.get("last_activity")),
+    )
