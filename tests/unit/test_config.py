@@ -1,5 +1,6 @@
 """config.yaml loading: the shipped file is valid, and every kind of mistake names file, key and line."""
 
+import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -114,10 +115,16 @@ def _cli(*args, env=None):
                           env=env, cwd=ROOT)
 
 
-def test_check_config_cli_prints_effective_policy_and_exits_zero():
-    r = _cli("check-config", str(ROOT / "config.yaml"))
+def test_check_config_cli_prints_effective_policy_and_exits_zero(tmp_path):
+    # on a Slurm hub: `squeue` runs (a stand-in here), so batch.system auto is slurm and the
+    # shipped slurm: and orphans: sections apply (without one: tests/unit/test_batch_system.py)
+    squeue = tmp_path / "squeue"
+    squeue.write_text('#!/bin/sh\necho "slurm 22.05.8"\n')
+    squeue.chmod(0o755)
+    r = _cli("check-config", str(ROOT / "config.yaml"), env={**os.environ, "PATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert "warn_after: 1h" in r.stdout and "rules:" in r.stdout
+    assert "# batch system: slurm (batch.system: auto; squeue runs)" in r.stdout
 
 
 def test_check_config_cli_exits_nonzero_with_file_key_line(tmp_path):
