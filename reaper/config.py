@@ -6,6 +6,11 @@ Errors name the file, the key path and the line, e.g.::
 
 Secrets never live in the file: a value ``${NAME}`` is replaced by the environment variable NAME,
 and keys that hold secrets (``*password``, ``*token``) refuse literal values.
+
+The pure core never sees these pydantic models: the rules are converted into its frozen types
+(``Settings.resolved_rules()``, ``default_rule()`` -> reaper.core.rules; ``keep_policy()`` ->
+reaper.core.keep). This module imports no adapter (web, batch, notify, store, hub) except the
+notice templates' check, late (tests/unit/test_boundaries.py).
 """
 
 from __future__ import annotations
