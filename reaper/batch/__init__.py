@@ -25,7 +25,9 @@ batch.env?).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Mapping
 from datetime import tzinfo
@@ -53,18 +55,23 @@ def command_runs(section: BatchSettings) -> Callable[[str], bool]:
 
     def runs(command: str) -> bool:
         try:
-            done = subprocess.run(
+            proc = subprocess.Popen(
                 [command, "--version"],
                 stdin=subprocess.DEVNULL,
-                capture_output=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 env=env,
-                timeout=limit,
-                start_new_session=True,
-                check=False,
+                start_new_session=True,  # its own process group: a hang is killed with its children
             )
         except (OSError, subprocess.SubprocessError):
             return False
-        return done.returncode == 0
+        try:
+            return proc.wait(timeout=limit) == 0
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return False
 
     return runs
 

@@ -124,11 +124,22 @@ def test_the_probe_runs_the_command_with_the_service_environment_and_batch_env(t
     assert command_runs(BatchSettings())(str(tmp_path / "squeue")) is False  # cannot be run
 
 
-def test_a_hanging_probe_is_killed_and_does_not_run(tmp_path: Path) -> None:
-    hang = script(tmp_path, "squeue", "sleep 30\n")
+def test_a_hanging_probe_is_killed_with_its_children_and_does_not_run(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    hang = script(tmp_path, "squeue", f"sleep 30 &\necho $! > {pid_file}\nwait\n")
     t0 = time.monotonic()
     assert command_runs(BatchSettings(timeout=0.5))(str(hang)) is False
     assert time.monotonic() - t0 < 10
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is delivered at once; a zombie (not yet reaped) is dead too
+        try:
+            if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the probe's child {child} outlived the timeout")
 
 
 def test_make_batch_system_resolves_auto_with_the_probe() -> None:
