@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from .config import ConfigError, Settings, default_config_path, effective_yaml, load_settings
+from .config import (
+    ConfigError,
+    Settings,
+    batch_problems,
+    choose_batch_system,
+    default_config_path,
+    effective_yaml,
+    load_settings,
+)
 
 
 def _load(path: str | None) -> Settings:
@@ -21,10 +29,17 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def cmd_check_config(args: argparse.Namespace, *, runs: Callable[[str], bool] | None = None) -> int:
+    """``runs``: the probe of ``batch.system: auto`` (default: reaper.batch.command_runs)."""
     path = args.path or args.config or default_config_path()
     settings = _load(path)
+    from .batch import command_runs
     from .notify.render import check_templates
+
+    choice = choose_batch_system(settings.batch, runs or command_runs(settings.batch))
+    unused = batch_problems(settings, choice)  # slurm: or orphans: without a batch system
+    if unused:
+        print(ConfigError(path or "(built-in defaults)", unused).render(), file=sys.stderr)
 
     problems = check_templates(settings.notify.templates) if settings.notify.templates else []
     try:
@@ -33,11 +48,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         build_channels(settings)
     except (ValueError, OSError) as e:
         problems.append(str(e))
-    if problems:
-        for p in problems:
-            print(f"{path}: notify: {p}", file=sys.stderr)
+    for p in problems:
+        print(f"{path}: notify: {p}", file=sys.stderr)
+    if problems or unused:
+        print(f"# {choice.summary()}", file=sys.stderr)
         return 2
     print(f"# {path or '(built-in defaults)'}: valid. Effective settings, defaults filled in:")
+    print(f"# {choice.summary()}")
     print(effective_yaml(settings), end="")
     return 0
 

@@ -6,16 +6,23 @@ Errors name the file, the key path and the line, e.g.::
 
 Secrets never live in the file: a value ``${NAME}`` is replaced by the environment variable NAME,
 and keys that hold secrets (``*password``, ``*token``) refuse literal values.
+
+The pure core never sees these pydantic models: the rules are converted into its frozen types
+(``Settings.resolved_rules()``, ``default_rule()`` -> reaper.core.rules; ``keep_policy()`` ->
+reaper.core.keep). This module imports no adapter (web, batch, notify, store, hub) except the
+notice templates' check, late (tests/unit/test_boundaries.py).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -25,10 +32,15 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from .core.keep import KeepPolicy
+from .core.model import format_duration
+from .core.rules import Match, ResolvedRule, Thresholds
 
 # --------------------------------------------------------------------------- durations
 
@@ -61,18 +73,6 @@ def parse_duration(value: Any) -> timedelta:
     return td
 
 
-def format_duration(td: timedelta) -> str:
-    secs = int(td.total_seconds())
-    if secs == 0:
-        return "0s"
-    out = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        n, secs = divmod(secs, size)
-        if n:
-            out.append(f"{n}{unit}")
-    return "".join(out)
-
-
 Duration = Annotated[
     timedelta,
     BeforeValidator(parse_duration),
@@ -93,13 +93,19 @@ class Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- policy
+#
+# The policy's keys as written, validated here; Settings.resolved_rules() and default_rule()
+# convert them into the core's frozen rule types (reaper.core.rules), all the policy sees.
 
 
-class Thresholds(Strict):
+class ThresholdsFields(Strict):
     """When to warn and when to stop, counted from the start of the idle spell."""
 
     warn_after: Duration | None = None
     stop_after: Duration | None = None
+
+    def core(self) -> Thresholds:
+        return Thresholds(warn_after=self.warn_after, stop_after=self.stop_after)
 
 
 class ThresholdsPatch(Strict):
@@ -113,8 +119,8 @@ Channel = Literal["email", "slack", "log"]
 class PolicyFields(Strict):
     """Every policy key. In `defaults` all are set; in a rule, unset keys inherit from defaults."""
 
-    detached: Thresholds = Thresholds(warn_after=timedelta(hours=1), stop_after=timedelta(hours=3))
-    attached: Thresholds = Thresholds(warn_after=timedelta(hours=8), stop_after=timedelta(hours=24))
+    detached: ThresholdsFields = ThresholdsFields(warn_after=timedelta(hours=1), stop_after=timedelta(hours=3))
+    attached: ThresholdsFields = ThresholdsFields(warn_after=timedelta(hours=8), stop_after=timedelta(hours=24))
     computing: Literal["protect", "count"] = "protect"
     max_age: Duration | None = None
     remind_every: Duration = timedelta(hours=1)
@@ -123,7 +129,7 @@ class PolicyFields(Strict):
     channels: list[Channel] = Field(default_factory=lambda: ["log"])
 
 
-class Match(Strict):
+class MatchFields(Strict):
     """A rule matches when every given key matches (keys left out match anything)."""
 
     users: list[str] | None = None  # names or globs
@@ -133,13 +139,26 @@ class Match(Strict):
     min_gpus: int | None = Field(default=None, ge=0)  # from user_options "gpus" or the batch job
     partitions: list[str] | None = None  # from user_options "partition" or the batch job
 
-    def is_catch_all(self) -> bool:
-        return all(getattr(self, f) is None for f in type(self).model_fields)
+    def core(self) -> Match:
+        def strs(v: list[str] | None) -> tuple[str, ...] | None:
+            return tuple(v) if v is not None else None
+
+        options = None
+        if self.user_options is not None:
+            options = {k: tuple(v) if isinstance(v, list) else v for k, v in self.user_options.items()}
+        return Match(
+            users=strs(self.users),
+            groups=strs(self.groups),
+            servers=strs(self.servers),
+            user_options=options,
+            min_gpus=self.min_gpus,
+            partitions=strs(self.partitions),
+        )
 
 
 class Rule(Strict):
     name: str
-    match: Match = Match()
+    match: MatchFields = MatchFields()
     detached: ThresholdsPatch | None = None
     attached: ThresholdsPatch | None = None
     computing: Literal["protect", "count"] | None = None
@@ -150,26 +169,14 @@ class Rule(Strict):
     channels: list[Channel] | None = None
 
 
-@dataclass(frozen=True)
-class ResolvedRule:
-    """A rule merged over the defaults: what the pure policy works with."""
-
-    name: str
-    match: Match
-    detached: Thresholds
-    attached: Thresholds
-    computing: str
-    max_age: timedelta | None
-    remind_every: timedelta
-    min_notice: timedelta
-    exempt: bool
-    channels: tuple[str, ...]
-
-
-def _merge(base: Thresholds, patch: ThresholdsPatch | None) -> Thresholds:
+def _merge(base: ThresholdsFields, patch: ThresholdsPatch | None) -> Thresholds:
     if patch is None:
-        return base
-    return base.model_copy(update={k: getattr(patch, k) for k in patch.model_fields_set})
+        return base.core()
+    given = patch.model_fields_set
+    return Thresholds(
+        warn_after=patch.warn_after if "warn_after" in given else base.warn_after,
+        stop_after=patch.stop_after if "stop_after" in given else base.stop_after,
+    )
 
 
 def resolve(defaults: PolicyFields, rule: Rule | None) -> ResolvedRule:
@@ -177,8 +184,8 @@ def resolve(defaults: PolicyFields, rule: Rule | None) -> ResolvedRule:
         return ResolvedRule(
             name="defaults",
             match=Match(),
-            detached=defaults.detached,
-            attached=defaults.attached,
+            detached=defaults.detached.core(),
+            attached=defaults.attached.core(),
             computing=defaults.computing,
             max_age=defaults.max_age,
             remind_every=defaults.remind_every,
@@ -193,7 +200,7 @@ def resolve(defaults: PolicyFields, rule: Rule | None) -> ResolvedRule:
 
     return ResolvedRule(
         name=rule.name,
-        match=rule.match,
+        match=rule.match.core(),
         detached=_merge(defaults.detached, rule.detached),
         attached=_merge(defaults.attached, rule.attached),
         computing=pick("computing"),
@@ -378,6 +385,173 @@ class OrphanSettings(Strict):
     cancel: bool = True  # false: report only
 
 
+# --------------------------------------------------------------------------- the batch system
+
+
+BatchSystemName = Literal["auto", "slurm", "pbs", "torque", "none"]
+ResolvedSystem = Literal["slurm", "pbs", "torque", "none"]
+
+# The commands of each system (batch.commands); auto and none accept them all.
+SYSTEM_COMMANDS: dict[str, tuple[str, ...]] = {
+    "slurm": ("squeue", "scancel"),
+    "pbs": ("qstat", "qdel"),
+    "torque": ("qstat", "qdel"),
+}
+
+# What needs a batch system, in words (the start log line and check-config say which are off).
+JOB_FEATURES = (
+    "the job guard after stops",
+    "orphan reconciliation",
+    "walltime notices",
+    "job-aware rules (min_gpus, partitions from the job)",
+)
+
+
+def _system_name(v: Any) -> Any:
+    if v is None:
+        return "none"  # `system:` left empty has always meant none
+    return v.strip().lower() if isinstance(v, str) else v
+
+
+class BatchCommands(Strict):
+    """Command paths (or names on PATH); unset: the command's own name."""
+
+    squeue: str | None = None
+    scancel: str | None = None
+    qstat: str | None = None
+    qdel: str | None = None
+
+
+class BatchSettings(Strict):
+    """The `batch:` section: which batch system, and how to run its commands (reaper/batch)."""
+
+    # auto: slurm when squeue runs (with env below), else pbs when qstat runs, else none
+    system: Annotated[BatchSystemName, BeforeValidator(_system_name)] = "auto"
+    commands: BatchCommands = BatchCommands()
+    prefix: str = ""  # e.g. "sudo -n -u {username}": cancel as the job's user
+    env: dict[str, str] = Field(default_factory=dict)  # e.g. {SLURM_CONF: /etc/slurm/slurm.conf}
+    timeout: float = Field(default=30.0, gt=0)  # seconds per command
+    timezone: str = ""  # the zone the batch system prints times in ("" = local)
+    pbs_format: Literal["json", "xml"] | None = None  # default: xml for torque, else json
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # SLURM_DEBUG: 1 is as good as "1"
+            return {k: str(x) if isinstance(x, int | float | bool) else x for k, x in v.items()}
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        if v:
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError) as e:
+                raise ValueError(f"unknown time zone {v!r} (use an IANA name such as 'Europe/Paris')") from e
+        return v
+
+    @model_validator(mode="after")
+    def _commands_of_the_system(self) -> BatchSettings:
+        known = SYSTEM_COMMANDS.get(self.system)
+        other = sorted(self.commands.model_fields_set - set(known)) if known is not None else []
+        if other:
+            raise _PathError(("batch", "commands", other[0]),
+                             f"not a command of {self.system} (its commands: {', '.join(known or ())})")
+        return self
+
+    def command(self, name: str) -> str:
+        """The path to run for one of the system's commands (squeue, scancel, qstat, qdel)."""
+        return getattr(self.commands, name) or name
+
+    def pbs_output(self, system: str) -> Literal["json", "xml"]:
+        return self.pbs_format or ("xml" if system == "torque" else "json")
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """The batch system in use, and how it was chosen (for the log and check-config)."""
+
+    system: ResolvedSystem
+    how: str  # "batch.system: auto; squeue runs"
+
+    def summary(self) -> str:
+        if self.system == "none":
+            return f"batch system: none ({self.how}); off: {'; '.join(JOB_FEATURES)}"
+        return f"batch system: {self.system} ({self.how})"
+
+
+def choose_batch_system(section: BatchSettings, runs: Callable[[str], bool]) -> BatchChoice:
+    """The system to use. ``runs(command)``: whether that command runs in the service's
+    environment (reaper.batch.command_runs asks the real one); only asked for ``auto``."""
+    if section.system != "auto":
+        return BatchChoice(section.system, f"batch.system: {section.system}")
+    squeue, qstat = section.command("squeue"), section.command("qstat")
+    if runs(squeue):
+        return BatchChoice("slurm", f"batch.system: auto; {squeue} runs")
+    if runs(qstat):
+        return BatchChoice("pbs", f"batch.system: auto; {qstat} runs")
+    return BatchChoice("none", f"batch.system: auto; neither {squeue} nor {qstat} runs")
+
+
+# --------------------------------------------------------------------------- the web page
+
+
+class KeepSettings(Strict):
+    """`web.keep`: the limits of "Keep running" (reaper.core.keep)."""
+
+    max_extension: Duration = timedelta(hours=8)
+    max_per_day: int = Field(default=3, ge=0, le=100)
+    # The durations offered on the page; default: 1h, 2h, 4h, 8h up to max_extension, and max_extension.
+    choices: list[Duration] | None = None
+
+    @model_validator(mode="after")
+    def _choices_fit(self) -> KeepSettings:
+        for c in self.choices or ():
+            if c <= timedelta(0):
+                raise ValueError("keep.choices: every choice must be longer than 0")
+            if c > self.max_extension:
+                raise ValueError(
+                    f"keep.choices: {format_duration(c)} is longer than keep.max_extension "
+                    f"({format_duration(self.max_extension)})"
+                )
+        return self
+
+    def policy(self) -> KeepPolicy:
+        return KeepPolicy(
+            max_extension=self.max_extension,
+            max_per_day=self.max_per_day,
+            choices=tuple(self.choices) if self.choices is not None else None,
+        )
+
+
+class WebSettings(Strict):
+    """The `web` section: the reaper's page on the hub (reaper/web)."""
+
+    admin_group: str | None = None
+    keep: KeepSettings = KeepSettings()
+    dry_run_cache: Duration = timedelta(seconds=60)
+    listen: str | None = None
+    prefix: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        u = urlparse(v)
+        if u.scheme not in ("http", "https") or not u.port:
+            raise ValueError(f"web.listen must look like http://127.0.0.1:8123, not {v!r}")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        return "/" + v.strip("/") + "/" if v.strip("/") else "/"
+
+
 class Settings(Strict):
     hub: HubSettings = HubSettings()
     probe: ProbeSettings = ProbeSettings()
@@ -388,12 +562,13 @@ class Settings(Strict):
     safety: SafetySettings = SafetySettings()
     defaults: PolicyFields = PolicyFields()
     rules: list[Rule] = Field(default_factory=list)
-    # Sections owned by the notices, Slurm and web features; validated there.
     notify: NotifySettings = NotifySettings()
-    batch: dict[str, Any] = Field(default_factory=dict)  # the batch-system adapter (reaper/batch)
+    batch: BatchSettings = BatchSettings()  # the batch-system adapter (reaper/batch)
     slurm: SlurmSettings = SlurmSettings()
     orphans: OrphanSettings = OrphanSettings()
-    web: dict[str, Any] = Field(default_factory=dict)
+    web: WebSettings = WebSettings()
+    # The line of each key written in the file ("slurm", "batch.system"), for later checks.
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _channels_configured(self) -> Settings:
@@ -406,36 +581,6 @@ class Settings(Strict):
                 if ch in chans:
                     raise _PathError(loc, f"channel {ch!r} is used but notify.{ch} is not configured")
         return self
-
-    @field_validator("web")
-    @classmethod
-    def _web(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from .web.app import WebSettings
-
-        try:
-            WebSettings.model_validate(v or {})
-        except ValidationError as e:  # the first problem, at its own key path (and so its line)
-            err = e.errors()[0]
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see config.yaml for every key)"
-            raise _PathError(("web", *err["loc"]), msg) from None
-        return v
-
-    @field_validator("batch")
-    @classmethod
-    def _batch(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from .batch import make_batch_system
-
-        try:
-            make_batch_system(v)  # raises ValueError naming the bad key ("batch.timeout: ...")
-        except ValueError as e:
-            text = str(e)
-            m = re.match(r"(batch(?:\.[A-Za-z_]+)*):\s*(.*)$", text, re.S)
-            if m:
-                raise _PathError(tuple(m.group(1).split(".")), m.group(2)) from None
-            raise _PathError(("batch",), text) from None
-        return v
 
     @field_validator("sweep_every")
     @classmethod
@@ -458,6 +603,13 @@ class Settings(Strict):
 
     def default_rule(self) -> ResolvedRule:
         return resolve(self.defaults, None)
+
+    def keep_policy(self) -> KeepPolicy:
+        return self.web.keep.policy()
+
+    def line_of(self, key: str) -> int | None:
+        """The line of a key written in the file ("slurm", "batch.system"); None when not written."""
+        return self._lines.get(key)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -724,8 +876,9 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
         for sub, msg in check_thresholds(rr):
             loc = (*prefix, *sub.split("."))
             problems.append((_line_of(root, loc), _fmt_loc(loc), msg))
+    resolved = settings.resolved_rules()
     for i, r in enumerate(settings.rules[:-1]):
-        if r.match.is_catch_all():
+        if resolved[i].match.is_catch_all():
             later = ", ".join(x.name for x in settings.rules[i + 1 :])
             loc = ("rules", i, "match")
             problems.append(
@@ -744,13 +897,42 @@ def parse_settings(text: str, name: str = "config.yaml", *, env: dict[str, str] 
             if v is not None and len(v) == 0:
                 loc = ("rules", len(settings.rules) - 1, "match", key)
                 problems.append((_line_of(root, loc), _fmt_loc(loc), "an empty list can never match"))
-    if settings.hub.effective_token() is None:
-        pass  # checked when the service starts (check-config may run without the hub environment)
     problems += _template_problems(settings, root)
     problems += _map_problems(settings, root)
     if problems:
         raise ConfigError(name, problems)
+    settings._lines.update(_key_lines(root))
     return settings
+
+
+def _key_lines(root: yaml.Node | None) -> dict[str, int]:
+    """The line of every top-level key and of the keys one level below ("batch.system")."""
+    out: dict[str, int] = {}
+    if not isinstance(root, yaml.MappingNode):
+        return out
+    for k, v in root.value:
+        if not isinstance(k, yaml.ScalarNode):
+            continue
+        out[str(k.value)] = k.start_mark.line + 1
+        if isinstance(v, yaml.MappingNode):
+            for k2, _ in v.value:
+                if isinstance(k2, yaml.ScalarNode):
+                    out[f"{k.value}.{k2.value}"] = k2.start_mark.line + 1
+    return out
+
+
+def batch_problems(settings: Settings, choice: BatchChoice) -> list[tuple[int | None, str, str]]:
+    """`slurm:` or `orphans:` written while no batch system is used: they would do nothing.
+    (line, key, message) as ConfigError takes them."""
+    if choice.system != "none":
+        return []
+    out: list[tuple[int | None, str, str]] = []
+    for key in ("slurm", "orphans"):
+        if key in settings.model_fields_set:
+            out.append((settings.line_of(key), key,
+                        f"set, but no batch system is used ({choice.how}), so it does nothing: "
+                        f"set batch.system (and batch.env, e.g. SLURM_CONF), or remove {key}"))
+    return out
 
 
 def effective_yaml(settings: Settings) -> str:

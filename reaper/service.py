@@ -12,13 +12,14 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlparse
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, batch_problems, choose_batch_system, load_settings
 from .hub import HubClient
 from .notify.outbox import Outbox
 from .store import Store
@@ -78,10 +79,20 @@ def make_outbox(settings: Settings, store: Any, *, observer: Any = None) -> Outb
     )
 
 
-def make_stop_hook(settings: Settings, store: Any) -> Any:
+def make_stop_hook(settings: Settings, store: Any, *, runs: Callable[[str], bool] | None = None) -> Any:
+    """The batch guard (None without a batch system), saying in the log which system is used and
+    what is off without one. ``runs``: the probe of ``batch.system: auto`` (reaper.batch.command_runs)."""
+    from .batch import command_runs
     from .batch.guard import build_guard
 
-    return build_guard(settings, store)
+    choice = choose_batch_system(settings.batch, runs or command_runs(settings.batch))
+    unused = batch_problems(settings, choice)
+    if unused:
+        keys = " and ".join(f"{key}: (line {line})" if line else f"{key}:" for line, key, _ in unused)
+        log.warning("%s. %s set in the config but without effect (check-config reports it)", choice.summary(), keys)
+    else:
+        log.info("%s", choice.summary())
+    return build_guard(settings, store, system=choice.system)
 
 
 def lease_holder_is_dead(holder: str) -> bool:

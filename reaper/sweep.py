@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from .config import ResolvedRule, Settings
+from .config import Settings
 from .core.activity import classify, confirm_detached, continue_spell, needs_probe
 from .core.model import (
     Action,
@@ -45,6 +45,7 @@ from .core.model import (
     humanize,
 )
 from .core.policy import decide, probe_horizon, select_rule
+from .core.rules import ResolvedRule
 from .faults import crashpoint
 from .groupcommit import GroupWriter
 

@@ -6,76 +6,117 @@
     job = await batch.job("42")          # None only when Slurm says it is gone
     await batch.cancel("42", user="alice")
 
-`make_batch_system` reads the `batch:` section of config.yaml:
+`make_batch_system` takes the `batch:` section of config.yaml (reaper.config.BatchSettings, which
+validates it; a plain mapping is validated the same way):
 
     batch:
-      system: slurm            # slurm | pbs | none
+      system: auto             # auto | slurm | pbs | torque | none
       commands: {squeue: squeue, scancel: scancel}   # or {qstat: ..., qdel: ...}; paths allowed
       prefix: ""               # e.g. "sudo -n -u {username}" / "runuser -u {username} --" (cancel as the user)
       env: {SLURM_CONF: /etc/slurm/slurm.conf}
       timeout: 30              # seconds per command; the child is killed after it
       timezone: ""             # zone the batch system prints times in ("" = local)
       pbs_format: json         # pbs only: json (PBS Pro `qstat -f -F json`) | xml (Torque `qstat -x`)
+
+`auto` is decided by reaper.config.choose_batch_system (pure) from `command_runs` (the probe:
+does `squeue --version`, then `qstat --version`, run with the service's environment and
+batch.env?).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping
 from datetime import tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from reaper.batch.base import BatchError, BatchSystem, CommandRunner, Job, JobState
+from reaper.config import BatchSettings, ResolvedSystem, choose_batch_system
 
-__all__ = ["BatchError", "BatchSystem", "CommandRunner", "Job", "JobState", "make_batch_system"]
+__all__ = [
+    "BatchError", "BatchSystem", "CommandRunner", "Job", "JobState", "command_runs", "make_batch_system",
+]
 
-_KEYS = {"system", "commands", "prefix", "env", "timeout", "timezone", "pbs_format"}
+# The longest a probe of `auto` may take (it runs once, when the service starts).
+PROBE_TIMEOUT = 10.0
 
 
-def make_batch_system(config: Mapping[str, Any] | None) -> BatchSystem | None:
-    """A BatchSystem from the `batch:` config section; None when no system is configured."""
-    cfg = dict(config or {})
-    unknown = set(cfg) - _KEYS
-    if unknown:
-        raise ValueError(f"batch: unknown key(s) {sorted(unknown)}; known: {sorted(_KEYS)}")
-    system = str(cfg.get("system") or "none").lower()
+def command_runs(section: BatchSettings) -> Callable[[str], bool]:
+    """The probe of ``batch.system: auto``: ``runs(command)`` is True when ``command --version``
+    exits 0 with the service's environment plus ``batch.env``. Slurm's commands fail so when
+    they find no configuration (no slurm.conf, no SLURM_CONF); a missing command, one that
+    cannot be run or one that hangs past the timeout does not run."""
+    env = {**os.environ, **section.env}
+    limit = min(section.timeout, PROBE_TIMEOUT)
+
+    def runs(command: str) -> bool:
+        try:
+            proc = subprocess.Popen(
+                [command, "--version"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # its own process group: a hang is killed with its children
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        try:
+            return proc.wait(timeout=limit) == 0
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return False
+
+    return runs
+
+
+def _section(config: BatchSettings | Mapping[str, Any] | None) -> BatchSettings:
+    if isinstance(config, BatchSettings):
+        return config
+    return BatchSettings.model_validate(dict(config or {}))  # ValidationError is a ValueError
+
+
+def make_batch_system(
+    config: BatchSettings | Mapping[str, Any] | None,
+    *,
+    system: ResolvedSystem | None = None,
+    runs: Callable[[str], bool] | None = None,
+) -> BatchSystem | None:
+    """A BatchSystem from the `batch:` config section; None when no system is used.
+
+    system: the system already chosen (reaper.config.choose_batch_system); default: chosen here,
+    asking ``runs`` (default: the real probe, command_runs) when the section says auto."""
+    section = _section(config)
+    if system is None:
+        system = choose_batch_system(section, runs or command_runs(section)).system
     if system == "none":
         return None
-    commands = {str(k): str(v) for k, v in dict(cfg.get("commands") or {}).items()}
-    prefix = str(cfg.get("prefix") or "")
-    env = {str(k): str(v) for k, v in dict(cfg.get("env") or {}).items()}
-    timeout = float(cfg.get("timeout", 30))
-    if timeout <= 0:
-        raise ValueError("batch.timeout must be positive")
-    tz: tzinfo | None = ZoneInfo(str(cfg["timezone"])) if cfg.get("timezone") else None
+    tz: tzinfo | None = ZoneInfo(section.timezone) if section.timezone else None
     if system == "slurm":
         from reaper.batch.slurm import SlurmBatch
 
-        bad = set(commands) - {"squeue", "scancel"}
-        if bad:
-            raise ValueError(f"batch.commands: unknown for slurm: {sorted(bad)}")
         return SlurmBatch(
-            squeue=commands.get("squeue", "squeue"),
-            scancel=commands.get("scancel", "scancel"),
-            prefix=prefix,
-            env=env,
-            timeout=timeout,
+            squeue=section.command("squeue"),
+            scancel=section.command("scancel"),
+            prefix=section.prefix,
+            env=section.env,
+            timeout=section.timeout,
             tz=tz,
         )
-    if system in ("pbs", "torque"):
-        from reaper.batch.pbs import PbsBatch
+    from reaper.batch.pbs import PbsBatch
 
-        bad = set(commands) - {"qstat", "qdel"}
-        if bad:
-            raise ValueError(f"batch.commands: unknown for pbs: {sorted(bad)}")
-        fmt = str(cfg.get("pbs_format") or ("xml" if system == "torque" else "json"))
-        return PbsBatch(
-            qstat=commands.get("qstat", "qstat"),
-            qdel=commands.get("qdel", "qdel"),
-            prefix=prefix,
-            env=env,
-            timeout=timeout,
-            tz=tz,
-            format=fmt,
-        )
-    raise ValueError(f"batch.system must be slurm, pbs, torque or none, not {system!r}")
+    return PbsBatch(
+        qstat=section.command("qstat"),
+        qdel=section.command("qdel"),
+        prefix=section.prefix,
+        env=section.env,
+        timeout=section.timeout,
+        tz=tz,
+        format=section.pbs_output(system),
+    )

@@ -182,10 +182,12 @@ def first_seen(seen: dict[str, datetime], job: Job, now: datetime) -> datetime:
     return seen.get(job.id, now)
 
 
-def build_guard(settings: Any, store: Any = None) -> JobGuard | None:
+def build_guard(settings: Any, store: Any = None, *, system: str | None = None) -> JobGuard | None:
+    """The guard over ``settings.batch``; None when no batch system is used. ``system``: the one
+    already chosen (reaper.config.choose_batch_system); default: chosen here (auto probes)."""
     from . import make_batch_system
 
-    batch = make_batch_system(settings.batch)
+    batch = make_batch_system(settings.batch, system=system)  # type: ignore[arg-type]
     if batch is None:
         return None
     sl = settings.slurm

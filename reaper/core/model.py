@@ -216,3 +216,16 @@ def humanize(delta: timedelta) -> str:
     if m:
         return f"{sign}{m}m"
     return f"{sign}{s}s"
+
+
+def format_duration(td: timedelta) -> str:
+    """A duration as config.yaml writes it, exactly: 1h30m, 7d, 45s, 0s."""
+    secs = int(td.total_seconds())
+    if secs == 0:
+        return "0s"
+    out = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        n, secs = divmod(secs, size)
+        if n:
+            out.append(f"{n}{unit}")
+    return "".join(out)

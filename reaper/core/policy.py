@@ -25,7 +25,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, tzinfo
 
-from ..config import ResolvedRule, Thresholds
 from .model import (
     Action,
     Decision,
@@ -37,6 +36,7 @@ from .model import (
     State,
     humanize,
 )
+from .rules import ResolvedRule, Thresholds
 
 # --------------------------------------------------------------------------- rule matching
 
@@ -52,7 +52,7 @@ def _gpus(server: HubServer, job_gpus: int | None) -> int:
 
 
 def _option_matches(value: object, accepted: object) -> bool:
-    if isinstance(accepted, list):
+    if isinstance(accepted, list | tuple):
         return any(_option_matches(value, a) for a in accepted)
     if isinstance(accepted, str) and isinstance(value, str):
         return fnmatch.fnmatchcase(value, accepted)

@@ -26,89 +26,21 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tornado.httpserver import HTTPServer
 from tornado.web import Application
 
-from ..config import Duration, format_duration
+from ..config import WebSettings
+from ..core.keep import KeepPolicy
 from ..metrics import METRICS, Metrics
 
 log = logging.getLogger("reaper.web")
 
 HERE = Path(__file__).resolve().parent
-
-
-class KeepPolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_extension: Duration = timedelta(hours=8)
-    max_per_day: int = Field(default=3, ge=0, le=100)
-    # The durations offered on the page; default: 1h, 2h, 4h, 8h up to max_extension, and max_extension.
-    choices: list[Duration] | None = None
-
-    @model_validator(mode="after")
-    def _choices_fit(self) -> KeepPolicy:
-        for c in self.choices or ():
-            if c <= timedelta(0):
-                raise ValueError("keep.choices: every choice must be longer than 0")
-            if c > self.max_extension:
-                raise ValueError(
-                    f"keep.choices: {format_duration(c)} is longer than keep.max_extension "
-                    f"({format_duration(self.max_extension)})"
-                )
-        return self
-
-    def offered(self) -> list[timedelta]:
-        if self.choices:
-            return sorted(set(self.choices))
-        hours = [timedelta(hours=h) for h in (1, 2, 4, 8) if timedelta(hours=h) < self.max_extension]
-        return [*hours, self.max_extension] if self.max_extension > timedelta(0) else []
-
-
-class WebSettings(BaseModel):
-    """The ``web`` section of config.yaml."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    admin_group: str | None = None
-    keep: KeepPolicy = KeepPolicy()
-    dry_run_cache: Duration = timedelta(seconds=60)
-    listen: str | None = None
-    prefix: str | None = None
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        u = urlparse(v)
-        if u.scheme not in ("http", "https") or not u.port:
-            raise ValueError(f"web.listen must look like http://127.0.0.1:8123, not {v!r}")
-        return v
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        return "/" + v.strip("/") + "/" if v.strip("/") else "/"
-
-
-def web_settings(raw: dict[str, Any] | None) -> WebSettings:
-    """Validate ``settings.web``; raises ValueError with the key path on a bad value."""
-    try:
-        return WebSettings.model_validate(raw or {})
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in ("web", *err["loc"]))
-            problems.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-        raise ValueError("; ".join(problems)) from None
 
 
 @dataclass
@@ -131,7 +63,14 @@ class WebContext:
 
     @property
     def web(self) -> WebSettings:
-        return web_settings(self.service.settings.web)
+        """The ``web`` section (validated with the rest of config.yaml; reloads show at once)."""
+        web: WebSettings = self.service.settings.web
+        return web
+
+    @property
+    def keep(self) -> KeepPolicy:
+        """The limits of "Keep running" (``web.keep``), as the core's keep_until takes them."""
+        return self.web.keep.policy()
 
     def now(self) -> datetime:
         return self.clock() if self.clock is not None else datetime.now(UTC)
@@ -163,7 +102,6 @@ def make_app(
     from . import handlers as h
     from .login import HubAuth, HubLogin
 
-    web_settings(service.settings.web)  # fail early on a bad web section
     if not prefix.endswith("/"):
         prefix += "/"
     if login is None:
@@ -220,7 +158,7 @@ async def start_web(service: Any) -> WebServer:
 
     Returns an object with ``stop()``; without a URL it serves nothing and ``stop()`` does nothing.
     """
-    ws = web_settings(service.settings.web)
+    ws: WebSettings = service.settings.web
     url = ws.listen or os.environ.get("JUPYTERHUB_SERVICE_URL")
     if not url:
         log.info("no JUPYTERHUB_SERVICE_URL (and no web.listen): the web page is not served")
@@ -234,7 +172,7 @@ async def start_web(service: Any) -> WebServer:
                   "http address (web.listen, and the service's url in jupyterhub_config.py).", url)
         return WebServer(None, None, None)
     host = u.hostname or "127.0.0.1"
-    port = u.port or (443 if u.scheme == "https" else 80)
+    port = u.port or 80  # (https was refused above)
     prefix = ws.prefix or os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or "/services/reaper/"
     if not prefix.endswith("/"):
         prefix += "/"

@@ -21,9 +21,10 @@ from zoneinfo import ZoneInfo
 from tornado import web
 
 from ..config import format_duration, parse_duration
+from ..core.keep import KeepRefused, keep_until
 from ..core.model import History, HubServer, RunKey, humanize
 from ..metrics import CONTENT_TYPE_LATEST
-from .app import KeepPolicy, WebContext
+from .app import WebContext
 
 log = logging.getLogger("reaper.web")
 
@@ -175,45 +176,6 @@ def job_end_of(record: dict[str, Any]) -> datetime | None:
     started = as_dt(record.get("started"))
     wall = resources_of(record).walltime
     return started + wall if started is not None and wall is not None else None
-
-
-class KeepRefused(Exception):
-    """A "Keep running" request outside the policy; the message is for the user."""
-
-
-def keep_until(
-    *,
-    now: datetime,
-    requested: timedelta,
-    policy: KeepPolicy,
-    keeps_today: int,
-    started: datetime | None,
-    max_age: timedelta | None,
-    job_end: datetime | None,
-) -> tuple[datetime, str]:
-    """The time a "Keep running" moves the stop to, and a note when a limit shortened it.
-    Raises KeepRefused when the policy does not allow it."""
-    if requested <= timedelta(0):
-        raise KeepRefused("choose how long to keep the server running")
-    if requested > policy.max_extension:
-        raise KeepRefused(f"at most {format_duration(policy.max_extension)} at a time")
-    if keeps_today >= policy.max_per_day:
-        raise KeepRefused(
-            f"this server was already kept running {keeps_today} times in the last 24 hours "
-            f"(at most {policy.max_per_day})"
-        )
-    until, note = now + requested, ""
-    limits: list[tuple[datetime, str]] = []
-    if max_age is not None and started is not None:
-        limits.append((started + max_age, f"the longest a server may run ({format_duration(max_age)})"))
-    if job_end is not None:
-        limits.append((job_end, "the job's walltime end"))
-    for limit, why in limits:
-        if limit <= now + timedelta(minutes=1):
-            raise KeepRefused(f"the server has reached {why}: it cannot be kept longer")
-        if limit < until:
-            until, note = limit, f"shortened to {why}"
-    return until, note
 
 
 def reclaimed(stops: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -463,7 +425,7 @@ class PageHandler(BaseHandler):
             others=others,
             message=msg,
             error_text=KEEP_ERRORS.get(err, ""),
-            keep=self.ctx.web.keep,
+            keep=self.ctx.keep,
             fmt=format_duration,
             admin_view=admin_view,
             windows=list(WINDOWS),
@@ -502,7 +464,7 @@ class KeepHandler(ActionHandler):
     async def post(self) -> None:
         user, name = self.target()
         label = f"{user}/{name}" if name else user
-        policy = self.ctx.web.keep
+        policy = self.ctx.keep
         try:
             requested = parse_duration(self.get_body_argument("duration", ""))
         except ValueError:

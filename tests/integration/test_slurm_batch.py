@@ -311,7 +311,8 @@ def test_make_batch_system_reads_the_config_section() -> None:
     assert b.squeue == "/opt/bin/squeue" and b.scancel == "scancel" and b.runner.timeout == 7
     assert b.runner.argv(["scancel", "1"], "alice") == ["sudo", "-n", "-u", "alice", "scancel", "1"]
     assert b.runner.argv(["scancel", "1"]) == ["scancel", "1"]
-    assert make_batch_system({}) is None
+    assert make_batch_system({"system": "none"}) is None
+    assert make_batch_system({}, runs=lambda command: False) is None  # auto, and nothing runs
     with pytest.raises(ValueError):
         make_batch_system({"system": "slurm", "comands": {}})
     with pytest.raises(ValueError):

@@ -1,5 +1,6 @@
 """config.yaml loading: the shipped file is valid, and every kind of mistake names file, key and line."""
 
+import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -114,10 +115,16 @@ def _cli(*args, env=None):
                           env=env, cwd=ROOT)
 
 
-def test_check_config_cli_prints_effective_policy_and_exits_zero():
-    r = _cli("check-config", str(ROOT / "config.yaml"))
+def test_check_config_cli_prints_effective_policy_and_exits_zero(tmp_path):
+    # on a Slurm hub: `squeue` runs (a stand-in here), so batch.system auto is slurm and the
+    # shipped slurm: and orphans: sections apply (without one: tests/unit/test_batch_system.py)
+    squeue = tmp_path / "squeue"
+    squeue.write_text('#!/bin/sh\necho "slurm 22.05.8"\n')
+    squeue.chmod(0o755)
+    r = _cli("check-config", str(ROOT / "config.yaml"), env={**os.environ, "PATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert "warn_after: 1h" in r.stdout and "rules:" in r.stdout
+    assert "# batch system: slurm (batch.system: auto; squeue runs)" in r.stdout
 
 
 def test_check_config_cli_exits_nonzero_with_file_key_line(tmp_path):
@@ -135,3 +142,49 @@ def test_repr_of_settings_never_shows_a_secret():
     assert s.hub.effective_token() == "TOK-123"
     for text in (repr(s), str(s), repr(s.notify.email)):
         assert "TOK-123" not in text and "PW-456" not in text
+
+
+def test_web_section_is_typed_and_its_errors_name_key_and_line():
+    s = parse_settings("web:\n  admin_group: ops\n  keep: {max_extension: 90m, choices: [30m, 90m]}\n", env={})
+    assert s.web.admin_group == "ops" and s.web.keep.max_extension == timedelta(minutes=90)
+    assert s.keep_policy().offered() == [timedelta(minutes=30), timedelta(minutes=90)]
+    assert parse_settings("web: {prefix: services/x}\n", env={}).web.prefix == "/services/x/"
+    assert "site.yaml:3: web.keep: keep.choices: 2h is longer than keep.max_extension (1h)" in err(
+        "web:\n  admin_group: ops\n  keep: {max_extension: 1h, choices: [2h]}\n")
+    msg = err("web:\n  colour: red\n  listen: '8123'\n")
+    assert "site.yaml:2: web.colour: unknown key" in msg  # every problem, not just the first
+    assert "site.yaml:3: web.listen: web.listen must look like http://127.0.0.1:8123" in msg
+
+
+def test_batch_section_is_typed_and_its_errors_name_key_and_line():
+    s = parse_settings("batch:\n  system: Slurm\n  commands: {squeue: /opt/bin/squeue}\n"
+                       "  env: {SLURM_CONF: /x, SLURM_DEBUG: 1}\n  timeout: 7\n", env={})
+    assert s.batch.system == "slurm" and s.batch.command("squeue") == "/opt/bin/squeue"
+    assert s.batch.command("scancel") == "scancel" and s.batch.env == {"SLURM_CONF": "/x", "SLURM_DEBUG": "1"}
+    assert s.batch.timeout == 7 and parse_settings("", env={}).batch.system == "auto"
+    assert parse_settings("batch: {system: }\n", env={}).batch.system == "none"  # empty: none, as always
+    assert err("batch:\n  systm: slurm\n").startswith("site.yaml:2: batch.systm: unknown key")
+    assert "site.yaml:2: batch.system: Input should be 'auto', 'slurm', 'pbs', 'torque' or 'none'" in err(
+        "batch:\n  system: lsf\n")
+    assert "site.yaml:3: batch.commands.qstat: not a command of slurm (its commands: squeue, scancel)" in err(
+        "batch:\n  system: slurm\n  commands: {qstat: /x}\n")
+    assert "site.yaml:2: batch.timeout:" in err("batch:\n  timeout: 0\n")
+    assert "site.yaml:2: batch.timezone: unknown time zone 'Mars/X'" in err("batch:\n  timezone: Mars/X\n")
+    assert "site.yaml:2: batch.pbs_format:" in err("batch:\n  pbs_format: yaml\n")
+
+
+def test_rules_become_the_cores_frozen_types():
+    from dataclasses import FrozenInstanceError
+
+    from reaper.core.rules import Match, ResolvedRule, Thresholds
+
+    s = parse_settings(
+        "rules:\n  - name: gpu\n    match: {groups: [ml], user_options: {partition: [gpu, 'a100*']}, min_gpus: 1}\n"
+        "    detached: {stop_after: 2h}\n", env={})
+    [gpu] = s.resolved_rules()
+    assert isinstance(gpu, ResolvedRule) and isinstance(gpu.match, Match) and isinstance(gpu.detached, Thresholds)
+    assert gpu.match == Match(groups=("ml",), user_options={"partition": ("gpu", "a100*")}, min_gpus=1)
+    assert gpu.detached == Thresholds(warn_after=timedelta(hours=1), stop_after=timedelta(hours=2))  # merged
+    assert s.default_rule().match.is_catch_all() and not gpu.match.is_catch_all()
+    with pytest.raises(FrozenInstanceError):
+        gpu.name = "other"  # type: ignore[misc]

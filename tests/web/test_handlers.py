@@ -13,8 +13,7 @@ import pytest
 
 from reaper.core.model import RunKey
 from reaper.sweep import SweepResult
-from reaper.web.app import KeepPolicy, web_settings
-from reaper.web.handlers import KeepRefused, keep_until, parse_walltime, reclaimed, relative
+from reaper.web.handlers import parse_walltime, reclaimed, relative
 from tests.web import PREFIX, hub_server, make_web, utcnow, web  # noqa: F401  (fixtures)
 
 
@@ -302,40 +301,6 @@ async def test_health_is_503_when_the_last_successful_sweep_is_too_old(make_web)
 
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-
-
-def test_keep_until_applies_every_limit():
-    p = KeepPolicy(max_extension=timedelta(hours=4), max_per_day=2)
-    until, note = keep_until(now=NOW, requested=timedelta(hours=3), policy=p, keeps_today=0, started=None,
-                             max_age=None, job_end=None)
-    assert until == NOW + timedelta(hours=3) and note == ""
-    until, note = keep_until(now=NOW, requested=timedelta(hours=3), policy=p, keeps_today=1,
-                             started=NOW - timedelta(hours=1), max_age=timedelta(hours=10),
-                             job_end=NOW + timedelta(hours=2))
-    assert until == NOW + timedelta(hours=2) and "walltime" in note
-    with pytest.raises(KeepRefused, match="at most 4h"):
-        keep_until(now=NOW, requested=timedelta(hours=5), policy=p, keeps_today=0, started=None, max_age=None,
-                   job_end=None)
-    with pytest.raises(KeepRefused, match="2 times"):
-        keep_until(now=NOW, requested=timedelta(hours=1), policy=p, keeps_today=2, started=None, max_age=None,
-                   job_end=None)
-    with pytest.raises(KeepRefused, match="walltime"):
-        keep_until(now=NOW, requested=timedelta(hours=1), policy=p, keeps_today=0, started=None, max_age=None,
-                   job_end=NOW)
-
-
-def test_web_settings_validate_durations_and_choices():
-    ws = web_settings({"admin_group": "ops", "keep": {"max_extension": "90m", "choices": ["30m", "90m"]}})
-    assert ws.keep.max_extension == timedelta(minutes=90) and ws.admin_group == "ops"
-    assert ws.keep.offered() == [timedelta(minutes=30), timedelta(minutes=90)]
-    assert web_settings({"keep": {"max_extension": "3h"}}).keep.offered() == [
-        timedelta(hours=1), timedelta(hours=2), timedelta(hours=3)]
-    with pytest.raises(ValueError, match="longer than keep.max_extension"):
-        web_settings({"keep": {"max_extension": "1h", "choices": ["2h"]}})
-    with pytest.raises(ValueError, match="web.colour"):
-        web_settings({"colour": "red"})
-    with pytest.raises(ValueError, match="web.listen"):
-        web_settings({"listen": "8123"})
 
 
 def test_slurm_walltimes_parse():
