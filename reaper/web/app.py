@@ -25,6 +25,7 @@ import hmac
 import logging
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,6 +98,13 @@ class WebSettings(BaseModel):
         if v is None:
             return v
         return "/" + v.strip("/") + "/" if v.strip("/") else "/"
+
+
+def page_prefix(ws: WebSettings, env: Mapping[str, str] = os.environ) -> str:
+    """The path the page is served under, ending in "/": ``web.prefix``, else the hub's
+    ``JUPYTERHUB_SERVICE_PREFIX`` (it includes the hub's base_url), else ``/services/reaper/``."""
+    prefix = ws.prefix or env.get("JUPYTERHUB_SERVICE_PREFIX") or "/services/reaper/"
+    return prefix if prefix.endswith("/") else prefix + "/"
 
 
 def web_settings(raw: dict[str, Any] | None) -> WebSettings:
@@ -235,9 +243,7 @@ async def start_web(service: Any) -> WebServer:
         return WebServer(None, None, None)
     host = u.hostname or "127.0.0.1"
     port = u.port or (443 if u.scheme == "https" else 80)
-    prefix = ws.prefix or os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or "/services/reaper/"
-    if not prefix.endswith("/"):
-        prefix += "/"
+    prefix = page_prefix(ws)
     app = make_app(service, prefix=prefix)
     server = HTTPServer(app, xheaders=True)
     server.listen(port, address=host)
