@@ -5,7 +5,7 @@ Pure: no I/O, no clock reads (``now`` is an argument), no locale (day and month 
 whatever the process's locale), no imports from the rest of the reaper.
 
 =========================  ======================================================================
-times                      :func:`parse_iso` (strict, raises), :func:`as_utc` (lenient, None)
+times                      :func:`parse_iso` (strict, raises), :func:`utc_or_none` (lenient, None)
 shown in the hub's zone    :func:`local_time` ("14:05", "Wed 26 Nov 14:05": the page, reasons),
                            :func:`local_datetime` ("14:00 EST, Tue 25 Nov": notices)
 relative to ``now``        :func:`relative` ("in 42 min", "3h10m ago", "now")
@@ -30,7 +30,6 @@ from typing import Any
 
 __all__ = [
     "Requested",
-    "as_utc",
     "format_duration",
     "format_memory",
     "format_walltime",
@@ -44,6 +43,7 @@ __all__ = [
     "parse_walltime",
     "read_user_options",
     "relative",
+    "utc_or_none",
 ]
 
 # --------------------------------------------------------------------------- ISO 8601 times
@@ -67,7 +67,7 @@ def parse_iso(value: str) -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
-def as_utc(value: Any) -> datetime | None:
+def utc_or_none(value: Any) -> datetime | None:
     """A datetime or an ISO 8601 string -> aware UTC datetime; None, "" or anything unreadable ->
     None. For display and records; where bad data must be an error, use :func:`parse_iso`."""
     if isinstance(value, datetime):

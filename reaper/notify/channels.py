@@ -19,7 +19,7 @@ import yaml
 
 from ..config import Settings
 from ..core.model import Action, Decision, HubServer, NoticeKind, Observation, State
-from ..units import as_utc, parse_iso
+from ..units import parse_iso, utc_or_none
 from .outbox import DeliveryError, LogChannel
 from .render import NoticeContext, RenderedNotice, context_from, render
 
@@ -31,7 +31,7 @@ def _t(value: Any) -> datetime | None:
     timestamp raises (a notice is never sent with a made-up time)."""
     if not value:
         return None
-    return as_utc(value) if isinstance(value, datetime) else parse_iso(str(value))
+    return utc_or_none(value) if isinstance(value, datetime) else parse_iso(str(value))
 
 
 def keep_url(settings: Settings, user: str, server: str, *, env: Mapping[str, str] = os.environ) -> str:

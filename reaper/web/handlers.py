@@ -21,8 +21,8 @@ from tornado import web
 
 from ..core.model import History, HubServer, RunKey
 from ..metrics import CONTENT_TYPE_LATEST
-from ..units import as_utc as as_dt  # the page's name for it
 from ..units import format_duration, humanize, local_time, parse_duration, read_user_options, relative
+from ..units import utc_or_none as as_dt  # the page's name for it
 from .app import KeepPolicy, WebContext
 
 log = logging.getLogger("reaper.web")

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from reaper.units import (
     Requested,
-    as_utc,
     format_duration,
     format_memory,
     format_walltime,
@@ -27,6 +26,7 @@ from reaper.units import (
     parse_walltime,
     read_user_options,
     relative,
+    utc_or_none,
 )
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -71,14 +71,14 @@ def test_iso_timestamps_of_real_sources_parse(text: str, expected: datetime) -> 
 def test_iso_parse_refuses_what_no_source_writes(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_iso(bad)
-    assert as_utc(bad) is None
+    assert utc_or_none(bad) is None
 
 
 def test_as_utc_takes_datetimes_and_strings_and_forgives_nothing_else() -> None:
-    assert as_utc(None) is None and as_utc(42) is None
-    assert as_utc(datetime(2026, 1, 1)) == datetime(2026, 1, 1, tzinfo=UTC)
+    assert utc_or_none(None) is None and utc_or_none(42) is None
+    assert utc_or_none(datetime(2026, 1, 1)) == datetime(2026, 1, 1, tzinfo=UTC)
     plus1 = datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=1)))
-    assert as_utc(plus1) == datetime(2026, 1, 1, tzinfo=UTC) and as_utc(plus1).tzinfo is UTC  # type: ignore[union-attr]
+    assert utc_or_none(plus1) == datetime(2026, 1, 1, tzinfo=UTC) and utc_or_none(plus1).tzinfo is UTC  # type: ignore[union-attr]
 
 
 aware = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(9998, 1, 1),
