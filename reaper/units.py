@@ -22,6 +22,7 @@ user_options               :func:`read_user_options` -> :class:`Requested`
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -135,6 +136,13 @@ _PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+def _seconds(secs: float, value: Any) -> timedelta:
+    try:
+        return timedelta(seconds=secs)
+    except (OverflowError, ValueError):  # inf, nan, beyond timedelta's 999999999 days
+        raise ValueError(f"not a usable duration: {value!r}") from None
+
+
 def parse_duration(value: Any) -> timedelta:
     """"90m", "2h", "1h30m", "7d", "45s", or a number of seconds -> timedelta (never negative).
     Raises ValueError with a message for config.yaml."""
@@ -143,7 +151,7 @@ def parse_duration(value: Any) -> timedelta:
     elif isinstance(value, bool):
         raise ValueError(f"expected a duration such as '90m', '2h' or '7d', got {value!r}")
     elif isinstance(value, int | float):
-        td = timedelta(seconds=value)
+        td = _seconds(value, value)
     elif isinstance(value, str):
         text = value.strip().lower()
         if text.startswith("-"):
@@ -152,7 +160,7 @@ def parse_duration(value: Any) -> timedelta:
             raise ValueError(
                 f"expected a duration such as '90m', '2h', '1h30m' or '7d' (units s, m, h, d, w), got {value!r}"
             )
-        td = timedelta(seconds=sum(float(n) * _UNIT[u] for n, u in _PART_RE.findall(text)))
+        td = _seconds(sum(float(n) * _UNIT[u] for n, u in _PART_RE.findall(text)), value)
     else:
         raise ValueError(f"expected a duration such as '90m', '2h' or '7d', got {value!r}")
     if td < timedelta(0):
@@ -205,12 +213,13 @@ def parse_memory_mb(value: Any) -> float | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value) if value > 0 else None
-    m = _MEM_RE.fullmatch(str(value))
-    if not m:
-        return None
-    mb = float(m.group(1)) * _MEM_MB[(m.group(2) or "").lower()]
-    return mb if mb > 0 else None
+        mb = float(value) if abs(value) < 1e300 else math.inf  # float() of a huge int raises
+    else:
+        m = _MEM_RE.fullmatch(str(value))
+        if not m:
+            return None
+        mb = float(m.group(1)) * _MEM_MB[(m.group(2) or "").lower()]
+    return mb if math.isfinite(mb) and mb > 0 else None
 
 
 def format_memory(mb: float | None) -> str:
@@ -236,26 +245,28 @@ def parse_walltime(value: Any) -> timedelta | None:
     type is minutes, as in Slurm. None, "", 0, ``UNLIMITED`` or unreadable -> None (no known end)."""
     if value is None or isinstance(value, bool) or value == "":
         return None
+    try:
+        td = _walltime(value)
+    except (OverflowError, ValueError):  # beyond timedelta's range, inf, nan, unreadable
+        return None
+    return td if td is not None and td > timedelta(0) else None  # Slurm: a time of 0 is no limit
+
+
+def _walltime(value: Any) -> timedelta | None:
     if isinstance(value, int | float):
-        return timedelta(minutes=value) if value > 0 else None
+        return timedelta(minutes=value)
     text = str(value)
     if text.strip().upper() in _UNLIMITED:
         return None
     m = _WALLTIME.fullmatch(text)
-    if m:
-        d, a, b, c = m.groups()
-        if d is not None:  # D-H[:M[:S]]
-            td = timedelta(days=int(d), hours=int(a), minutes=int(b or 0), seconds=int(c or 0))
-        elif c is not None:  # H:M:S
-            td = timedelta(hours=int(a), minutes=int(b), seconds=int(c))
-        else:  # M[:S]
-            td = timedelta(minutes=int(a), seconds=int(b or 0))
-    else:
-        try:
-            td = parse_duration(text)
-        except ValueError:
-            return None
-    return td if td > timedelta(0) else None  # Slurm: a time of 0 is no limit
+    if m is None:
+        return parse_duration(text)
+    d, a, b, c = m.groups()
+    if d is not None:  # D-H[:M[:S]]
+        return timedelta(days=int(d), hours=int(a), minutes=int(b or 0), seconds=int(c or 0))
+    if c is not None:  # H:M:S
+        return timedelta(hours=int(a), minutes=int(b), seconds=int(c))
+    return timedelta(minutes=int(a), seconds=int(b or 0))  # M[:S]
 
 
 def format_walltime(td: timedelta) -> str:
@@ -351,9 +362,9 @@ def _count(v: Any) -> int | None:
         return None
     try:
         f = float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return int(f) if f >= 0 and f == int(f) else None
+    return int(f) if math.isfinite(f) and f >= 0 and f == int(f) else None
 
 
 def read_user_options(user_options: Mapping[str, Any] | None) -> Requested:
@@ -371,7 +382,7 @@ def read_user_options(user_options: Mapping[str, Any] | None) -> Requested:
         gpus = _count(raw_gpus)
     wall_key, raw_wall = _pick(opts, _WALL)
     if isinstance(raw_wall, float) and wall_key == "runtime":  # slurmformspawner: hours
-        walltime = timedelta(hours=raw_wall) if raw_wall > 0 else None
+        walltime = parse_walltime(raw_wall * 60)
     else:
         walltime = parse_walltime(raw_wall)
     partition = _value(opts, _PARTITION)

@@ -274,8 +274,15 @@ def test_user_options_as_form_lists_and_the_reapers_own_records() -> None:
     assert read_user_options({"cpus": "4", "gpus": "gpu:2", "mem": "16G"}) == Requested(4, 16384, 2)
 
 
-@given(st.dictionaries(st.text(max_size=12), st.none() | st.booleans() | st.integers() | st.floats() | st.text()
-                       | st.lists(st.text(), max_size=2)))
+KNOWN_KEYS = ["cpus", "nprocs", "req_nprocs", "ncpus", "cores", "mem", "memory", "req_memory", "gpus", "ngpus",
+              "req_ngpus", "gres", "req_gres", "partition", "req_partition", "queue", "req_queue", "runtime",
+              "req_runtime", "walltime"]
+any_value = (st.none() | st.booleans() | st.integers() | st.integers(10**300, 10**400) | st.floats() | st.text()
+             | st.from_regex(r"\d{1,30}(-\d{1,12})?(:\d{1,12}){0,2}|\d{1,400}[KMGTP]?|gpu:\w*:?\d{0,30}", fullmatch=True)
+             | st.lists(st.text(), max_size=2))
+
+
+@given(st.dictionaries(st.sampled_from(KNOWN_KEYS) | st.text(max_size=12), any_value))
 def test_user_options_reader_never_raises(opts: dict[str, object]) -> None:
     r = read_user_options(opts)
     assert r.gpus is None or r.gpus >= 0
