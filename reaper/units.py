@@ -371,15 +371,11 @@ def read_user_options(user_options: Mapping[str, Any] | None) -> Requested:
     """The one reader of a spawner's ``user_options`` (every shape above): CPUs, memory, GPUs,
     partition and walltime, each None when absent or unreadable. Never raises."""
     opts = user_options if isinstance(user_options, Mapping) else {}
-    gpus: int | None = None
-    gpu_type: str | None = None
     raw_gpus = _value(opts, _GPUS)
-    if isinstance(raw_gpus, str) and not raw_gpus.strip().isdigit():
-        gres = parse_gres(raw_gpus)
-        if gres is not None:
-            gpus, gpu_type = gres
-    else:
-        gpus = _count(raw_gpus)
+    gpus: int | None = _count(raw_gpus)  # 2, "2", "2.0"
+    gpu_type: str | None = None
+    if gpus is None:  # "gpu:a100:2"
+        gpus, gpu_type = parse_gres(raw_gpus) or (None, None)
     wall_key, raw_wall = _pick(opts, _WALL)
     if isinstance(raw_wall, float) and wall_key == "runtime":  # slurmformspawner: hours
         walltime = parse_walltime(raw_wall * 60)

@@ -267,6 +267,7 @@ def test_user_options_of_slurmformspawner() -> None:
     assert r == Requested(cpus=4, mem_mb=8000, gpus=1, gpu_type="v100", partition=None,
                           walltime=timedelta(hours=1, minutes=30))
     assert read_user_options({"gpus": "gpu:0"}).gpus == 0
+    assert read_user_options({"gpus": "2.0"}).gpus == 2 and read_user_options({"gpus": "lots"}).gpus is None
 
 
 def test_user_options_as_form_lists_and_the_reapers_own_records() -> None:
