@@ -16,7 +16,8 @@ memory                     :func:`parse_memory_mb` (Slurm "4G", "512M", bare = M
 walltime                   :func:`parse_walltime` (Slurm "1-02:00:00", "HH:MM:SS", minutes; "8h"),
                            :func:`format_walltime` (Slurm "D-HH:MM:SS")
 GPUs                       :func:`parse_gres` ("gpu:a100:2", "gres/gpu=2" -> count, type)
-user_options               :func:`read_user_options` -> :class:`Requested`
+user_options               :func:`read_user_options` -> :class:`Requested` (and its
+                           :func:`requested_gpus`, :func:`requested_partition` alone)
 =========================  ======================================================================
 """
 
@@ -44,6 +45,8 @@ __all__ = [
     "parse_walltime",
     "read_user_options",
     "relative",
+    "requested_gpus",
+    "requested_partition",
     "utc_or_none",
 ]
 
@@ -367,26 +370,46 @@ def _count(v: Any) -> int | None:
     return int(f) if math.isfinite(f) and f >= 0 and f == int(f) else None
 
 
+def _options(user_options: Any) -> Mapping[str, Any]:
+    if isinstance(user_options, dict):  # the usual case, and much cheaper than the ABC check
+        return user_options
+    return user_options if isinstance(user_options, Mapping) else {}
+
+
+def _gpus(opts: Mapping[str, Any]) -> tuple[int | None, str | None]:
+    raw = _value(opts, _GPUS)
+    n = _count(raw)  # 2, "2", "2.0"
+    if n is not None:
+        return n, None
+    return parse_gres(raw) or (None, None)  # "gpu:a100:2"
+
+
+def requested_gpus(user_options: Mapping[str, Any] | None) -> int | None:
+    """:attr:`Requested.gpus` alone, for the policy's rule matching on every server of every sweep."""
+    return _gpus(_options(user_options))[0]
+
+
+def requested_partition(user_options: Mapping[str, Any] | None) -> str | None:
+    """:attr:`Requested.partition` alone (see :func:`requested_gpus`)."""
+    v = _value(_options(user_options), _PARTITION)
+    return str(v) if v is not None else None
+
+
 def read_user_options(user_options: Mapping[str, Any] | None) -> Requested:
     """The one reader of a spawner's ``user_options`` (every shape above): CPUs, memory, GPUs,
     partition and walltime, each None when absent or unreadable. Never raises."""
-    opts = user_options if isinstance(user_options, Mapping) else {}
-    raw_gpus = _value(opts, _GPUS)
-    gpus: int | None = _count(raw_gpus)  # 2, "2", "2.0"
-    gpu_type: str | None = None
-    if gpus is None:  # "gpu:a100:2"
-        gpus, gpu_type = parse_gres(raw_gpus) or (None, None)
+    opts = _options(user_options)
+    gpus, gpu_type = _gpus(opts)
     wall_key, raw_wall = _pick(opts, _WALL)
     if isinstance(raw_wall, float) and wall_key == "runtime":  # slurmformspawner: hours
         walltime = parse_walltime(raw_wall * 60)
     else:
         walltime = parse_walltime(raw_wall)
-    partition = _value(opts, _PARTITION)
     return Requested(
         cpus=_count(_value(opts, _CPUS)) or None,
         mem_mb=parse_memory_mb(_value(opts, _MEM)),
         gpus=gpus,
         gpu_type=gpu_type,
-        partition=str(partition) if partition is not None else None,
+        partition=requested_partition(opts),
         walltime=walltime,
     )

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, tzinfo
 
 from ..config import ResolvedRule, Thresholds
-from ..units import local_time, read_user_options
+from ..units import local_time, requested_gpus, requested_partition
 from .model import (
     Action,
     Decision,
@@ -46,7 +46,7 @@ def _gpus(server: HubServer, job_gpus: int | None) -> int:
     """GPUs held: the batch job's count, else what the spawn options asked for (any spawner's shape)."""
     if job_gpus is not None:
         return job_gpus
-    return read_user_options(server.user_options).gpus or 0
+    return requested_gpus(server.user_options) or 0
 
 
 def _option_matches(value: object, accepted: object) -> bool:
@@ -81,7 +81,7 @@ def rule_matches(
     if m.min_gpus is not None and _gpus(server, job_gpus) < m.min_gpus:
         return False
     if m.partitions is not None:
-        part = job_partition or read_user_options(opts).partition
+        part = job_partition or requested_partition(opts)
         if not isinstance(part, str) or not any(fnmatch.fnmatchcase(part, p) for p in m.partitions):
             return False
     return True
