@@ -161,6 +161,7 @@ def cmd_notify(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from .core.model import NoticeKind
+    from .notify.channels import keep_url
     from .notify.render import render, sample_context
 
     settings = _load(args.config or default_config_path())
@@ -174,7 +175,7 @@ def cmd_notify(args: argparse.Namespace) -> int:
         hub_url=f"{public}/hub/",
         server_url=f"{public}/user/{user}/{args.server + '/' if args.server else ''}",
         control_panel_url=f"{public}/hub/home",
-        keep_url=f"{public}/services/reaper/",
+        keep_url=keep_url(settings, user, args.server or ""),
         server_name=args.server,
         server_label=f'server "{args.server}"' if args.server else "server",
         tz=settings.hub.timezone,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,40 +39,15 @@ from pydantic import (
 )
 
 from .core.keep import KeepPolicy
-from .core.model import format_duration
 from .core.rules import Match, ResolvedRule, Thresholds
+
+# Re-exported for older imports (reaper.config.parse_duration); new code imports reaper.units.
+from .units import format_duration as format_duration
+from .units import parse_duration as parse_duration
 
 # --------------------------------------------------------------------------- durations
 
-_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*([smhdw]))+\s*$")
-_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(value: Any) -> timedelta:
-    """"90m", "2h", "1h30m", "7d", "45s", or a number of seconds -> timedelta (never negative)."""
-    if isinstance(value, timedelta):
-        td = value
-    elif isinstance(value, bool):
-        raise ValueError(f"expected a duration such as '90m', '2h' or '7d', got {value!r}")
-    elif isinstance(value, int | float):
-        td = timedelta(seconds=value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        if text.startswith("-"):
-            raise ValueError(f"a duration cannot be negative: {value!r}")
-        if not _DURATION_RE.match(text):
-            raise ValueError(
-                f"expected a duration such as '90m', '2h', '1h30m' or '7d' (units s, m, h, d, w), got {value!r}"
-            )
-        td = timedelta(seconds=sum(float(n) * _UNIT[u] for n, u in _PART_RE.findall(text)))
-    else:
-        raise ValueError(f"expected a duration such as '90m', '2h' or '7d', got {value!r}")
-    if td < timedelta(0):
-        raise ValueError(f"a duration cannot be negative: {value!r}")
-    return td
-
-
+# config.yaml's durations ("90m", "1h30m", "7d"): reaper.units reads and writes them.
 Duration = Annotated[
     timedelta,
     BeforeValidator(parse_duration),
@@ -136,8 +111,8 @@ class MatchFields(Strict):
     groups: list[str] | None = None  # any of these groups
     servers: list[str] | None = None  # server-name globs; "" is the default server
     user_options: dict[str, Any] | None = None  # key -> value or list of accepted values
-    min_gpus: int | None = Field(default=None, ge=0)  # from user_options "gpus" or the batch job
-    partitions: list[str] | None = None  # from user_options "partition" or the batch job
+    min_gpus: int | None = Field(default=None, ge=0)  # the batch job's, else units.read_user_options
+    partitions: list[str] | None = None  # the batch job's, else units.read_user_options
 
     def core(self) -> Match:
         def strs(v: list[str] | None) -> tuple[str, ...] | None:
@@ -550,6 +525,12 @@ class WebSettings(Strict):
         if v is None:
             return v
         return "/" + v.strip("/") + "/" if v.strip("/") else "/"
+
+    def page_prefix(self, env: Mapping[str, str] = os.environ) -> str:
+        """The path the page is served under, ending in "/": ``web.prefix``, else the hub's
+        ``JUPYTERHUB_SERVICE_PREFIX`` (it includes the hub's base_url), else ``/services/reaper/``."""
+        prefix = self.prefix or env.get("JUPYTERHUB_SERVICE_PREFIX") or "/services/reaper/"
+        return prefix if prefix.endswith("/") else prefix + "/"
 
 
 class Settings(Strict):

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, tzinfo
 
 from reaper.batch.base import BatchError, CommandRunner, Job, JobState
+from reaper.units import parse_gres, parse_memory_mb
 
 __all__ = ["SlurmBatch", "parse_gpus", "parse_mem_mb", "parse_slurm_time", "parse_squeue"]
 
@@ -103,46 +104,16 @@ def parse_slurm_time(value: str, tz: tzinfo | None = None) -> datetime | None:
     return aware.astimezone(UTC)
 
 
-_MEM_UNITS = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024, "P": 1024**3}
-
-
 def parse_mem_mb(value: str) -> int | None:
-    """`16000M`, `4G`, `512K`, `1000` (MB) -> MB; `0`/N/A -> None."""
-    value = value.strip().upper()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]?)B?", value)
-    if not m:
-        return None
-    mb = float(m.group(1)) * _MEM_UNITS.get(m.group(2) or "M", 1)
-    return int(round(mb)) or None
+    """`16000M`, `4G`, `512K`, `1000` (MB) -> whole MB (reaper.units.parse_memory_mb); `0`/N/A -> None."""
+    mb = parse_memory_mb(value)
+    return (int(round(mb)) or None) if mb is not None else None
 
 
 def _gpu_count(tres: str) -> int | None:
-    """GPUs in a TRES string: `gres:gpu:2`, `gres/gpu=2`, `gres:gpu:a100:2`, `gpu:1`,
-    `gres/gpu:a100=2` (several entries summed; typed and untyped of one kind not double counted)."""
-    tres = tres.strip()
-    if tres.upper() in _NONE:
-        return None
-    untyped: int | None = None
-    typed = 0
-    seen = False
-    for part in tres.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(?:gres[:/])?gpu(?::([^:=]+))?[:=](\d+)(?:\(.*\))?", part)
-        if m is None:
-            m2 = re.fullmatch(r"(?:gres[:/])?gpu(?:\(.*\))?", part)  # "gpu" alone = 1
-            if m2 is None:
-                continue
-            n, kind = 1, None
-        else:
-            n, kind = int(m.group(2)), m.group(1)
-        seen = True
-        if kind is None:
-            untyped = (untyped or 0) + n
-        else:
-            typed += n
-    if not seen:
-        return None
-    return untyped if untyped is not None else typed
+    """GPUs in a TRES string (reaper.units.parse_gres): `gres/gpu=2`, `gres:gpu:a100:2`, ..."""
+    gres = parse_gres(tres)
+    return gres[0] if gres is not None else None
 
 
 def _int(value: str) -> int | None:

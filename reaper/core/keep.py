@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from .model import format_duration
+from ..units import format_duration
 
 # A limit closer than this leaves nothing worth keeping: the keep is refused.
 MIN_KEEP = timedelta(minutes=1)

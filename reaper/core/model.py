@@ -6,9 +6,12 @@ Nothing here does I/O or reads the clock. Times are timezone-aware UTC datetimes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+from ..units import format_duration as format_duration
+from ..units import humanize as humanize  # durations for people live in reaper.units; re-exported
 
 
 class State(StrEnum):
@@ -199,33 +202,3 @@ class Decision:
     @property
     def rank(self) -> int:
         return ACTION_RANK[self.action]
-
-
-def humanize(delta: timedelta) -> str:
-    """3h10m, 45m, 20s, 2d3h."""
-    secs = int(delta.total_seconds())
-    sign = "-" if secs < 0 else ""
-    secs = abs(secs)
-    d, rem = divmod(secs, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    if d:
-        return f"{sign}{d}d{h}h" if h else f"{sign}{d}d"
-    if h:
-        return f"{sign}{h}h{m:02d}m" if m else f"{sign}{h}h"
-    if m:
-        return f"{sign}{m}m"
-    return f"{sign}{s}s"
-
-
-def format_duration(td: timedelta) -> str:
-    """A duration as config.yaml writes it, exactly: 1h30m, 7d, 45s, 0s."""
-    secs = int(td.total_seconds())
-    if secs == 0:
-        return "0s"
-    out = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        n, secs = divmod(secs, size)
-        if n:
-            out.append(f"{n}{unit}")
-    return "".join(out)

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, tzinfo
 
+from ..units import local_time, requested_gpus, requested_partition
 from .model import (
     Action,
     Decision,
@@ -42,13 +43,10 @@ from .rules import ResolvedRule, Thresholds
 
 
 def _gpus(server: HubServer, job_gpus: int | None) -> int:
+    """GPUs held: the batch job's count, else what the spawn options asked for (any spawner's shape)."""
     if job_gpus is not None:
         return job_gpus
-    raw = server.user_options.get("gpus", 0) if isinstance(server.user_options, dict) else 0
-    try:
-        return int(raw)
-    except (TypeError, ValueError):
-        return 0
+    return requested_gpus(server.user_options) or 0
 
 
 def _option_matches(value: object, accepted: object) -> bool:
@@ -83,7 +81,7 @@ def rule_matches(
     if m.min_gpus is not None and _gpus(server, job_gpus) < m.min_gpus:
         return False
     if m.partitions is not None:
-        part = job_partition or opts.get("partition")
+        part = job_partition or requested_partition(opts)
         if not isinstance(part, str) or not any(fnmatch.fnmatchcase(part, p) for p in m.partitions):
             return False
     return True
@@ -134,12 +132,6 @@ class _Deadline:
     stop_at: datetime
     spell: datetime | None  # None: run-wide (max_age)
     why: str
-
-
-def _at(t: datetime, now: datetime, tz: tzinfo) -> str:
-    local = t.astimezone(tz)
-    same_day = local.date() == now.astimezone(tz).date()
-    return local.strftime("%H:%M") if same_day else local.strftime("%a %d %b %H:%M")
 
 
 def _spell_notices(history: History, spell: datetime | None) -> list[SentNotice]:
@@ -243,7 +235,7 @@ def _decide(
             if settled is None:
                 return Decision(
                     Action.OK,
-                    f"{target.why}; final notice queued at {_at(final.created_at, now, tz)}, "
+                    f"{target.why}; final notice queued at {local_time(final.created_at, tz, now)}, "
                     "not delivered yet: the stop waits for it",
                     rule=rule.name,
                     spell=target.spell,
@@ -255,7 +247,7 @@ def _decide(
             if now >= stop_at:
                 return Decision(
                     Action.STOP,
-                    f"{target.why}; final notice {how} at {_at(settled, now, tz)} ({tag})",
+                    f"{target.why}; final notice {how} at {local_time(settled, tz, now)} ({tag})",
                     rule=rule.name,
                     spell=target.spell,
                     stop_at=stop_at,
@@ -263,8 +255,8 @@ def _decide(
                 )
             return Decision(
                 Action.OK,
-                f"{target.why}; final notice {how} at {_at(settled, now, tz)}; "
-                f"stop at {_at(stop_at, now, tz)} ({tag})",
+                f"{target.why}; final notice {how} at {local_time(settled, tz, now)}; "
+                f"stop at {local_time(stop_at, tz, now)} ({tag})",
                 rule=rule.name,
                 spell=target.spell,
                 stop_at=stop_at,
@@ -274,7 +266,7 @@ def _decide(
             stop_at = max(target.stop_at, now + rule.min_notice)
             return Decision(
                 Action.FINAL,
-                f"{target.why}; final notice now, stop at {_at(stop_at, now, tz)} if nothing changes ({tag})",
+                f"{target.why}; final notice now, stop at {local_time(stop_at, tz, now)} if nothing changes ({tag})",
                 rule=rule.name,
                 notice=NoticeKind.FINAL,
                 spell=target.spell,
@@ -284,7 +276,7 @@ def _decide(
 
     # ---- warnings and reminders for the idle spell
     stop_at = target.stop_at if target is not None and can_finish else None
-    stop_words = f", stop at {_at(stop_at, now, tz)}" if stop_at else ""
+    stop_words = f", stop at {local_time(stop_at, tz, now)}" if stop_at else ""
     if thresholds is not None and thresholds.warn_after is not None and spell is not None:
         warn_at = spell + thresholds.warn_after
         final_due = (stop_at - rule.min_notice) if stop_at is not None else None
@@ -316,13 +308,13 @@ def _decide(
                 )
             nxt = last + rule.remind_every
             if final_due is not None and final_due <= nxt:
-                upcoming = f"final notice at {_at(final_due, now, tz)}"
+                upcoming = f"final notice at {local_time(final_due, tz, now)}"
                 nxt = final_due
             else:
-                upcoming = f"next reminder at {_at(nxt, now, tz)}"
+                upcoming = f"next reminder at {local_time(nxt, tz, now)}"
             return Decision(
                 Action.OK,
-                f"{words}; warned at {_at(notices[0].created_at, now, tz)}, {upcoming}{stop_words} ({tag})",
+                f"{words}; warned at {local_time(notices[0].created_at, tz, now)}, {upcoming}{stop_words} ({tag})",
                 rule=rule.name,
                 spell=spell,
                 stop_at=stop_at,
@@ -330,7 +322,7 @@ def _decide(
             )
         return Decision(
             Action.OK,
-            f"{_idle_words(obs, idle_for)}; warning at {_at(warn_at, now, tz)}{stop_words} ({tag})",
+            f"{_idle_words(obs, idle_for)}; warning at {local_time(warn_at, tz, now)}{stop_words} ({tag})",
             rule=rule.name,
             spell=spell,
             stop_at=stop_at,
@@ -340,7 +332,7 @@ def _decide(
     # ---- nothing idle to act on
     if kept:
         assert history.kept_until is not None
-        why = f"kept running by the user until {_at(history.kept_until, now, tz)}"
+        why = f"kept running by the user until {local_time(history.kept_until, tz, now)}"
     elif obs.state is State.COMPUTING:
         why = f"{obs.detail}; a busy kernel is protected ({tag})"
     elif obs.state is State.UNREACHABLE:
@@ -350,5 +342,5 @@ def _decide(
     else:
         why = f"{obs.state.value}: {obs.detail}; no limit for {obs.state.value} servers ({tag})"
     if stop_at is not None:
-        why += f"; stop at {_at(stop_at, now, tz)}"
+        why += f"; stop at {local_time(stop_at, tz, now)}"
     return Decision(Action.OK, why, rule=rule.name, stop_at=stop_at, next_at=stop_at)

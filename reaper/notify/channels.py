@@ -8,14 +8,18 @@ delivery time (times relative to the moment it is sent).
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urljoin
 
 import yaml
 
 from ..config import Settings
 from ..core.model import Action, Decision, HubServer, NoticeKind, Observation, State
+from ..units import parse_iso, utc_or_none
 from .outbox import DeliveryError, LogChannel
 from .render import NoticeContext, RenderedNotice, context_from, render
 
@@ -23,15 +27,21 @@ log = logging.getLogger("reaper.notify")
 
 
 def _t(value: Any) -> datetime | None:
+    """A time of a stored context: None/"" -> None, else aware UTC; text that is no ISO 8601
+    timestamp raises (a notice is never sent with a made-up time)."""
     if not value:
         return None
-    dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    return utc_or_none(value) if isinstance(value, datetime) else parse_iso(str(value))
 
 
-def keep_url(settings: Settings, user: str, server: str) -> str:
-    base = settings.hub.effective_public_url()
-    return f"{base}/services/reaper/"
+def keep_url(settings: Settings, user: str, server: str, *, env: Mapping[str, str] = os.environ) -> str:
+    """The "Keep running" link of a notice: this server's card on the reaper's page (its id in
+    reaper/web/templates/_server.html), at the hub's public address under the page's own prefix
+    (``web.prefix``, else the hub's ``JUPYTERHUB_SERVICE_PREFIX``). The prefix is a full path that
+    already holds the hub's base_url, so it replaces any path of ``hub.public_url``."""
+    prefix = settings.web.page_prefix(env)
+    card = quote(f"server-{user}-{server or 'default'}", safe="-_.~@")
+    return urljoin(settings.hub.effective_public_url() + "/", prefix) + "#" + card
 
 
 def notice_context(kind: NoticeKind | str, ctx: dict[str, Any], settings: Settings, now: datetime,

@@ -44,7 +44,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
-from reaper.core.model import Decision, NoticeKind, Observation, humanize
+from reaper.core.model import Decision, NoticeKind, Observation
+from reaper.units import format_memory, humanize, local_datetime, parse_iso, read_user_options
+from reaper.units import relative as format_relative
 
 PACKAGE_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
@@ -186,7 +188,7 @@ class NoticeContext:
                 continue
             v = data[f.name]
             if f.name in _DATETIME_FIELDS and isinstance(v, str):
-                v = datetime.fromisoformat(v)
+                v = parse_iso(v)
             kwargs[f.name] = v
         return cls(**kwargs)
 
@@ -217,14 +219,6 @@ class RenderedNotice:
     slack_blocks: list[dict[str, Any]]
 
 
-def _first(options: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        v = options.get(k)
-        if v not in (None, "", [], 0, "0"):
-            return v[0] if isinstance(v, list) and len(v) == 1 else v
-    return None
-
-
 def context_from(
     obs: Observation,
     decision: Decision | None,
@@ -242,8 +236,8 @@ def context_from(
 
     ``public_url`` is the hub's public base (``https://hub.example.org``, without ``/hub``). Where
     it runs comes from the spawner state (``job_id``; ``job_status`` "RUNNING node") and the
-    spawn options (``partition``/``req_partition``, ``gpus``/``req_ngpus``, ``cpus``/``req_nprocs``,
-    ``mem``/``req_memory``), when present.
+    spawn options, read by :func:`reaper.units.read_user_options` (our spawner's, batchspawner's and
+    slurmformspawner's names), when present.
     """
     s = obs.server
     base = public_url.rstrip("/")
@@ -255,7 +249,7 @@ def context_from(
     if not node and status.startswith("RUNNING") and len(status.split()) > 1:
         node = status.split()[1]
     idle_since = obs.idle_since
-    cpus = _first(opts, "cpus", "req_nprocs", "nprocs")
+    asked = read_user_options(opts)
     return NoticeContext(
         username=s.user,
         server_name=s.name,
@@ -273,11 +267,11 @@ def context_from(
         tz=tz,
         now=now,
         job_id=s.job_id,
-        partition=_first(opts, "partition", "req_partition", "queue", "req_queue"),
+        partition=asked.partition,
         node=str(node) if node else None,
-        gpus=_first(opts, "gpus", "req_ngpus", "ngpus"),
-        cpus=int(cpus) if isinstance(cpus, int | str) and str(cpus).isdigit() else None,
-        mem=_first(opts, "mem", "memory", "req_memory"),
+        gpus=(f"{asked.gpu_type}:{asked.gpus}" if asked.gpu_type else asked.gpus) if asked.gpus else None,
+        cpus=asked.cpus,
+        mem=format_memory(asked.mem_mb) or None,
         walltime_end=obs.job_end,
         notice_number=notice_number,
         reclaimed=reclaimed,
@@ -297,31 +291,8 @@ def _zone(name: str) -> ZoneInfo:
 
 
 def format_localtime(value: datetime | None, tz: str, *, with_date: bool = True) -> str:
-    """``14:00 EST, Tue 25 Nov`` in the zone ``tz``; naive datetimes are taken as UTC."""
-    if value is None:
-        return "(unknown)"
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    local = value.astimezone(_zone(tz))
-    hm = f"{local:%H:%M} {local.tzname()}"
-    if not with_date:
-        return hm
-    return f"{hm}, {local:%a} {local.day} {local:%b}"
-
-
-def format_relative(value: datetime | None, now: datetime) -> str:
-    """``in 42 min`` / ``in 3h10m`` / ``42 min ago`` / ``now``."""
-    if value is None:
-        return ""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    delta = value - now
-    secs = delta.total_seconds()
-    if abs(secs) < 60:
-        return "now"
-    amount = abs(delta)
-    words = f"{int(amount.total_seconds() // 60)} min" if amount < timedelta(hours=1) else humanize(amount)
-    return f"in {words}" if secs > 0 else f"{words} ago"
+    """``14:00 EST, Tue 25 Nov`` in the zone named ``tz`` (:func:`reaper.units.local_datetime`)."""
+    return local_datetime(value, _zone(tz), with_date=with_date)
 
 
 def format_options(value: Any, limit: int = 300) -> str:

@@ -173,9 +173,7 @@ async def start_web(service: Any) -> WebServer:
         return WebServer(None, None, None)
     host = u.hostname or "127.0.0.1"
     port = u.port or 80  # (https was refused above)
-    prefix = ws.prefix or os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or "/services/reaper/"
-    if not prefix.endswith("/"):
-        prefix += "/"
+    prefix = ws.page_prefix()
     app = make_app(service, prefix=prefix)
     server = HTTPServer(app, xheaders=True)
     server.listen(port, address=host)

@@ -11,19 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from tornado import web
 
-from ..config import format_duration, parse_duration
 from ..core.keep import KeepRefused, keep_until
-from ..core.model import History, HubServer, RunKey, humanize
+from ..core.model import History, HubServer, RunKey
 from ..metrics import CONTENT_TYPE_LATEST
+from ..units import format_duration, humanize, local_time, parse_duration, read_user_options, relative
+from ..units import utc_or_none as as_dt  # the page's name for it
 from .app import WebContext
 
 log = logging.getLogger("reaper.web")
@@ -41,95 +41,6 @@ STOP_KINDS = ("stop",)
 # --------------------------------------------------------------------------- pure helpers
 
 
-def as_dt(value: Any) -> datetime | None:
-    """A datetime or an ISO 8601 string -> aware UTC datetime (naive values are UTC)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-    if not isinstance(value, datetime):
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def relative(when: datetime | None, now: datetime) -> str:
-    """'in 42 min', '3 h 10 min ago', 'now'."""
-    if when is None:
-        return ""
-    secs = (when - now).total_seconds()
-    if abs(secs) < 45:
-        return "now"
-    words = _words(timedelta(seconds=abs(secs)))
-    return f"in {words}" if secs > 0 else f"{words} ago"
-
-
-def _words(delta: timedelta) -> str:
-    mins = int(round(delta.total_seconds() / 60))
-    if mins < 60:
-        return f"{max(mins, 1)} min"
-    h, m = divmod(mins, 60)
-    if h < 48:
-        return f"{h} h {m} min" if m else f"{h} h"
-    d, h = divmod(h, 24)
-    return f"{d} d {h} h" if h else f"{d} d"
-
-
-def local_time(when: datetime | None, tz: ZoneInfo, now: datetime) -> str:
-    """'14:05' today, 'Wed 26 Nov 14:05' otherwise, in the hub's time zone."""
-    if when is None:
-        return ""
-    t = when.astimezone(tz)
-    if t.date() == now.astimezone(tz).date():
-        return t.strftime("%H:%M")
-    return t.strftime("%a %d %b %H:%M")
-
-
-_WALLTIME = re.compile(r"^\s*(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?\s*$")
-
-
-def parse_walltime(value: Any) -> timedelta | None:
-    """Slurm time formats: 'MM', 'HH:MM:SS', 'D-HH:MM:SS', 'D-HH' ... and our own '8h'."""
-    if value in (None, ""):
-        return None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(minutes=value)  # Slurm: a bare number is minutes
-    text = str(value)
-    m = _WALLTIME.match(text)
-    if m:
-        d, a, b, c = m.groups()
-        days = int(d or 0)
-        if c is not None:
-            return timedelta(days=days, hours=int(a), minutes=int(b), seconds=int(c))
-        if b is not None:
-            return timedelta(days=days, hours=int(a), minutes=int(b)) if d else timedelta(minutes=int(a),
-                                                                                           seconds=int(b))
-        return timedelta(days=days, hours=int(a)) if d else timedelta(minutes=int(a))
-    try:
-        return parse_duration(text)
-    except ValueError:
-        return None
-
-
-def _first(opts: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        if opts.get(k) not in (None, ""):
-            return opts[k]
-    return None
-
-
-def parse_memory_gb(value: Any) -> float | None:
-    if value in (None, ""):
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value).lower())
-    if not m:
-        return None
-    n, unit = float(m.group(1)), m.group(2) or "m"  # Slurm: a bare number is megabytes
-    return n * {"k": 1 / 1024**2, "m": 1 / 1024, "g": 1.0, "t": 1024.0}[unit]
-
-
 @dataclass(frozen=True)
 class Resources:
     cpus: float | None = None
@@ -141,30 +52,20 @@ class Resources:
 
 
 def resources_of(record: dict[str, Any]) -> Resources:
-    """What a server's job holds, from what the reaper recorded (batch adapter data first, then the
-    spawner's user_options as batchspawner names them)."""
+    """What a server's job holds, from what the reaper recorded: batch adapter data (``resources``)
+    first, then the spawner's user_options, read by :func:`reaper.units.read_user_options`."""
     res = record.get("resources") if isinstance(record.get("resources"), dict) else {}
     opts = record.get("user_options") if isinstance(record.get("user_options"), dict) else {}
     merged = {**opts, **res}
-
-    def num(*keys: str) -> float | None:
-        v = _first(merged, *keys)
-        if v is None:
-            return None
-        if isinstance(v, str) and ":" in v:  # gres "gpu:2" / "gpu:a100:2"
-            v = v.rsplit(":", 1)[-1]
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return None
-
+    asked = read_user_options(merged)
+    node = merged.get("node") or merged.get("exechost")
     return Resources(
-        cpus=num("cpus", "req_nprocs", "nprocs", "ncpus"),
-        gpus=num("gpus", "req_ngpus", "ngpus", "gres"),
-        mem_gb=parse_memory_gb(_first(merged, "mem_gb", "memory", "req_memory", "mem")),
-        walltime=parse_walltime(_first(merged, "walltime", "req_runtime", "runtime")),
-        partition=_first(merged, "partition", "req_partition"),
-        node=_first(merged, "node", "exechost"),
+        cpus=float(asked.cpus) if asked.cpus is not None else None,
+        gpus=float(asked.gpus) if asked.gpus is not None else None,
+        mem_gb=asked.mem_mb / 1024 if asked.mem_mb is not None else None,
+        walltime=asked.walltime,
+        partition=asked.partition,
+        node=str(node) if node else None,
     )
 
 

@@ -109,3 +109,31 @@ async def test_slack_lookups_are_cached_in_the_store_across_a_restart(parts):
     assert await make_outbox(settings(slack.base_url, sink.port), store).drain(T0) == 1
     assert len(slack.calls_to("users.lookupByEmail")) == 1  # the second reaper used the stored answer
     assert len(slack.calls_to("chat.postMessage")) == 2
+
+
+def test_keep_link_points_at_this_servers_card_under_the_pages_own_prefix() -> None:
+    from reaper.notify.channels import keep_url
+
+    def link(yaml: str, user: str = "alice", server: str = "gpu1", env: dict[str, str] | None = None) -> str:
+        return keep_url(parse_settings(yaml, env={}), user, server, env=env or {})
+
+    plain = 'hub: {public_url: "https://hub.example.org"}'
+    assert link(plain) == "https://hub.example.org/services/reaper/#server-alice-gpu1"
+    assert link(plain, "bob", "") == "https://hub.example.org/services/reaper/#server-bob-default"
+    # the configured prefix, else the one the hub gives the service (it holds the hub's base_url)
+    assert link(plain + "\nweb: {prefix: /reaper-page}") == "https://hub.example.org/reaper-page/#server-alice-gpu1"
+    under = 'hub: {public_url: "https://example.org/jh"}'
+    assert link(under, env={"JUPYTERHUB_SERVICE_PREFIX": "/jh/services/idle/"}) == \
+        "https://example.org/jh/services/idle/#server-alice-gpu1"
+    assert link(plain, "a b", "x/y") == "https://hub.example.org/services/reaper/#server-a%20b-x%2Fy"
+
+
+async def test_a_stored_notice_carries_the_keep_link_of_its_server(parts):
+    from reaper.notify.channels import render_delivery
+
+    store = parts[2]
+    st = parse_settings('hub: {public_url: "https://hub.example.org"}\nweb: {prefix: /jh/services/reaper/}', env={})
+    record_warning(store, "alice")
+    [delivery] = store.due_deliveries(T0, 10)
+    text = render_delivery(delivery, st, T0).text
+    assert "https://hub.example.org/jh/services/reaper/#server-alice-gpu1" in text

@@ -81,6 +81,27 @@ def test_slack_blocks_carry_link_buttons_to_open_keep_and_control_panel() -> Non
     assert f"<{ctx.control_panel_url}|Control Panel>" in r.slack_text
 
 
+def test_context_reads_where_and_what_from_every_spawners_options() -> None:
+    from reaper.core.model import HubServer, Observation, State
+
+    now = datetime(2026, 11, 25, 18, 18, tzinfo=UTC)
+
+    def ctx_of(opts: dict[str, object]) -> NoticeContext:
+        server = HubServer(user="alice", name="", started=now, last_activity=now, url="/user/alice/",
+                           user_options=opts)
+        return context_from(Observation(server=server, state=State.DETACHED, at=now, last_activity=now), None,
+                            public_url="https://hub.example.org", tz="UTC", now=now)
+
+    ours = ctx_of({"partition": "gpu", "runtime": "8:00:00", "memory": "32G", "gpus": 2})
+    stock = ctx_of({"req_partition": "gpu", "req_nprocs": "8", "req_memory": "32000", "req_ngpus": "2"})
+    form = ctx_of({"partition": "gpu", "nprocs": 8, "memory": 32768, "gpus": "gpu:a100:2", "runtime": 8.0})
+    assert (ours.partition, ours.gpus, ours.cpus, ours.mem) == ("gpu", 2, None, "32 GB")
+    assert (stock.partition, stock.gpus, stock.cpus, stock.mem) == ("gpu", 2, 8, "31.2 GB")
+    assert (form.partition, form.gpus, form.cpus, form.mem) == ("gpu", "a100:2", 8, "32 GB")
+    assert ctx_of({"gpus": 0, "memory": ""}).gpus is None
+    assert "8 CPUs, GPU a100:2, 32 GB" in render(NoticeKind.WARNING, form).text
+
+
 def test_html_escapes_script_in_server_name_and_user_options() -> None:
     ctx = replace(sample_context(), server_name=HOSTILE, server_label="",
                   user_options={"profile": HOSTILE, HOSTILE: "x"}, node="<b>n</b>")
@@ -197,8 +218,8 @@ def test_context_from_an_observation_names_the_server_where_it_runs_and_the_link
                        hub_name="Mila", keep_url="https://hub.example.org/services/reaper/keep/x")
     assert ctx.server_url == "https://hub.example.org/user/alice/gpu1/"
     assert ctx.control_panel_url == "https://hub.example.org/hub/home"
-    assert (ctx.job_id, ctx.node, ctx.partition, ctx.gpus, ctx.cpus, ctx.mem) == ("77", "cn-b002", "long", "1", 4, "16G")
+    assert (ctx.job_id, ctx.node, ctx.partition, ctx.gpus, ctx.cpus, ctx.mem) == ("77", "cn-b002", "long", 1, 4, "16 GB")
     assert ctx.idle_for == "3h13m" and ctx.stop_at == now + timedelta(minutes=42)
     t = render(NoticeKind.WARNING, ctx).text
     assert 'Your server "gpu1" on Mila' in t and "Slurm job 77 on node cn-b002, partition long" in t
-    assert "4 CPUs, 1 GPU, 16G" in t and "14:00 EST, Wed 25 Nov (in 42 min)" in t
+    assert "4 CPUs, 1 GPU, 16 GB" in t and "14:00 EST, Wed 25 Nov (in 42 min)" in t

@@ -39,6 +39,8 @@ from urllib.parse import quote
 import httpx
 import websocket  # websocket-client
 
+from reaper.units import parse_iso
+
 REPO = Path(__file__).resolve().parents[2]
 HUB_CONFIG = REPO / "hub" / "jupyterhub_config.py"
 BIN = Path(sys.executable).parent
@@ -79,10 +81,8 @@ def free_ports(n: int) -> list[int]:
 
 
 def parse_time(value: str | None) -> datetime | None:
-    """JupyterHub/jupyter_server ISO 8601 timestamps ('...Z') -> aware UTC datetime."""
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+    """JupyterHub/jupyter_server ISO 8601 timestamps ('...Z') -> aware UTC datetime (reaper.units)."""
+    return parse_iso(value) if value else None
 
 
 def jupyterhub_executable() -> str | None:

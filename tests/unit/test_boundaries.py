@@ -1,5 +1,5 @@
-"""The layers' import rules: the pure core (reaper/core) imports only the standard library and
-itself; config.py imports no adapter (web, batch, notify, store, hub), so validating a file builds
+"""The layers' import rules: the pure core (reaper/core) imports only the standard library,
+itself and reaper.units (pure helpers for times and sizes, which import only the standard library); config.py imports no adapter (web, batch, notify, store, hub), so validating a file builds
 none of them. Checked twice: the import statements as written (every one, also inside functions)
 and the modules a fresh interpreter really loads."""
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "reaper" / "core"
+PURE = ("reaper.core", "reaper.units")  # what the core may import of the project
 ADAPTERS = ("reaper.web", "reaper.batch", "reaper.notify", "reaper.store", "reaper.hub")
 # The one adapter config.py asks, late and only when notify.templates is set: the notice
 # templates are rendered when the file is loaded, so check-config, start and SIGHUP reject a
@@ -52,9 +53,16 @@ def test_the_core_imports_only_the_standard_library_and_itself():
     for f in files:
         for name, _ in imports(f, "reaper.core"):
             root = name.split(".")[0]
-            assert name.startswith("reaper.core") or (root in sys.stdlib_module_names and root != "reaper"), (
-                f"{f.relative_to(ROOT)} imports {name}: the core imports only the standard library and reaper.core"
+            assert name.startswith(PURE) or (root in sys.stdlib_module_names and root != "reaper"), (
+                f"{f.relative_to(ROOT)} imports {name}: the core imports only the standard library, reaper.core "
+                "and reaper.units"
             )
+
+
+def test_units_imports_only_the_standard_library():
+    for name, _ in imports(ROOT / "reaper" / "units.py", "reaper"):
+        root = name.split(".")[0]
+        assert root in sys.stdlib_module_names and root != "reaper", f"reaper/units.py imports {name}"
 
 
 def test_importing_the_core_loads_no_pydantic_yaml_or_config():
@@ -62,7 +70,7 @@ def test_importing_the_core_loads_no_pydantic_yaml_or_config():
     loaded = loaded_after("\n".join(f"import {m}" for m in modules))
     assert set(modules) <= loaded
     assert not {m for m in loaded if m.split(".")[0] in ("pydantic", "pydantic_core", "yaml")}
-    assert not {m for m in loaded if m.startswith("reaper.") and not m.startswith("reaper.core")}
+    assert not {m for m in loaded if m.startswith("reaper.") and not m.startswith(PURE)}
 
 
 def test_config_imports_no_adapter():

@@ -67,6 +67,10 @@ def test_negative_duration_is_an_error():
     assert "site.yaml:2: sweep_every: a duration cannot be negative" in err("\nsweep_every: -5m\n")
 
 
+def test_a_duration_too_long_for_python_is_a_config_error_not_a_crash():
+    assert "site.yaml:2: sweep_every: not a usable duration" in err("\nsweep_every: 9999999999999999d\n")
+
+
 def test_yaml_syntax_error_has_line():
     assert err("defaults:\n  detached: [1h\n").startswith("site.yaml:")
 

@@ -173,6 +173,17 @@ def test_gpu_rule_matches_on_user_options_and_has_max_age():
     assert dec.action is Action.FINAL and dec.spell is None and "longest allowed" in dec.reason
 
 
+def test_gpu_and_partition_rules_read_every_spawners_user_options():
+    # stock batchspawner (its trait names, and the script variables), slurmformspawner's gres choice
+    for opts in ({"req_ngpus": "1"}, {"ngpus": "2"}, {"gres": "gpu:2"}, {"gpus": "gpu:a100:1"}):
+        assert rule_for(srv(user_options=opts)).name == "gpu", opts
+    for opts in ({"gpus": "gpu:0"}, {"gpus": 0}, {"gres": "shard:1"}):
+        assert rule_for(srv(user_options=opts)).name != "gpu", opts
+    cfg = parse_settings("rules:\n  - name: main\n    match: {partitions: [main]}\n    exempt: true\n", env={})
+    rule = select_rule(cfg.resolved_rules(), cfg.default_rule(), srv(user_options={"req_partition": "main"}))
+    assert rule.name == "main"
+
+
 def test_kept_until_suspends_idle_notices():
     o = obs(idle=10 * H)
     assert d(o, History(kept_until=NOW + H)).action is Action.OK

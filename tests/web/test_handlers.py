@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from zoneinfo import ZoneInfo
 
 import pytest
 
 from reaper.core.model import RunKey
 from reaper.sweep import SweepResult
-from reaper.web.handlers import parse_walltime, reclaimed, relative
+from reaper.web.handlers import reclaimed
 from tests.web import PREFIX, hub_server, make_web, utcnow, web  # noqa: F401  (fixtures)
 
 
@@ -171,6 +170,16 @@ async def test_keep_running_never_goes_past_the_walltime_in_user_options(make_we
     assert kept(w, "alice") == started + timedelta(hours=2)
 
 
+async def test_the_page_reads_slurmformspawner_options_and_says_times_as_the_notices_do(make_web):
+    # slurmformspawner's form data: runtime in hours (a float), memory in MB, GPUs as a gres choice
+    opts = {"runtime": 3.0, "nprocs": 4, "memory": 8000, "gpus": "gpu:v100:1", "ui": "lab"}
+    w = await make_web("", [hub_server("alice", started=utcnow() - timedelta(hours=1), user_options=opts)])
+    s = (await w.get("api/servers/alice", "alice")).json()
+    assert (s["cpus"], s["gpus"], s["mem_gb"]) == (4, 1, 8000 / 1024)
+    assert re.fullmatch(r"in (1h59m|2h)", s["job_end"]["relative"]), s["job_end"]
+    assert re.fullmatch(r"(1h|59 min) ago", s["started"]["relative"]), s["started"]
+
+
 async def test_a_kept_server_gets_no_stop_from_the_next_sweep(make_web):
     idle = utcnow() - timedelta(hours=10)
     from reaper.core.model import Kernel, Probe
@@ -303,13 +312,6 @@ async def test_health_is_503_when_the_last_successful_sweep_is_too_old(make_web)
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
-def test_slurm_walltimes_parse():
-    assert parse_walltime("2:00:00") == timedelta(hours=2)
-    assert parse_walltime("1-12:00:00") == timedelta(days=1, hours=12)
-    assert parse_walltime("90") == timedelta(minutes=90)
-    assert parse_walltime("30:00") == timedelta(minutes=30)
-    assert parse_walltime("8h") == timedelta(hours=8)
-    assert parse_walltime("never") is None
 
 
 def test_reclaimed_hours_count_from_the_stop_to_the_walltime_end():
@@ -321,15 +323,3 @@ def test_reclaimed_hours_count_from_the_stop_to_the_walltime_end():
     ]
     r = reclaimed(stops)
     assert r == {"cpu_hours": 10.0, "gpu_hours": 4.0, "mem_gb_hours": 32.0, "counted": 2, "unknown": 1}
-
-
-def test_relative_times_read_naturally():
-    assert relative(NOW + timedelta(minutes=42), NOW) == "in 42 min"
-    assert relative(NOW - timedelta(hours=3, minutes=10), NOW) == "3 h 10 min ago"
-    assert relative(NOW + timedelta(seconds=10), NOW) == "now"
-    assert relative(NOW + timedelta(days=3), NOW) == "in 3 d"
-    from reaper.web.handlers import local_time
-
-    tz = ZoneInfo("America/Montreal")
-    assert local_time(NOW, tz, NOW) == "07:00"
-    assert local_time(NOW + timedelta(days=1), tz, NOW) == "Thu 26 Nov 07:00"
