@@ -970,6 +970,7 @@ def format_table(res: SweepResult, tz: Any, now: datetime | None = None) -> str:
     out.append(
         f"-- {len(res.rows)} servers {res.counts()}; {res.probes} probed"
         + (f" ({res.probes_status_only} by status alone)" if res.probes_status_only else "")
+        + (f"; {res.orphans} orphan batch job(s){' (not cancelled)' if res.dry_run else ''}" if res.orphans else "")
         + f"; sweep {verdict}"
         + ("; dry run: nothing was changed" if res.dry_run else "")
     )
