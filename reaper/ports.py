@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .core.model import Decision, History, HubServer, NoticeKind, Observation, Probe, RunKey
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .store import StopRecord
 
 
+@runtime_checkable
 class HubPort(Protocol):
     """The JupyterHub REST client (reaper.hub.HubClient; tests.fakes.FakeHub)."""
 
@@ -32,6 +33,7 @@ class HubPort(Protocol):
     async def target_for(self, server: HubServer) -> str | None: ...
 
 
+@runtime_checkable
 class StorePort(Protocol):
     """The reaper's database (reaper.store.Store), as the sweep and the stops use it."""
 
@@ -53,12 +55,14 @@ class StorePort(Protocol):
     def recent_notices(self, since: datetime, limit: int = 200) -> list[dict[str, Any]]: ...
 
 
+@runtime_checkable
 class Notifier(Protocol):
     """The outbox: delivers the notices that are due."""
 
     async def drain(self, now: datetime) -> int: ...
 
 
+@runtime_checkable
 class Guard(Protocol):
     """The batch-system guard (reaper.batch.guard.JobGuard): the hub's jobs, the look after a stop,
     the orphans."""

@@ -397,3 +397,22 @@ async def test_stop_now_of_a_server_the_hub_no_longer_has_asks_nothing():
     stops = Stops(hub, ReadOnlyStore(), JobsGuard(), clock=Clock(T0), concurrency=1)
     assert await stops.stop_now("alice", "", actor="carol") is StopOutcome.GONE
     assert hub.stops == []
+
+
+def test_the_real_adapters_and_the_fakes_implement_the_sweeps_protocols(tmp_path):
+    # Every method of each protocol is there: no capability of the sweep quietly turns off (a hub
+    # without probe_status would once have turned confirm_with_status off).
+    from reaper.hub import HubClient
+    from reaper.notify.outbox import LogChannel, Outbox
+    from reaper.ports import Guard, HubPort, Notifier, StorePort
+    from reaper.store import Store
+
+    store = Store.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    try:
+        assert isinstance(FakeHub(), HubPort) and isinstance(HubClient("http://127.0.0.1:1/hub/api", "t"), HubPort)
+        assert isinstance(store, StorePort)
+        assert isinstance(Outbox(store, {"log": LogChannel()}), Notifier)
+        assert isinstance(JobGuard(FakeBatch([]), store), Guard) and isinstance(JobsGuard(), Guard)
+        assert not isinstance(object(), HubPort)
+    finally:
+        store.close()
