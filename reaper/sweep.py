@@ -349,6 +349,11 @@ class Sweeper:
     def stop_hook(self, guard: Guard | None) -> None:
         self.stops.guard = guard
 
+    @property
+    def _intents(self) -> Any:
+        """The streamed stops' group writer (benchmarks/run.py reports its batches)."""
+        return self.stops._intents
+
     # ------------------------------------------------------------------ rules
 
     def _rules(self) -> tuple[list[ResolvedRule], ResolvedRule]:
