@@ -25,7 +25,6 @@ from enum import Enum
 from typing import Any
 
 from .core.model import HubServer, RunKey
-from .faults import crashpoint
 from .groupcommit import GroupWriter
 from .ports import Guard, HubPort, StorePort
 from .store import StopRecord
@@ -126,7 +125,6 @@ class Stops:
 
     async def record(self, records: list[StopRecord]) -> None:
         await self._db(self.store.record_stops, records, self.clock())
-        crashpoint("after-stop")
 
     async def after(self, server: HubServer, outcome: StopOutcome) -> None:
         """The batch guard's look after a stop (is the job gone? cancel it if not)."""

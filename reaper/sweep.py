@@ -266,13 +266,15 @@ class Effects:
         await self.sw._end_gone_runs(run)
         crashpoint("after-record")
 
-    async def deliver(self, now: datetime) -> None:
-        if self.sw.notifier is None:
-            return
-        try:
-            await self.sw.notifier.drain(now)
-        except Exception as e:
-            log.error("notice delivery failed (will retry): %s", e)
+    async def deliver(self, now: datetime, *, point: str | None = None) -> None:
+        """The outbox's due notices; ``point`` names the crash point after it (reaper/faults.py)."""
+        if self.sw.notifier is not None:
+            try:
+                await self.sw.notifier.drain(now)
+            except Exception as e:
+                log.error("notice delivery failed (will retry): %s", e)
+        if point is not None:
+            crashpoint(point)
 
     async def reconcile(self, guard: Guard, run: SweepRun) -> int:
         return len(await guard.reconcile(run.servers, run.jobs, run.now))
@@ -304,7 +306,7 @@ class DryEffects(Effects):
     async def end_runs(self, run: SweepRun) -> None:
         return None
 
-    async def deliver(self, now: datetime) -> None:
+    async def deliver(self, now: datetime, *, point: str | None = None) -> None:
         return None
 
     async def reconcile(self, guard: Guard, run: SweepRun) -> int:
@@ -456,7 +458,7 @@ class Sweeper:
             await run.effects.end_runs(run)
         with res.phase("notify"):
             # a final notice must be delivered before its stop can come
-            await run.effects.deliver(run.now)
+            await run.effects.deliver(run.now, point="after-notify")
         await self.stop_held(run)
         await self.reconcile_orphans(run)
         await self.deliver_stopped(run)
@@ -750,6 +752,7 @@ class Sweeper:
         for c in range(0, len(streamed), 100):  # (each record holds its notice's context)
             await self.stops.record([self._stop_record(r, r.obs, r.decision, r.stop)  # type: ignore[arg-type]
                                      for r in streamed[c : c + 100]])
+        crashpoint("after-stop")
         await asyncio.gather(*(self.stops.after(r.obs.server, r.stop.outcome) for r in streamed))  # type: ignore[union-attr]
 
     def _stop_record(self, row: Row, obs: Observation, dec: Decision, asked: Asked) -> Any:
@@ -806,6 +809,7 @@ class Sweeper:
                 res.counted_stop(row, asked.outcome, asked.detail, dec.reason)
             await stops.record([self._stop_record(row, obs, dec, asked)
                                 for (row, obs, dec), asked in zip(go, answers, strict=True)])
+            crashpoint("after-stop")
         await asyncio.gather(*(stops.after(row.obs.server, asked.outcome)
                                for (row, _, _), asked in zip(go, answers, strict=True)))
 
