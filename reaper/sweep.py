@@ -217,8 +217,6 @@ class Effects:
     deliveries, the stops and the orphans' cancels. The steps call these and nothing else that
     writes."""
 
-    dry = False
-
     def __init__(self, sweeper: Sweeper) -> None:
         self.sw = sweeper
 
@@ -283,8 +281,6 @@ class Effects:
 class DryEffects(Effects):
     """A dry run's effects: nothing is recorded, sent or stopped; the rows say what would be, and
     orphans are reported (logged), not cancelled."""
-
-    dry = True
 
     @property
     def stops(self) -> Stops | None:
