@@ -12,11 +12,13 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlparse
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from .config import ConfigError, Settings, batch_problems, choose_batch_system, load_settings
@@ -26,6 +28,52 @@ from .store import Store
 from .sweep import Sweeper, SweepResult, utcnow
 
 log = logging.getLogger("reaper.service")
+
+
+class _NoSkipWarnings(logging.Filter):
+    """APScheduler warns once per tick skipped while a sweep still runs (16 lines in one 80 s
+    sweep of 10,000 servers); the service says it once per overrun instead (ReaperService.tick)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in str(record.msg)
+
+
+# The scheduler's own logger: APScheduler's messages, less the per-tick skip warning.
+SCHEDULER_LOG = logging.getLogger("reaper.scheduler")
+SCHEDULER_LOG.setLevel(logging.WARNING)  # (as apscheduler's: no "Running job" line per tick)
+SCHEDULER_LOG.addFilter(_NoSkipWarnings())
+
+
+def overrun_message(took: float, every: timedelta, skipped: int, next_at: datetime | None) -> str:
+    """The one line said when a sweep outlasted ``sweep_every``."""
+    when = f"at {next_at.astimezone().strftime('%H:%M:%S %Z')}" if next_at is not None else "at the next tick"
+    return (f"sweep took {took:.1f}s, longer than sweep_every ({every.total_seconds():g}s): "
+            f"{skipped} tick(s) skipped; the next sweep starts {when}")
+
+
+# Settings that a running service cannot take on by SIGHUP: the store's connection, the page's
+# socket, and the hub client (shared by the sweeps and the page's login) with its pools.
+RESTART_KEYS = (
+    "database_url", "web.listen", "web.prefix",
+    "hub.api_url", "hub.api_token", "hub.public_url", "hub.timeout", "hub.retries", "hub.concurrency",
+    "hub.page_size", "hub.http",
+    "probe.via", "probe.timeout", "probe.concurrency", "probe.token", "probe.terminals",
+    "safety.stop_concurrency",
+)
+# Settings the batch guard is built from (rebuilt on SIGHUP when one changed).
+GUARD_KEYS = ("batch", "slurm", "orphans", "defaults.channels")
+
+
+def setting(settings: Settings, key: str) -> Any:
+    """The value at a dotted key ("hub.timeout", "web.listen"): attributes, then mapping keys."""
+    value: Any = settings
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+    return value
+
+
+def changed_keys(old: Settings, new: Settings, keys: tuple[str, ...]) -> list[str]:
+    return [k for k in keys if setting(old, k) != setting(new, k)]
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -122,6 +170,8 @@ class ReaperService:
         self.last_result: SweepResult | None = None
         self.scheduler: AsyncIOScheduler | None = None
         self.web: Any = None
+        self.skipped_ticks = 0  # sweep ticks skipped while the current sweep runs
+        self._next_guard: tuple[Any] | None = None  # a guard rebuilt by SIGHUP during a sweep
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -135,7 +185,21 @@ class ReaperService:
         self.outbox = make_outbox(s, self.store, observer=count_notice)
         self.sweeper = Sweeper(s, self.hub, self.store, notifier=self.outbox, stop_hook=make_stop_hook(s, self.store),
                               keep_rows=False)  # counts, not 10,000 rows (dry runs keep theirs)
-        self.scheduler = AsyncIOScheduler(timezone="UTC")
+        self.schedule(s)
+        await self.start_web()
+        log.info(
+            "reaper started: hub %s, sweep every %s, database %s%s",
+            s.hub.effective_api_url(),
+            s.sweep_every,
+            urlparse(s.database_url).scheme,
+            ", DRY RUN" if s.dry_run else "",
+        )
+
+    def schedule(self, s: Settings) -> None:
+        """The sweeps on an interval (never overlapping: a tick while a sweep runs is skipped, and
+        said once per overrun by tick), and the outbox's retries between sweeps."""
+        self.scheduler = AsyncIOScheduler(timezone="UTC", logger=SCHEDULER_LOG)
+        self.scheduler.add_listener(self._count_skip, EVENT_JOB_MAX_INSTANCES)
         self.scheduler.add_job(
             self.tick,
             "interval",
@@ -156,14 +220,10 @@ class ReaperService:
             id="outbox",
         )
         self.scheduler.start()
-        await self.start_web()
-        log.info(
-            "reaper started: hub %s, sweep every %s, database %s%s",
-            s.hub.effective_api_url(),
-            s.sweep_every,
-            urlparse(s.database_url).scheme,
-            ", DRY RUN" if s.dry_run else "",
-        )
+
+    def _count_skip(self, event: JobSubmissionEvent) -> None:
+        if event.job_id == "sweep":
+            self.skipped_ticks += 1
 
     async def start_web(self) -> None:
         try:
@@ -206,9 +266,15 @@ class ReaperService:
             log.warning("another reaper process holds the lease on this database (%s); waiting (not acting)",
                         await asyncio.to_thread(self.store.lease_holder, now))
             return
+        if self._next_guard is not None:  # rebuilt by a SIGHUP during the last sweep
+            self.sweeper.stop_hook = self._next_guard[0]
+            self._next_guard = None
         guard = self.sweeper.stop_hook
         before = (getattr(guard, "scancels", 0), getattr(guard, "orphans_cancelled", 0))
+        self.skipped_ticks = 0
+        began = time.monotonic()
         self.last_result = await self.sweeper.run_once()
+        self.say_overrun(time.monotonic() - began)
         from . import metrics
 
         metrics.record_sweep(self.last_result)
@@ -218,6 +284,14 @@ class ReaperService:
             metrics.count_scancel(scancels)
         if orphans:
             metrics.count_orphan(orphans)
+
+    def say_overrun(self, took: float) -> None:
+        """One line when the sweep outlasted sweep_every (APScheduler's per-tick warnings are off)."""
+        every = self.settings.sweep_every
+        if took <= every.total_seconds():
+            return
+        job = self.scheduler.get_job("sweep") if self.scheduler is not None else None
+        log.warning("%s", overrun_message(took, every, self.skipped_ticks, job.next_run_time if job else None))
 
     async def drain_outbox(self) -> None:
         if self.outbox is None or self.store is None:
@@ -231,6 +305,9 @@ class ReaperService:
             log.error("outbox drain failed (will retry): %s", e)
 
     def reload(self) -> None:
+        """SIGHUP: load config.yaml again. The policy, the schedule, the log level, the notice
+        channels and the batch guard take the new settings; a setting that needs a restart is
+        named (by key) and keeps its start-up value. An invalid file changes nothing."""
         if self.config_path is None:
             log.warning("SIGHUP: no config file to reload")
             return
@@ -239,15 +316,52 @@ class ReaperService:
         except ConfigError as e:
             log.error("SIGHUP: config rejected, keeping the last good policy:\n%s", e)
             return
-        changed_db = new.database_url != self.settings.database_url
-        self.settings = new
+        old, self.settings = self.settings, new
         if self.sweeper is not None:
             self.sweeper.settings = new
         if self.scheduler is not None:
             self.scheduler.reschedule_job("sweep", trigger="interval", seconds=new.sweep_every.total_seconds())
         logging.getLogger().setLevel(new.log_level)
+        self._reload_channels(new)
+        if changed_keys(old, new, GUARD_KEYS):
+            self._reload_guard(new)
+        restart = changed_keys(old, new, RESTART_KEYS)
+        for key in restart:
+            log.warning("SIGHUP: %s changed: it needs a restart (the running service keeps its start-up value)", key)
         log.info("SIGHUP: config reloaded from %s%s", self.config_path,
-                 " (database_url changes need a restart)" if changed_db else "")
+                 f" ({len(restart)} setting(s) need a restart: {', '.join(restart)})" if restart else "")
+
+    def _reload_channels(self, new: Settings) -> None:
+        """The outbox's channels (e-mail, Slack, their templates' settings) and retry policy, in
+        place: the one outbox keeps its lock, so a delivery is never tried twice at once."""
+        if self.outbox is None:
+            return
+        from .notify.channels import build_channels
+
+        try:
+            channels = build_channels(new, store=self.store)
+        except Exception as e:
+            log.error("SIGHUP: notice channels not rebuilt, keeping the old ones: %s", e)
+            return
+        self.outbox.channels = dict(channels)
+        self.outbox.max_attempts = new.notify.max_attempts
+        self.outbox.base_delay = new.notify.retry_base
+
+    def _reload_guard(self, new: Settings) -> None:
+        """The batch guard from the new batch/slurm/orphans settings; taken at once, or at the
+        start of the next sweep if one is running."""
+        if self.sweeper is None:
+            return
+        try:
+            guard = make_stop_hook(new, self.store)
+        except (ValueError, OSError) as e:
+            log.error("SIGHUP: batch guard not rebuilt, keeping the old one: %s", e)
+            return
+        if self.sweeper.running:
+            self._next_guard = (guard,)
+            log.info("SIGHUP: the batch guard takes the new settings after the running sweep")
+        else:
+            self.sweeper.stop_hook = guard
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

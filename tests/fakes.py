@@ -1,4 +1,6 @@
-"""An in-memory stand-in for reaper.hub.HubClient, for sweep tests of the pure-core wiring.
+"""An in-memory stand-in for reaper.hub.HubClient, for sweep tests of the pure-core wiring. It
+implements the whole of the sweep's hub protocol (reaper.ports.Hub), so that no capability of
+the sweep quietly turns off in a test.
 
 It is not the proof that the hub integration works (tests/integration does that against a real
 JupyterHub); it lets sweep tests script time, probes and failures exactly.
@@ -45,8 +47,12 @@ class FakeHub:
             raise HubListingError("GET /users page 2: HTTP 500 after 3 tries")
         return list(self.servers.values())
 
-    async def refresh_targets(self) -> None:
-        return None
+    async def refresh_targets(self) -> int:
+        """No route table: every scripted server has its own address."""
+        return 0
+
+    async def target_for(self, server: HubServer) -> str | None:
+        return server.target or None
 
     async def probe(self, server: HubServer, *, status: Probe | None = None) -> Probe:
         key = (server.user, server.name)

@@ -133,7 +133,11 @@ class JobGuard:
 
     async def reconcile(self, servers: Iterable[HubServer], jobs: dict[str, Job] | None, now: datetime,
                         *, dry_run: bool = False) -> list[Job]:
-        """Jobs of the hub that no running server owns, past the grace: report, cancel, tell the user."""
+        """Jobs of the hub that no running server owns, past the grace: report, cancel, tell the user.
+
+        A dry run reports them (logged) and changes nothing, not even the guard's first sightings:
+        a job it has not seen before counts from its start (a dry run from the command line has
+        seen nothing before)."""
         if jobs is None:
             return []
         owned = {s.job_id for s in servers if s.job_id}
@@ -144,19 +148,23 @@ class JobGuard:
             if job.finished or job.id in owned:
                 continue
             live.add(job.id)
-            first = self._orphan_seen.setdefault(job.id, now)
+            if dry_run:
+                first = self._orphan_seen.get(job.id) or job.start or now
+            else:
+                first = self._orphan_seen.setdefault(job.id, now)
             if job.user in users_starting:
                 continue  # a spawn in progress: the hub has not recorded the job id yet
             if now - first < self.orphan_grace:
                 continue
             orphans.append(job)
-        for gone in set(self._orphan_seen) - live:
-            self._orphan_seen.pop(gone, None)
+        if not dry_run:
+            for gone in set(self._orphan_seen) - live:
+                self._orphan_seen.pop(gone, None)
         for job in orphans:
             where = f"job {job.id} of {job.user} ({job.partition or '?'} on {job.node or '?'})"
             if dry_run or not self.orphan_cancel:
                 log.warning("orphan %s: no hub server owns it%s", where,
-                            " (dry run)" if dry_run else " (orphans.cancel is false: reported only)")
+                            " (dry run: not cancelled)" if dry_run else " (orphans.cancel is false: reported only)")
                 if not dry_run:
                     await self._db(self.store.record_action, None, "orphan-seen", True,
                                    f"{where}: no hub server owns it", now, job_id=job.id)

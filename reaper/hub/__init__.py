@@ -13,7 +13,7 @@ the single-user servers, over one transport.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from reaper.core.model import HubServer, Probe
 
@@ -25,6 +25,7 @@ from .probe import probe_from_answers, probe_from_status
 from .transport import Answer, Transport, TransportFailure, TransportTimeout
 
 
+@runtime_checkable
 class Hub(Protocol):
     """What a sweep needs of the hub (HubClient over HTTP; tests' FakeHub from a table).
 

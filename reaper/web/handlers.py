@@ -380,7 +380,7 @@ class KeepHandler(ActionHandler):
         actions = await self.db("recent_actions", now - timedelta(hours=24), 1000)
         keeps = sum(1 for a in actions if a.get("kind") == "keep" and a.get("ok", True)
                     and a.get("user") == user and (a.get("server") or "") == name)
-        rule = sweeper._rule(server)
+        rule = sweeper.rule_for(server, sweeper.known_job(server))  # the sweep's rule, its job's GPUs too
         overview = next((r for r in await self.db("runs_overview")
                          if r.get("user") == user and (r.get("server") or "") == name), {})
         record = {**overview, "started": server.started, "user_options": server.user_options}
@@ -409,17 +409,16 @@ class KeepHandler(ActionHandler):
 class StopHandler(ActionHandler):
     @web.authenticated
     async def post(self) -> None:
-        from ..sweep import stop_now
+        from ..stops import StopOutcome
 
         user, name = self.target()
         label = f"{user}/{name}" if name else user
         log.info("%s: stop requested on the web page by %s", label, self.me)
-        outcome = await stop_now(self.ctx.service.sweeper, user, name, actor=self.me)
-        if outcome != "gone":
-            self.ctx.metrics.count_stop(outcome)
-        code = {"stopped": "stopped", "pending": "stop-pending", "gone": "gone"}.get(outcome, "stop-failed")
-        self.done(code, {"user": user, "server": name, "outcome": outcome},
-                  status=502 if code == "stop-failed" else 200)
+        outcome = await self.ctx.service.sweeper.stops.stop_now(user, name, actor=self.me)
+        if outcome is not StopOutcome.GONE:
+            self.ctx.metrics.count_stop(outcome.value)
+        self.done(outcome.page_code, {"user": user, "server": name, "outcome": outcome.value},
+                  status=200 if outcome.ok else 502)
 
 
 class ServersAPIHandler(BaseHandler):

@@ -212,3 +212,100 @@ def test_sighup_applies_a_new_policy_and_keeps_the_last_good_one_on_an_invalid_f
     m = log.wait_for(rf"reaper\.sweep: {USER} \(default\): (\w+) -> warn: (.*)$", mark, proc)[0]
     assert m.group(1) in ("detached", "attached")
     assert proc.poll() is None
+
+
+# --------------------------------------------------------------------------- what SIGHUP reloads
+# (no real parts: the service object with a SQLite store and the scripted hub of tests/fakes.py)
+
+RELOAD_A = """\
+sweep_every: 5m
+database_url: "sqlite:///{db}"
+defaults:
+  channels: [log]
+"""
+
+# e-mail and a batch system added; the database, the page's address and the hub client's timeout
+# changed (each needs a restart)
+RELOAD_B = """\
+sweep_every: 5m
+database_url: "sqlite:///{db}.other"
+hub: {{timeout: 20s}}
+web: {{listen: "http://127.0.0.1:9999"}}
+notify:
+  email: {{host: mail.example.org, port: 2525, security: none, from_addr: reaper@example.org}}
+batch: {{system: slurm}}
+slurm: {{job_name: hub-jobs}}
+defaults:
+  channels: [log, email]
+"""
+
+
+def reload_service(tmp_path: Path):
+    from reaper.config import load_settings
+    from reaper.service import ReaperService, make_outbox, make_stop_hook
+    from reaper.store import Store
+    from reaper.sweep import Sweeper
+    from tests.fakes import FakeHub
+
+    db = tmp_path / "r.sqlite"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(RELOAD_A.format(db=db))
+    settings = load_settings(str(cfg))
+    svc = ReaperService(str(cfg), settings)
+    svc.store = Store.open(f"sqlite:///{db}")
+    svc.outbox = make_outbox(settings, svc.store)
+    svc.sweeper = Sweeper(settings, FakeHub(), svc.store, notifier=svc.outbox,
+                          stop_hook=make_stop_hook(settings, svc.store))
+    return svc, cfg, db
+
+
+def test_sighup_rebuilds_the_channels_and_the_guard_and_names_each_setting_that_needs_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from reaper.batch.guard import JobGuard
+
+    svc, cfg, db = reload_service(tmp_path)
+    outbox = svc.outbox
+    assert set(outbox.channels) == {"log"} and svc.sweeper.stop_hook is None
+    cfg.write_text(RELOAD_B.format(db=db))
+    with caplog.at_level("INFO", logger="reaper.service"):
+        svc.reload()
+    try:
+        assert svc.settings is svc.sweeper.settings and svc.settings.hub.timeout.total_seconds() == 20
+        # the same outbox (its drain lock), with the new channels
+        assert svc.outbox is outbox and set(outbox.channels) == {"log", "email"}
+        guard = svc.sweeper.stop_hook
+        assert isinstance(guard, JobGuard) and guard.job_name == "hub-jobs" and guard.channels == ["log", "email"]
+        assert svc.sweeper.stops.guard is guard  # the stops (and the page's Stop now) use it too
+        restart = [r.getMessage() for r in caplog.records if "needs a restart" in r.getMessage()]
+        for key in ("database_url", "web.listen", "hub.timeout"):
+            assert any(m.startswith(f"SIGHUP: {key} changed: it needs a restart") for m in restart), (key, restart)
+        assert not any("notify" in m or "batch" in m for m in restart)
+        assert any("3 setting(s) need a restart: database_url, web.listen, hub.timeout" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        svc.store.close()
+
+
+async def test_sighup_during_a_sweep_hands_the_new_guard_to_the_next_sweep(tmp_path: Path) -> None:
+    from reaper.batch.guard import JobGuard
+
+    svc, cfg, db = reload_service(tmp_path)
+    try:
+        cfg.write_text(RELOAD_B.format(db=db))
+        async with svc.sweeper._lock:  # a sweep is running
+            svc.reload()
+            assert svc.sweeper.stop_hook is None  # not swapped under the running sweep
+        svc.sweeper.stop_hook = None
+        guard = svc._next_guard[0]
+        assert isinstance(guard, JobGuard)
+        guard.hub_jobs = lambda: _none()  # no Slurm here: the batch system lists nothing
+        await svc.tick()
+        assert svc.sweeper.stop_hook is guard and svc._next_guard is None
+        assert svc.last_result is not None and svc.last_result.ok
+    finally:
+        svc.store.close()
+
+
+async def _none() -> None:
+    return None

@@ -199,8 +199,14 @@ async def test_streamed_stop_goes_out_right_after_its_own_look_and_is_recorded_a
     sw = make(store, hub, clock)
     await sw.run_once()  # alice: the final notice (10 h idle); bob is busy
 
-    class Hook:
+    class Hook:  # a batch guard (reaper.ports.Guard) that sees no batch jobs
         seen: list = []
+
+        async def hub_jobs(self):
+            return None
+
+        async def reconcile(self, servers, jobs, now, *, dry_run=False):
+            return []
 
         async def after_stop(self, server, outcome, now):
             # by the time the batch-system guard looks, the stop is durable
@@ -348,7 +354,7 @@ def test_quiet_hours_over_midnight_and_within_a_day():
     from zoneinfo import ZoneInfo
 
     from reaper.config import QuietHours
-    from reaper.sweep import quiet_hours_end
+    from reaper.core.notices import quiet_hours_end
 
     tz = ZoneInfo("UTC")
     q = QuietHours(start="22:00", end="07:00")

@@ -1,0 +1,62 @@
+"""What the sweep and the stop procedure need of their collaborators, as Protocols.
+
+The sweep takes these objects in and calls them; it never asks whether one can do something
+(``hasattr``): a collaborator implements its whole protocol, and a missing one is ``None``.
+The hub's is the hub adapter's own declaration, ``reaper.hub.Hub``, re-exported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from .core.model import Decision, History, HubServer, NoticeKind, Observation, RunKey
+from .hub import Hub
+
+if TYPE_CHECKING:
+    from .batch.base import Job
+    from .store import StopRecord
+
+
+@runtime_checkable
+class StorePort(Protocol):
+    """The reaper's database (reaper.store.Store), as the sweep and the stops use it."""
+
+    def start_sweep(self, now: datetime, *, dry_run: bool) -> int: ...
+    def finish_sweep(self, sweep_id: int, now: datetime, ok: bool, summary: dict[str, Any]) -> None: ...
+    def could_stop_runs(self, runs: Iterable[RunKey]) -> set[RunKey]: ...
+    def histories(self, runs: Iterable[RunKey]) -> dict[RunKey, History]: ...
+    def record(self, obs: Observation, decision: Decision, now: datetime) -> int | None: ...
+    def record_many(self, items: list[tuple[Observation, Decision]], now: datetime) -> list[int | None]: ...
+    def add_notice(self, run: RunKey, kind: NoticeKind, spell: datetime | None, now: datetime, *,
+                   channels: list[str], context: dict[str, Any]) -> int | None: ...
+    def record_action(self, run: RunKey | None, kind: str, ok: bool, detail: str, now: datetime,
+                      **kw: Any) -> Any: ...
+    def mark_stop_requested(self, run: RunKey, now: datetime) -> None: ...
+    def mark_stops_requested(self, runs: Iterable[RunKey], now: datetime) -> None: ...
+    def record_stops(self, items: Iterable[StopRecord], now: datetime) -> list[int | None]: ...
+    def end_run(self, run: RunKey, now: datetime, reason: str) -> None: ...
+    def open_runs(self) -> list[RunKey]: ...
+    def recent_notices(self, since: datetime, limit: int = 200) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    """The outbox: delivers the notices that are due."""
+
+    async def drain(self, now: datetime) -> int: ...
+
+
+@runtime_checkable
+class Guard(Protocol):
+    """The batch-system guard (reaper.batch.guard.JobGuard): the hub's jobs, the look after a stop,
+    the orphans."""
+
+    async def hub_jobs(self) -> dict[str, Job] | None: ...
+    async def after_stop(self, server: HubServer, outcome: str, now: datetime) -> str: ...
+    async def reconcile(self, servers: Iterable[HubServer], jobs: dict[str, Job] | None, now: datetime,
+                        *, dry_run: bool = False) -> list[Job]: ...
+
+
+__all__ = ["Guard", "Hub", "Notifier", "StorePort"]

@@ -1,0 +1,418 @@
+"""Each step of the sweep on its own (reaper.sweep.Sweeper's collect, observe, decide, limit,
+hold, safety, record), and the stop procedure (reaper.stops), with a scripted hub (tests.fakes)
+and a store that answers reads and fails the test on any write: the steps that do not write need
+no database, and a dry run must write nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from reaper.batch.base import Job, JobState
+from reaper.batch.guard import JobGuard
+from reaper.config import parse_settings
+from reaper.core.model import Action, History, HubServer, Kernel, NoticeKind, Probe, SentNotice, State
+from reaper.hub import HubListingError
+from reaper.stops import Asked, StopOutcome, Stops, stop_record
+from reaper.sweep import DryEffects, Effects, Row, Sweeper, SweepResult, SweepRun
+from tests.fakes import Clock, FakeHub
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+M = timedelta(minutes=1)
+H = timedelta(hours=1)
+
+POLICY = """
+sweep_every: 5m
+probe: {skip_fresh: false}
+safety: {max_stops_per_sweep: 2, max_stop_fraction: 1.0}
+defaults:
+  detached: {warn_after: 1h, stop_after: 3h}
+  attached: {warn_after: 8h, stop_after: 24h}
+  remind_every: 1h
+  min_notice: 30m
+  channels: [log]
+"""
+
+
+class ReadOnlyStore:
+    """The store's reads, scripted; every write fails the test."""
+
+    def __init__(self, histories: dict | None = None, could: set | None = None, recent: list | None = None):
+        self.hists = histories or {}
+        self.could = could or set()
+        self.recent = recent or []
+        self.reads: list[str] = []
+
+    def histories(self, runs):
+        self.reads.append("histories")
+        return {k: self.hists[k] for k in runs if k in self.hists}
+
+    def could_stop_runs(self, runs):
+        self.reads.append("could_stop_runs")
+        return {k for k in runs if k in self.could}
+
+    def recent_notices(self, since, limit=200):
+        self.reads.append("recent_notices")
+        return list(self.recent)
+
+    def open_runs(self):
+        self.reads.append("open_runs")
+        return []
+
+    def __getattr__(self, name: str) -> Any:  # start_sweep, record_many, mark_stops_requested ...
+        def write(*a: Any, **kw: Any) -> None:
+            pytest.fail(f"the store was written to: {name}")
+
+        return write
+
+
+class JobsGuard:
+    """A batch guard (reaper.ports.Guard) that knows the hub's jobs and records what it was asked."""
+
+    def __init__(self, jobs: dict[str, Job] | None = None) -> None:
+        self.jobs = jobs
+        self.after: list[tuple[str, str]] = []
+        self.reconciled: list[bool] = []
+
+    async def hub_jobs(self):
+        return self.jobs
+
+    async def after_stop(self, server, outcome, now):
+        self.after.append((server.user, outcome))
+        return "gone"
+
+    async def reconcile(self, servers, jobs, now, *, dry_run=False):
+        self.reconciled.append(dry_run)
+        return []
+
+
+def srv(user="alice", la=T0 - 2 * H, job="7", **kw) -> HubServer:
+    return HubServer(user=user, name="", started=T0 - 5 * H, last_activity=la, url=f"/user/{user}/",
+                     target="http://127.0.0.1:1", state={"job_id": job}, **kw)
+
+
+def idle(since: datetime) -> Probe:
+    return Probe(ok=True, status_last_activity=since, kernels=(Kernel("k", "python3", "idle", 0, since),))
+
+
+def sweeper(store, hub, extra: str = "", guard=None) -> Sweeper:
+    return Sweeper(parse_settings(POLICY + extra, env={}), hub, store, stop_hook=guard, clock=Clock(T0))
+
+
+def run_of(sw: Sweeper, *, dry: bool = False) -> SweepRun:
+    return SweepRun(SweepResult(started_at=T0, dry_run=dry), T0, DryEffects(sw) if dry else Effects(sw))
+
+
+def row(decision_action=Action.OK, notice=None, user="alice", streamed=False) -> Row:
+    from reaper.core.model import Decision, Observation
+
+    obs = Observation(server=srv(user), state=State.DETACHED, at=T0, last_activity=T0 - 2 * H)
+    return Row(obs, Decision(decision_action, "idle 2h", notice=notice, channels=("log",)),
+               parse_settings(POLICY, env={}).default_rule(), streamed=streamed)
+
+
+# --------------------------------------------------------------------------- collect
+
+
+async def test_collect_reads_the_listing_the_jobs_and_the_runs_that_could_stop_and_streams_within_limits():
+    hub = FakeHub()
+    for u in ("a", "b", "c"):
+        hub.add(srv(u))
+    keys = {srv(u).run_key() for u in ("a", "b")}
+    job = Job("7", "a", "jupyterhub-reaper", JobState.RUNNING, gpus=1)
+    sw = sweeper(ReadOnlyStore(could=keys), hub, guard=JobsGuard({"7": job}))
+    run = run_of(sw)
+    await sw.collect(run)
+    assert len(run.servers) == 3 and run.could == keys and run.jobs == {"7": job}
+    assert run.stream  # two could stop, the limit is two: the limits cannot trip
+    assert sw.known_job(srv("a")) is job  # kept for the page's rule lookup
+
+
+async def test_collect_does_not_stream_past_the_limits_nor_in_a_dry_run():
+    hub = FakeHub()
+    for u in ("a", "b", "c"):
+        hub.add(srv(u))
+    keys = {srv(u).run_key() for u in ("a", "b", "c")}
+    sw = sweeper(ReadOnlyStore(could=keys), hub)
+    run = run_of(sw)
+    await sw.collect(run)
+    assert not run.stream  # three could stop, more than the limit: each goes through the safety check
+    sw = sweeper(ReadOnlyStore(could={srv("a").run_key()}), hub)
+    run = run_of(sw, dry=True)
+    await sw.collect(run)
+    assert not run.stream and run.effects.stops is None  # a dry run stops nothing
+
+
+async def test_a_failed_listing_ends_a_sweep_before_anything_is_looked_at():
+    hub = FakeHub(fail_listing=True)
+    hub.add(srv(), idle(T0 - 2 * H))
+    res = await sweeper(ReadOnlyStore(), hub).run_once(dry_run=True)
+    assert not res.ok and "HubListingError" in (res.error or "") and hub.probe_calls == []
+    with pytest.raises(HubListingError):
+        await sweeper(ReadOnlyStore(), hub).collect(run_of(sweeper(ReadOnlyStore(), hub)))
+
+
+# --------------------------------------------------------------------------- look, decide
+
+
+async def test_observe_asks_the_status_alone_of_a_server_detached_at_its_last_look():
+    hub = FakeHub()
+    s = srv()
+    hub.add(s, idle(T0 - 2 * H))
+    sw = sweeper(ReadOnlyStore(), hub)
+    run = run_of(sw)
+    from reaper.core.activity import detached_detail
+
+    run.histories = {s.run_key(): History(last_state="detached", detached_since=T0 - 2 * H,
+                                          last_detail=detached_detail(1, 0))}
+    obs, probe = await sw.observe(run, s, None, True)
+    assert hub.status_calls == [("alice", "")] and hub.probe_calls == []
+    assert obs.state is State.DETACHED and run.res.probes_status_only == 1 and run.res.probes == 1
+    run.histories = {}  # no history: the full look
+    await sw.observe(run, s, None, True)
+    assert hub.probe_calls == [("alice", "")]
+
+
+async def test_observe_without_a_probe_uses_hub_data_and_the_jobs_walltime():
+    hub = FakeHub()
+    s = srv()
+    sw = sweeper(ReadOnlyStore(), hub)
+    end = T0 + 3 * H
+    obs, probe = await sw.observe(run_of(sw), s, Job("7", "alice", "x", JobState.RUNNING, end=end), False)
+    assert probe is None and hub.probe_calls == [] and hub.status_calls == [] and obs.job_end == end
+
+
+async def test_decide_turns_an_observation_into_the_servers_row_by_the_policy():
+    hub = FakeHub()
+    s = srv()
+    hub.add(s, idle(T0 - 2 * H))
+    sw = sweeper(ReadOnlyStore(), hub)
+    run = run_of(sw)
+    obs, probe = await sw.observe(run, s, None, True)
+    r = sw.decide(run, sw.rule_for(s), obs, probe)
+    assert r.decision.action is Action.WARN and r.decision.notice is NoticeKind.WARNING and r.outcome == ""
+
+
+def test_rule_for_matches_a_gpu_rule_by_the_batch_jobs_gpus():
+    sw = sweeper(ReadOnlyStore(), FakeHub(), "rules:\n  - name: gpu\n    match: {min_gpus: 1}\n    max_age: 6h\n")
+    s = srv()
+    assert sw.rule_for(s).name != "gpu"
+    gpu = sw.rule_for(s, Job("7", "alice", "x", JobState.RUNNING, gpus=2))
+    assert gpu.name == "gpu" and gpu.max_age == 6 * H
+
+
+# --------------------------------------------------------------------------- limit, hold, safety
+
+
+async def test_limit_postpones_warnings_in_quiet_hours_and_never_a_final_notice():
+    sw = sweeper(ReadOnlyStore(), FakeHub(), "notify: {quiet_hours: {start: '11:00', end: '13:00'}}\n")
+    rows = [row(Action.WARN, NoticeKind.WARNING), row(Action.FINAL, NoticeKind.FINAL, user="bob")]
+    await sw.limit(run_of(sw), rows)
+    assert rows[0].decision.action is Action.OK and "quiet hours until 13:00" in rows[0].decision.reason
+    assert rows[1].decision.notice is NoticeKind.FINAL
+
+
+async def test_limit_reads_the_daily_counts_once_and_carries_them_across_batches():
+    store = ReadOnlyStore(recent=[{"user": "alice", "kind": "warning"}])
+    sw = sweeper(store, FakeHub(), "notify: {max_notices_per_day: 2}\n")
+    run = run_of(sw)
+    first, second = [row(Action.WARN, NoticeKind.WARNING)], [row(Action.REMIND, NoticeKind.REMINDER)]
+    await sw.limit(run, first)
+    await sw.limit(run, second)
+    assert store.reads.count("recent_notices") == 1
+    assert first[0].decision.notice is NoticeKind.WARNING  # her second in 24 h
+    assert second[0].decision.notice is None and "already got 2 notices" in second[0].decision.reason
+
+
+def test_hold_keeps_back_the_stops_that_did_not_stream():
+    sw = sweeper(ReadOnlyStore(), FakeHub())
+    run = run_of(sw)
+    rows = [row(Action.STOP), row(Action.STOP, streamed=True), row(Action.WARN, NoticeKind.WARNING)]
+    done = sw.hold(run, rows)
+    assert run.held == [rows[0]] and done == rows[1:]
+
+
+async def test_safety_holds_every_stop_past_the_limit_and_notes_it():
+    class Noted(DryEffects):
+        notes: list = []
+
+        async def note(self, kind, ok, detail, now):
+            self.notes.append((kind, ok, detail))
+
+    sw = sweeper(ReadOnlyStore(), FakeHub())
+    run = SweepRun(SweepResult(started_at=T0), T0, Noted(sw))
+    run.servers = [srv(u) for u in "abcd"]
+    run.held = [row(Action.STOP, user=u) for u in "abc"]
+    await sw.safety(run)
+    assert run.res.safety_tripped and run.res.held == 3
+    assert all(r.decision.action is Action.OK and "[held: safety limit]" in r.decision.reason for r in run.held)
+    [(kind, ok, detail)] = Noted.notes
+    assert kind == "safety-limit" and not ok and "would stop 3 of 4" in detail
+    run.res = SweepResult(started_at=T0)  # within the limit: nothing held
+    run.held = [row(Action.STOP, user=u) for u in "ab"]
+    await sw.safety(run)
+    assert not run.res.safety_tripped and all(r.decision.action is Action.STOP for r in run.held)
+
+
+async def test_a_dry_runs_record_says_what_would_be_done_and_writes_nothing():
+    sw = sweeper(ReadOnlyStore(), FakeHub())
+    run = run_of(sw, dry=True)
+    rows = [row(Action.STOP), row(Action.WARN, NoticeKind.WARNING)]
+    await sw.record(run, rows)
+    assert [r.outcome for r in rows] == ["would stop", "would send warning"]
+    assert not any(r.queued for r in rows) and run.res.notices == 0
+
+
+def test_phases_time_each_step_and_a_phase_inside_another_gets_its_own_cpu():
+    res = SweepResult(started_at=T0)
+    with res.phase("stop"):
+        with res.phase("stop.hub"):
+            sum(range(200_000))
+    with res.phase("stop"):
+        pass
+    assert set(res.phases) == set(res.phases_cpu) == set(res.phases_rss) == {"stop", "stop.hub"}
+    assert res.phases["stop"] >= res.phases["stop.hub"] >= 0
+    summary = res.summary()
+    assert summary["phases"] is res.phases and summary["phases_cpu"] is res.phases_cpu
+
+
+# --------------------------------------------------------------------------- a whole dry run
+
+
+class FakeBatch:
+    """A batch system (reaper.batch.base.BatchSystem) with scripted jobs; cancels are recorded."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.listed = jobs
+        self.cancelled: list[str] = []
+
+    async def jobs(self, *, name=None, user=None):
+        return list(self.listed)
+
+    async def job(self, job_id):
+        return next((j for j in self.listed if j.id == job_id), None)
+
+    async def cancel(self, job_id, *, user=None):
+        self.cancelled.append(job_id)
+
+
+async def test_a_dry_run_reports_orphan_jobs_without_cancelling_them_and_writes_nothing(caplog):
+    # The guard promises orphan reports in dry runs; a dry run from the command line has a fresh
+    # guard, so the orphan's age is read from the job's start.
+    hub = FakeHub()
+    hub.add(srv(), idle(T0 - 2 * H))
+    orphan = Job("99", "bob", "jupyterhub-reaper", JobState.RUNNING, partition="gpu", node="n1",
+                 start=T0 - 3 * H)
+    batch = FakeBatch([Job("7", "alice", "jupyterhub-reaper", JobState.RUNNING, start=T0 - 5 * H), orphan])
+    guard = JobGuard(batch, ReadOnlyStore(), clock=Clock(T0))
+    res = await sweeper(ReadOnlyStore(), hub, guard=guard).run_once(dry_run=True)
+    assert res.ok and res.orphans == 1 and batch.cancelled == []
+    assert any("orphan job 99 of bob" in m and "dry run" in m for m in caplog.messages)
+    assert guard._orphan_seen == {}  # nothing remembered: a dry run changes nothing
+    from reaper.sweep import format_table
+
+    assert "1 orphan batch job(s) (not cancelled)" in format_table(res, UTC)
+
+
+async def test_a_dry_run_of_a_stop_due_asks_the_hub_nothing_and_writes_nothing():
+    hub = FakeHub()
+    s = srv(la=T0 - 10 * H)
+    hub.add(s, idle(T0 - 10 * H))
+    final = SentNotice(NoticeKind.FINAL, T0 - 10 * H, T0 - 2 * H, delivered_at=T0 - 2 * H)
+    store = ReadOnlyStore(histories={s.run_key(): History(notices=(final,), last_state="detached",
+                                                          detached_since=T0 - 10 * H)},
+                          could={s.run_key()})
+    guard = JobsGuard({})
+    res = await sweeper(store, hub, guard=guard).run_once(dry_run=True)
+    assert res.ok and [r.outcome for r in res.rows] == ["would stop"]
+    assert hub.stops == [] and guard.after == [] and guard.reconciled == [True]
+
+
+# --------------------------------------------------------------------------- the stop procedure
+
+
+def test_one_map_from_a_stops_outcome_to_its_record_kind_and_page_code():
+    table = {o: (o.record_kind, o.page_code, o.done, o.ok) for o in StopOutcome}
+    assert table == {
+        StopOutcome.STOPPED: ("stop", "stopped", True, True),
+        StopOutcome.GONE: ("stop", "gone", True, True),
+        StopOutcome.PENDING: ("stop-pending", "stop-pending", False, True),
+        StopOutcome.FAILED: ("stop-failed", "stop-failed", False, False),
+    }
+    assert {o.value for o in StopOutcome} == {"stopped", "gone", "pending", "error"}  # the hub client's words
+
+
+def test_a_stop_record_ends_the_run_and_queues_the_notice_only_when_it_stopped():
+    key = srv().run_key()
+    ctx = {"user": "alice"}
+    for outcome in StopOutcome:
+        rec = stop_record(key, Asked(outcome, "HTTP 204", T0), "idle 10h", job_id="7",
+                          end_reason="stopped by the reaper", notice_context=ctx, channels=("email",))
+        assert rec.kind == outcome.record_kind and rec.ok == outcome.ok
+        assert rec.detail == f"idle 10h | hub: {outcome.value} (HTTP 204)"
+        if outcome.done:
+            assert rec.end_reason == "stopped by the reaper" and rec.notice_context is ctx
+            assert rec.channels == ("email",)
+        else:
+            assert rec.end_reason is None and rec.notice_context is None
+
+
+class OrderStore(ReadOnlyStore):
+    def __init__(self, log: list) -> None:
+        super().__init__()
+        self.log = log
+
+    def mark_stop_requested(self, run, now):
+        self.log.append("intent")
+
+    def record_stops(self, items, now):
+        self.log.extend(f"record {it.kind} by {it.actor}" for it in items)
+        return [None for _ in items]
+
+
+@pytest.mark.parametrize("hub_says", ["stopped", "pending", "error"])
+async def test_stop_now_remembers_the_intent_before_the_hub_is_asked_then_records_and_guards(hub_says):
+    order: list[str] = []
+    hub = FakeHub(stop_outcome=hub_says)
+    hub.add(srv(), idle(T0))
+    orig = hub.stop
+
+    async def stop(user, name=""):
+        order.append("hub stop")
+        return await orig(user, name)
+
+    hub.stop = stop
+    guard = JobsGuard()
+    stops = Stops(hub, OrderStore(order), guard, clock=Clock(T0), concurrency=2)
+    outcome = await stops.stop_now("alice", "", actor="carol")
+    assert outcome is StopOutcome(hub_says)
+    assert order == ["intent", "hub stop", f"record {outcome.record_kind} by carol"]
+    assert guard.after == [("alice", hub_says)]
+
+
+async def test_stop_now_of_a_server_the_hub_no_longer_has_asks_nothing():
+    hub = FakeHub()
+    stops = Stops(hub, ReadOnlyStore(), JobsGuard(), clock=Clock(T0), concurrency=1)
+    assert await stops.stop_now("alice", "", actor="carol") is StopOutcome.GONE
+    assert hub.stops == []
+
+
+def test_the_real_adapters_and_the_fakes_implement_the_sweeps_protocols(tmp_path):
+    # Every method of each protocol is there: no capability of the sweep quietly turns off (a hub
+    # without probe_status would once have turned confirm_with_status off).
+    from reaper.hub import HubClient
+    from reaper.notify.outbox import LogChannel, Outbox
+    from reaper.ports import Guard, Hub, Notifier, StorePort
+    from reaper.store import Store
+
+    store = Store.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    try:
+        assert isinstance(FakeHub(), Hub) and isinstance(HubClient("http://127.0.0.1:1/hub/api", "t"), Hub)
+        assert isinstance(store, StorePort)
+        assert isinstance(Outbox(store, {"log": LogChannel()}), Notifier)
+        assert isinstance(JobGuard(FakeBatch([]), store), Guard) and isinstance(JobsGuard(), Guard)
+        assert not isinstance(object(), Hub)
+    finally:
+        store.close()
