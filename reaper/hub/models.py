@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from reaper.core.model import HubServer, Kernel
+from reaper.units import parse_iso
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +31,11 @@ def url_path(url: str) -> str:
 
 
 def parse_time(value: Any) -> datetime | None:
-    """ISO-8601 (with 'Z' or an offset) -> aware UTC datetime; None stays None.
+    """A hub timestamp (ISO 8601 with 'Z' or an offset) -> aware UTC datetime; None stays None.
 
-    Raises ValueError for anything else, so that malformed data is never taken for "no activity".
-    """
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"not a timestamp: {value!r}")
-    dt = datetime.fromisoformat(value)
-    if dt.tzinfo is None:
-        return dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC)
+    Raises ValueError for anything else (reaper.units.parse_iso), so that malformed data is never
+    taken for "no activity"."""
+    return None if value is None else parse_iso(value)
 
 
 def server_from_model(user_model: Mapping[str, Any], name: str, model: Mapping[str, Any]) -> HubServer:
