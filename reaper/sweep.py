@@ -60,6 +60,7 @@ from .core.rules import ResolvedRule
 from .faults import crashpoint
 from .ports import Guard, Hub, Notifier, StorePort
 from .stops import Asked, StopOutcome, Stops, stop_record
+from .units import format_memory, read_user_options
 
 if TYPE_CHECKING:
     from .batch.base import Job
@@ -936,15 +937,13 @@ def stopped_context(obs: Observation, dec: Decision, now: datetime) -> dict[str,
 
 
 def reclaimed_words(obs: Observation, now: datetime) -> str:
-    """What the stop gave back, in words: "4 CPUs, 1 GPU, 16G (job 42; 5h20m before its walltime)"."""
-    opts = obs.server.user_options if isinstance(obs.server.user_options, dict) else {}
-    parts = []
-    for key, unit in (("cpus", "CPU"), ("gpus", "GPU")):
-        v = opts.get(key)
-        if v not in (None, "", 0, "0"):
-            parts.append(f"{v} {unit}{'s' if str(v) != '1' else ''}")
-    if opts.get("mem"):
-        parts.append(str(opts["mem"]))
+    """What the stop gave back, in words: "4 CPUs, 1 GPU, 16 GB (job 42; 5h20m before its walltime)",
+    from the spawner's user_options in any shape reaper.units reads (ours, batchspawner's,
+    slurmformspawner's)."""
+    asked = read_user_options(obs.server.user_options)
+    parts = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in ((asked.cpus, "CPU"), (asked.gpus, "GPU")) if n]
+    if asked.mem_mb:
+        parts.append(format_memory(asked.mem_mb))
     what = ", ".join(parts) if parts else "its CPUs and memory"
     extra = []
     if obs.job_id:

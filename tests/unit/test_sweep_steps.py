@@ -416,3 +416,25 @@ def test_the_real_adapters_and_the_fakes_implement_the_sweeps_protocols(tmp_path
         assert not isinstance(object(), Hub)
     finally:
         store.close()
+
+
+def test_the_stopped_notice_names_what_the_job_held_in_any_spawners_words():
+    """reclaimed_words reads user_options through reaper.units: our spawner's ``memory``,
+    batchspawner's ``req_*`` and slurmformspawner's MB and gres, not only ``cpus``/``mem``."""
+    from datetime import UTC, datetime, timedelta
+
+    from reaper.core.model import HubServer, Observation, State
+    from reaper.sweep import reclaimed_words
+
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+    def words(opts: dict, **kw) -> str:
+        sv = HubServer(user="ana", name="", started=now - timedelta(hours=3), last_activity=None,
+                       user_options=opts, state={"job_id": "42"})
+        return reclaimed_words(Observation(server=sv, state=State.DETACHED, at=now, last_activity=None, **kw), now)
+
+    assert words({"memory": "16G", "gpus": 1}).startswith("1 GPU, 16 GB (job 42")
+    assert words({"req_nprocs": "4", "req_memory": "8G"}).startswith("4 CPUs, 8 GB")
+    assert words({"nprocs": 2, "memory": 4096, "gpus": "gpu:a100:2"}).startswith("2 CPUs, 2 GPUs, 4 GB")
+    assert words({}).startswith("its CPUs and memory")
+    assert "5h before its walltime" in words({}, job_end=now + timedelta(hours=5))
