@@ -190,7 +190,7 @@ class Sweeper:
         self._intents: GroupWriter[tuple[RunKey, datetime]] = GroupWriter(self._write_intents, linger=0.05)
 
     def _write_intents(self, items: Any) -> None:
-        self.store.mark_stops_requested([k for k, _ in items], max(t for _, t in items))
+        self.store.runs.mark_stops_requested([k for k, _ in items], max(t for _, t in items))
 
     # ------------------------------------------------------------------ helpers
 
@@ -281,7 +281,7 @@ class Sweeper:
         sweep_id = None
         try:
             if not dry_run:
-                sweep_id = await self._db(self.store.start_sweep, now, dry_run=dry_run)
+                sweep_id = await self._db(self.store.reports.start_sweep, now, dry_run=dry_run)
             await self._sweep(res, now, dry_run)
             res.ok = True
         except Exception as e:  # the sweep fails cleanly; the next one starts afresh
@@ -290,7 +290,7 @@ class Sweeper:
         res.finished_at = self.clock()
         if sweep_id is not None:
             try:
-                await self._db(self.store.finish_sweep, sweep_id, res.finished_at, res.ok, res.summary())
+                await self._db(self.store.reports.finish_sweep, sweep_id, res.finished_at, res.ok, res.summary())
             except Exception as e:  # pragma: no cover - the store is down too
                 log.error("could not record the end of the sweep: %s", e)
         took = (res.finished_at - res.started_at).total_seconds()
@@ -325,7 +325,7 @@ class Sweeper:
         keys = [k for k in (sv.run_key() for sv in servers) if k is not None]
         # The runs that could be stopped this sweep (policy.could_stop: a final notice settled),
         # asked of the store in one query; each batch reads its own histories for its look.
-        could: set[RunKey] = await self._db(self.store.could_stop_runs, keys) if keys else set()
+        could: set[RunKey] = await self._db(self.store.runs.could_stop_runs, keys) if keys else set()
         self._rules_cache = None  # the policy may have changed in place since the last sweep
         rules, default = self._rules()
         horizon = probe_horizon(rules, default)
@@ -408,7 +408,7 @@ class Sweeper:
         for c in range(0, len(servers), BATCH):
             part_plan = plan(servers[c : c + BATCH])
             histories = await self._db(
-                self.store.histories, [k for k in (p[0].run_key() for p in part_plan) if k is not None]
+                self.store.runs.histories, [k for k in (p[0].run_key() for p in part_plan) if k is not None]
             )
             rows: list[Row] = await bounded_map(one, part_plan, workers)
             if stream:
@@ -439,33 +439,33 @@ class Sweeper:
             for r in held:
                 r.decision = replace(r.decision, action=Action.OK, reason=f"{r.decision.reason} [held: safety limit]")
             if not dry_run:
-                await self._db(self.store.record_action, None, "safety-limit", False, msg, now)
+                await self._db(self.store.reports.record_action, None, "safety-limit", False, msg, now)
         t = await self._record_rows(held, res, now, dry_run, t)
 
         # 6. servers the hub no longer lists: their runs have ended
         if not dry_run:
             current = set(keys)
-            gone = [k for k in await self._db(self.store.open_runs) if k not in current]
+            gone = [k for k in await self._db(self.store.runs.open_runs) if k not in current]
             del current
-            gone_hist = await self._db(self.store.histories, gone) if gone else {}
+            gone_hist = await self._db(self.store.runs.histories, gone) if gone else {}
             for k in gone:
                 h = gone_hist.get(k)
                 if h is not None and h.stop_requested_at is not None:
                     # We asked the hub to stop it and then lost track (a crash, a 202 that completed
                     # later): make sure the user still hears that we stopped it. Idempotent.
                     await self._db(
-                        self.store.add_notice, k, NoticeKind.STOPPED, None, now,
+                        self.store.outbox.add_notice, k, NoticeKind.STOPPED, None, now,
                         channels=list(self._rule_for_key(k).channels),
                         context={"user": k.user, "server": k.server, "started": k.started.isoformat(),
                                  "state": "detached", "reason": "stopped by the reaper after the notices",
                                  "stopped_at": h.stop_requested_at.isoformat()},
                     )
-                    await self._db(self.store.end_run, k, now, "stopped by the reaper")
-                    await self._db(self.store.record_action, k, "stop", True,
+                    await self._db(self.store.runs.end_run, k, now, "stopped by the reaper")
+                    await self._db(self.store.reports.record_action, k, "stop", True,
                                    f"stop asked at {h.stop_requested_at.isoformat()}; the hub no longer lists "
                                    "the server: stopped", now)
                 else:
-                    await self._db(self.store.end_run, k, now, "no longer running on the hub")
+                    await self._db(self.store.runs.end_run, k, now, "no longer running on the hub")
                 self._last_probed.pop(k, None)
                 self._last_logged.pop(k, None)
                 self._target_known.discard(k)
@@ -535,7 +535,7 @@ class Sweeper:
         if not rows:
             return t
         recordable = [r for r in rows if r.obs.server.run_key() is not None]
-        ids = await self._db(self.store.record_many, [(r.obs, r.decision) for r in recordable], now)
+        ids = await self._db(self.store.runs.record_many, [(r.obs, r.decision) for r in recordable], now)
         queued = {r.obs.server.run_key() for r, nid in zip(recordable, ids, strict=True) if nid is not None}
         del recordable, ids
         for r in rows:
@@ -552,7 +552,7 @@ class Sweeper:
         if streamed:
             for c in range(0, len(streamed), 100):  # (each record holds its notice's context)
                 records = [self._stop_record(r, r.obs, r.decision, *r.stop) for r in streamed[c : c + 100]]  # type: ignore[misc]
-                await self._db(self.store.record_stops, records, self.clock())
+                await self._db(self.store.runs.record_stops, records, self.clock())
             crashpoint("after-stop")
             await asyncio.gather(*(self._after_stop(r, r.stop[0].outcome) for r in streamed))  # type: ignore[index]
             t = res.phase("stop.record", t)
@@ -560,7 +560,7 @@ class Sweeper:
 
     async def _walltime_notices(self, rows: list[Row], now: datetime) -> None:
         """Tell users their server will end at its walltime (once per run)."""
-        from .store.repo import notice_context
+        from .store import notice_context
 
         lead = self.settings.slurm.walltime_notice
         assert lead is not None
@@ -570,7 +570,7 @@ class Sweeper:
             if end is None or key is None or r.rule.exempt or r.obs.state is State.PENDING:
                 continue
             if now < end <= now + lead:
-                nid = await self._db(self.store.add_notice, key, NoticeKind.WALLTIME, None, now,
+                nid = await self._db(self.store.outbox.add_notice, key, NoticeKind.WALLTIME, None, now,
                                      channels=list(r.rule.channels), context=notice_context(r.obs, r.decision, now))
                 if nid is not None:
                     log.info("%s: walltime ends at %s: notice queued", r.obs.server.label, end.isoformat())
@@ -591,7 +591,7 @@ class Sweeper:
             limiter.counts = {}
             if n.max_notices_per_day is not None:
                 since = now - timedelta(days=1)
-                for item in await self._db(self.store.recent_notices, since, 100_000):
+                for item in await self._db(self.store.reports.recent_notices, since, 100_000):
                     if item.get("kind") in (NoticeKind.WARNING.value, NoticeKind.REMINDER.value):
                         limiter.counts[item["user"]] = limiter.counts.get(item["user"], 0) + 1
         counts = limiter.counts
@@ -656,7 +656,7 @@ class Sweeper:
             return History()
         if prefetched is not None and key in prefetched:
             return prefetched[key]
-        return (await self._db(self.store.histories, [key])).get(key) or History()
+        return (await self._db(self.store.runs.histories, [key])).get(key) or History()
 
     def _asked_already(self, row: Row, h: History | None, now: datetime) -> bool:
         """A stop the hub accepted (202) but has not finished is not asked again every sweep: True
@@ -677,7 +677,7 @@ class Sweeper:
     async def _record_pending_timeouts(self, now: datetime) -> None:
         items, self._pending_timeouts = self._pending_timeouts, []
         for key, asked, job_id in items:
-            await self._db(self.store.record_action, key, "stop-pending-timeout", False,
+            await self._db(self.store.reports.record_action, key, "stop-pending-timeout", False,
                            f"stop pending since {asked.isoformat()}", now, job_id=job_id)
 
     def _stop_outcome(self, row: Row, dec: Decision, result: Any, res: SweepResult) -> None:
@@ -757,7 +757,7 @@ class Sweeper:
         transactions in all, not a few per server (a 10,000-server hub must not wait on its
         database), and never a stop without a fresh look first."""
         keys = [k for k in (r.obs.server.run_key() for r in todo) if k is not None]
-        hist = await self._db(self.store.histories, keys)
+        hist = await self._db(self.store.runs.histories, keys)
         now = self.clock()
         todo = [r for r in todo if not self._asked_already(r, hist.get(r.obs.server.run_key()), now)]  # type: ignore[arg-type]
         await self._record_pending_timeouts(now)
@@ -775,13 +775,13 @@ class Sweeper:
                 row.obs, row.decision = obs, dec
                 row.outcome = "not stopped: activity on re-check"
                 log.info("%s: not stopped after all, re-check says %s: %s", server.label, obs.state.value, dec.reason)
-                await self._db(self.store.record, obs, dec, self.clock())
+                await self._db(self.store.runs.record, obs, dec, self.clock())
                 continue
             go.append((row, obs, dec))
         if not go:
             return
         # The intent first: if we die after the hub stopped a server, the next sweep still knows.
-        await self._db(self.store.mark_stops_requested, [r.obs.server.run_key() for r, _, _ in go], self.clock())
+        await self._db(self.store.runs.mark_stops_requested, [r.obs.server.run_key() for r, _, _ in go], self.clock())
         results = await asyncio.gather(*(self.hub.stop(r.obs.server.user, r.obs.server.name) for r, _, _ in go))
         t = res.phase("stop.hub", t)
         now = self.clock()
@@ -789,7 +789,7 @@ class Sweeper:
         for (row, obs, dec), result in zip(go, results, strict=True):
             self._stop_outcome(row, dec, result, res)
             records.append(self._stop_record(row, obs, dec, result, now))
-        await self._db(self.store.record_stops, records, now)
+        await self._db(self.store.runs.record_stops, records, now)
         crashpoint("after-stop")
         t = res.phase("stop.record", t)
         await asyncio.gather(*(self._after_stop(row, result.outcome)
@@ -834,7 +834,7 @@ async def bounded_map(fn: Callable[..., Any], items: list[tuple[Any, ...]], work
 def stopped_context(obs: Observation, dec: Decision, now: datetime) -> dict[str, Any]:
     """The context of a "we stopped your server" notice: the observation and decision that led to
     the stop, plus when it ran and what it held."""
-    from .store.repo import notice_context
+    from .store import notice_context
 
     ctx = notice_context(obs, dec, now)
     ctx["stopped_at"] = now.isoformat()
@@ -919,16 +919,16 @@ async def stop_now(sweeper: Sweeper, user: str, name: str, *, actor: str) -> str
     key = server.run_key()
     now = sweeper.clock()
     if key is not None:
-        await sweeper._db(sweeper.store.mark_stop_requested, key, now)
+        await sweeper._db(sweeper.store.runs.mark_stop_requested, key, now)
     result = await sweeper.hub.stop(user, name)
     now = sweeper.clock()
     ok = result.outcome in ("stopped", "gone", "pending")
     kind = {"stopped": "stop", "gone": "stop", "pending": "stop-pending"}.get(result.outcome, "stop-failed")
-    await sweeper._db(sweeper.store.record_action, key, kind, ok,
+    await sweeper._db(sweeper.store.reports.record_action, key, kind, ok,
                       f"stop requested by {actor} | hub: {result.outcome} ({result.detail})", now,
                       actor=actor, job_id=server.job_id)
     if result.outcome in ("stopped", "gone") and key is not None:
-        await sweeper._db(sweeper.store.end_run, key, now, f"stopped by {actor}")
+        await sweeper._db(sweeper.store.runs.end_run, key, now, f"stopped by {actor}")
     log.info("%s: stop requested by %s: %s", server.label, actor, result.outcome)
     if sweeper.stop_hook is not None:
         try:
