@@ -18,7 +18,8 @@ from ..core.model import Action, Decision, Observation, State
 # what of the spawner's state a notice keeps (where the job runs)
 SPAWNER_KEYS = ("job_id", "job_status", "node", "exechost")
 _TIMES = frozenset({"started", "last_activity", "detached_since", "idle_since", "job_end", "spell", "stop_at",
-                    "next_at", "created_at"})
+                    "next_at", "created_at", "stopped_at"})
+_ONLY_WHEN_SET = frozenset({"stopped_at", "reclaimed"})  # keys only a "stopped" notice ever stored
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,15 @@ class NoticeContext:
     stop_at: datetime | None = None
     next_at: datetime | None = None
     created_at: datetime | None = None
+    stopped_at: datetime | None = None  # a "stopped" notice: when the reaper stopped it
     reclaimed: str | None = None  # a "stopped" notice: what the stop gave back, in words
 
     def to_json(self) -> dict[str, Any]:
-        """The stored form: plain JSON, times ISO 8601 UTC; ``reclaimed`` only when set."""
+        """The stored form: plain JSON, times ISO 8601 UTC; ``stopped_at`` and ``reclaimed`` only when set."""
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "reclaimed" and v is None:
+            if v is None and f.name in _ONLY_WHEN_SET:
                 continue
             out[f.name] = _iso(v) if f.name in _TIMES else _plain(v)
         return out
@@ -85,6 +87,7 @@ class NoticeContext:
             stop_at=_time(data.get("stop_at")),
             next_at=_time(data.get("next_at")),
             created_at=_time(data.get("created_at")),
+            stopped_at=_time(data.get("stopped_at")),
             reclaimed=str(data["reclaimed"]) if data.get("reclaimed") else None,
         )
 
