@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import ResolvedRule, Settings
 from .core.activity import classify, confirm_detached, continue_spell, needs_probe
@@ -47,6 +47,9 @@ from .core.model import (
 from .core.policy import decide, probe_horizon, select_rule
 from .faults import crashpoint
 from .groupcommit import GroupWriter
+
+if TYPE_CHECKING:
+    from .store import NoticeContext
 
 log = logging.getLogger("reaper.sweep")
 
@@ -453,12 +456,14 @@ class Sweeper:
                 if h is not None and h.stop_requested_at is not None:
                     # We asked the hub to stop it and then lost track (a crash, a 202 that completed
                     # later): make sure the user still hears that we stopped it. Idempotent.
+                    from .store import NoticeContext
+
                     await self._db(
                         self.store.outbox.add_notice, k, NoticeKind.STOPPED, None, now,
                         channels=list(self._rule_for_key(k).channels),
-                        context={"user": k.user, "server": k.server, "started": k.started.isoformat(),
-                                 "state": "detached", "reason": "stopped by the reaper after the notices",
-                                 "stopped_at": h.stop_requested_at.isoformat()},
+                        context=NoticeContext(user=k.user, server=k.server, started=k.started, state="detached",
+                                              reason="stopped by the reaper after the notices",
+                                              stopped_at=h.stop_requested_at),
                     )
                     await self._db(self.store.runs.end_run, k, now, "stopped by the reaper")
                     await self._db(self.store.reports.record_action, k, "stop", True,
@@ -592,8 +597,8 @@ class Sweeper:
             if n.max_notices_per_day is not None:
                 since = now - timedelta(days=1)
                 for item in await self._db(self.store.reports.recent_notices, since, 100_000):
-                    if item.get("kind") in (NoticeKind.WARNING.value, NoticeKind.REMINDER.value):
-                        limiter.counts[item["user"]] = limiter.counts.get(item["user"], 0) + 1
+                    if item.kind in (NoticeKind.WARNING.value, NoticeKind.REMINDER.value):
+                        limiter.counts[item.user] = limiter.counts.get(item.user, 0) + 1
         counts = limiter.counts
         for r in candidates:
             why = None
@@ -831,16 +836,13 @@ async def bounded_map(fn: Callable[..., Any], items: list[tuple[Any, ...]], work
     return out
 
 
-def stopped_context(obs: Observation, dec: Decision, now: datetime) -> dict[str, Any]:
+def stopped_context(obs: Observation, dec: Decision, now: datetime) -> NoticeContext:
     """The context of a "we stopped your server" notice: the observation and decision that led to
     the stop, plus when it ran and what it held."""
     from .store import notice_context
 
-    ctx = notice_context(obs, dec, now)
-    ctx["stopped_at"] = now.isoformat()
-    if obs.server.started is not None:
-        ctx["reclaimed"] = reclaimed_words(obs, now)
-    return ctx
+    reclaimed = reclaimed_words(obs, now) if obs.server.started is not None else None
+    return replace(notice_context(obs, dec, now), stopped_at=now, reclaimed=reclaimed)
 
 
 def reclaimed_words(obs: Observation, now: datetime) -> str:
