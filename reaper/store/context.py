@@ -128,7 +128,9 @@ def _utc(t: datetime | None) -> datetime | None:
 
 
 def _iso(t: datetime | None) -> str | None:
-    return None if t is None else t.astimezone(UTC).isoformat()
+    if t is None:
+        return None
+    return t.isoformat() if t.tzinfo is None else t.astimezone(UTC).isoformat()  # naive: as given
 
 
 def _time(value: Any) -> datetime | None:

@@ -177,7 +177,7 @@ async def test_postgresql_stopped_mid_sweep_fails_cleanly_then_the_cycle_complet
                 fault_tally.add("database", "PostgreSQL down when the sweep starts", 1,
                                 note=f"run_once raised {type(e).__name__} instead of returning a failed sweep")
                 raise AssertionError(
-                    "Sweeper.run_once raised instead of failing the sweep cleanly (store.start_sweep is "
+                    "Sweeper.run_once raised instead of failing the sweep cleanly (store.reports.start_sweep is "
                     f"outside the try in Sweeper._run): {type(e).__name__}: {str(e)[:300]}"
                 ) from None
             finally:
