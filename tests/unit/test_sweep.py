@@ -233,7 +233,7 @@ async def test_streamed_stop_is_not_asked_when_its_intent_cannot_be_recorded(sto
     def down(*a, **kw):
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(store, "mark_stops_requested", down)
+    monkeypatch.setattr(store.runs, "mark_stops_requested", down)
     r = await sw.run_once()
     assert hub.stops == []
     assert r.rows[0].outcome.startswith("not stopped: the intent could not be recorded")
@@ -530,14 +530,14 @@ async def test_the_hub_is_looked_at_and_recorded_batch_by_batch(store, batch):
         hub.add(server(user=f"u{i}", la=T0 - 70 * M), detached_probe(T0 - 70 * M))
     events = []
     for name in ("histories", "record_many"):
-        real = getattr(store, name)
+        real = getattr(store.runs, name)
 
         def spy(items, *a, _real=real, _name=name, **kw):
             items = list(items)
             events.append((_name, len(items)))
             return _real(items, *a, **kw)
 
-        setattr(store, name, spy)
+        setattr(store.runs, name, spy)
     r = await make(store, hub, clock).run_once()
     assert r.ok and r.notices == 3
     looks = [e for e in events if e[0] in ("histories", "record_many")]
