@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, inspect, select, text
 
 from reaper.core.model import Action, Decision, History, HubServer, NoticeKind, Observation, RunKey, State
@@ -771,3 +774,69 @@ def test_record_stops_queues_one_stopped_notice_per_run_in_a_batch_and_none_on_a
     assert store.runs.record_stops(recs[:5], T0 + timedelta(minutes=5)) == [None] * 5  # a repeat queues none
     assert len(store.outbox.due_deliveries(T0 + timedelta(minutes=5), 10_000)) == 1400
     assert not set(keys) & set(store.runs.open_runs())
+
+
+# --------------------------------------------------------------------------- could_stop in SQL
+
+# A notice's fate on its channels: still pending, delivered on one, failed on every one, failed
+# on one while another is still pending (not failed: the notice may yet go out).
+_FATES = ("pending", "delivered", "failed", "half-failed")
+_example = itertools.count()
+
+_notice = st.tuples(st.sampled_from(list(NoticeKind)), st.sampled_from([None, T0, T0 + timedelta(hours=1)]),
+                    st.sampled_from(_FATES))
+_STARTS = [T0, T0 + timedelta(minutes=1), T0 + timedelta(days=1)]
+_run = st.tuples(
+    st.sampled_from(["ann", "bob"]),  # few users, servers and start times: the SQL pre-filter
+    st.sampled_from(["", "gpu"]),  # (user IN ... AND started IN ...) also finds runs not asked about
+    st.sampled_from(_STARTS),
+    st.lists(_notice, max_size=4),
+    st.booleans(),  # ended (an ended run keeps its history)
+    st.booleans(),  # asked about
+)
+_runs = st.lists(_run, max_size=8, unique_by=lambda r: r[:3])
+
+
+def _write_history(store: Store, key: RunKey, notices: list[Any], ended: bool, now: datetime) -> datetime:
+    """Write a run's notices through the store (queued, then delivered or failed as drawn)."""
+    for kind, spell, fate in notices:
+        now += timedelta(minutes=1)
+        nid = store.outbox.add_notice(key, kind, spell, now, channels=["email", "slack"], context=NoticeContext())
+        if nid is None:  # the same notice again (kind and spell), as the sweep would: already queued
+            continue
+        email, slack = sorted((d for d in store.outbox.due_deliveries(now, 100_000) if d.notice_id == nid),
+                              key=lambda d: d.channel)
+        if fate == "delivered":
+            store.outbox.mark_delivered(slack.id, now)
+        elif fate in ("failed", "half-failed"):
+            store.outbox.mark_failed(email.id, now, "550", permanent=True, retry_at=None)
+            if fate == "failed":
+                store.outbox.mark_failed(slack.id, now, "invalid_auth", permanent=True, retry_at=None)
+    if ended:
+        store.runs.end_run(key, now, "stopped")
+    return now
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(runs=_runs, never_stored=st.lists(st.tuples(st.sampled_from(["ann", "bob", "eve"]), st.sampled_from(["", "gpu"]),
+                                                    st.sampled_from(_STARTS)), max_size=3),
+       in_cest=st.booleans())
+def test_could_stop_runs_is_could_stop_over_generated_histories(
+    store: Store, runs: list[Any], never_stored: list[tuple[str, str, datetime]], in_cest: bool
+) -> None:
+    from reaper.core.policy import could_stop
+
+    prefix = f"x{next(_example)}-"  # each example writes runs of its own
+    asked: list[RunKey] = []
+    now = T0
+    for user, name, started, notices, ended, ask in runs:
+        key = RunKey(prefix + user, name, started)
+        now = _write_history(store, key, notices, ended, now)
+        if ask:
+            asked.append(key)
+    stored = {(u, n, t) for u, n, t, *_ in runs}
+    asked += [RunKey(prefix + u, n, t) for u, n, t in never_stored if (u, n, t) not in stored]
+    if in_cest:  # the same runs, their start given in another time zone
+        asked = [RunKey(k.user, k.server, k.started.astimezone(CEST)) for k in asked]
+    histories = store.runs.histories(asked)
+    assert store.runs.could_stop_runs(asked) == {k for k in asked if could_stop(histories[k])}
