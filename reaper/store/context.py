@@ -151,11 +151,14 @@ def _member(enum: type[State] | type[Action], value: Any, default: State | Actio
 
 
 def _plain(value: Any) -> Any:
-    """JSON values as JSON has them (what the old dict stored: datetimes as ISO, tuples as lists)."""
+    """A value as the store always wrote it to JSON: datetimes ISO 8601, tuples and sets as lists,
+    keys as strings, any other object as its str()."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_plain(v) for v in value]
-    return value
+    return str(value)

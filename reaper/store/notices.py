@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 
 from ..core.model import NoticeKind
 from .context import NoticeContext
-from .db import Database, jsonable
+from .db import Database
 from .models import DELIVERIES, NOTICES, spell_key
 
 # Notices of these kinds go out at most once per spell (run-wide when the spell is None): seq 0.
@@ -70,7 +70,7 @@ def queue_notices(db: Database, s: Connection, specs: Sequence[NoticeSpec], now:
             where[(spec.run_id, kind.value, skey)] = i
             rows.append({"run_id": spec.run_id, "kind": kind.value, "spell": spec.spell, "spell_key": skey,
                          "seq": 0, "created_at": now, "channels": _channels(spec.channels),
-                         "context": jsonable(spec.context.to_json()), "failed": False})
+                         "context": spec.context.to_json(), "failed": False})
         if not rows:
             continue
         deliveries: list[dict[str, Any]] = []
@@ -114,7 +114,7 @@ def queue_notice(db: Database, s: Connection, spec: NoticeSpec, now: datetime) -
             seq=seq,
             created_at=now,
             channels=_channels(spec.channels),
-            context=jsonable(spec.context.to_json()),
+            context=spec.context.to_json(),
             failed=False,
         )
         .on_conflict_do_nothing(index_elements=["run_id", "kind", "spell_key", "seq"])

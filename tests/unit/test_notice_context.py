@@ -130,3 +130,9 @@ def test_an_old_orphan_row_renders(store: Store) -> None:
     (d,) = [d for d in store.outbox.due_deliveries(NOW, 10) if d.notice_id == nid]
     text = render_delivery(d, SETTINGS, NOW).text
     assert "4242" in text and "bob" in text
+
+
+def test_odd_values_are_stored_as_json_as_before() -> None:
+    ctx = NoticeContext(user_options={"hours": (1, 2), 3: {"at": NOW}, "obj": State.DETACHED, "s": frozenset()})
+    assert json.loads(json.dumps(ctx.to_json()))["user_options"] == {"hours": [1, 2], "3": {"at": NOW.isoformat()},
+                                                                     "obj": "detached", "s": []}
