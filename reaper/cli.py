@@ -106,10 +106,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = Store.open(settings.database_url)
     now = datetime.now(UTC)
     try:
-        rows = store.runs_overview()
-        last = store.last_successful_sweep()
-        actions = store.recent_actions(now - timedelta(days=1), limit=args.actions)
-        depth = store.outbox_depth()
+        rows = store.reports.runs_overview()
+        last = store.reports.last_successful_sweep()
+        actions = store.reports.recent_actions(now - timedelta(days=1), limit=args.actions)
+        depth = store.outbox.depth()
     finally:
         store.close()
 
@@ -122,8 +122,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rows:
         table = [("USER", "SERVER", "STATE", "ACTION", "NEXT", "REASON")]
         for r in rows:
-            table.append((str(r.get("user")), r.get("server") or "-", str(r.get("state") or "-"),
-                          str(r.get("action") or "-"), when(r.get("next_at")), str(r.get("reason") or "")))
+            table.append((r.user, r.server or "-", r.state or "-", r.action or "-", when(r.next_at), r.reason or ""))
         widths = [max(len(row[i]) for row in table) for i in range(5)]
         for row in table:
             print("  ".join(c.ljust(w) for c, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
@@ -132,8 +131,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if actions:
         print("\nrecent actions (24 h):")
         for a in actions:
-            who = f"{a['user']}/{a['server']}" if a.get("server") else str(a.get("user") or "-")
-            print(f"  {when(a['at'])}  {a['kind']:<14} {'ok ' if a['ok'] else 'FAILED'} {who}: {a['detail']}")
+            who = f"{a.user}/{a.server}" if a.server else str(a.user or "-")
+            print(f"  {when(a.at)}  {a.kind:<14} {'ok ' if a.ok else 'FAILED'} {who}: {a.detail}")
     return 0
 
 
@@ -144,13 +143,13 @@ def cmd_db(args: argparse.Namespace) -> int:
     store = Store.open(settings.database_url, upgrade=False)
     try:
         if args.action == "upgrade":
-            store.upgrade(args.revision or "head")
+            store.db.upgrade(args.revision or "head")
         elif args.action == "downgrade":
             if not args.revision:
                 print("db downgrade needs a revision (e.g. base)", file=sys.stderr)
                 return 2
-            store.downgrade(args.revision)
-        print(f"database at revision {store.current_revision() or '(empty)'}")
+            store.db.downgrade(args.revision)
+        print(f"database at revision {store.db.current_revision() or '(empty)'}")
     finally:
         store.close()
     return 0

@@ -16,29 +16,50 @@ from .hub import Hub
 
 if TYPE_CHECKING:
     from .batch.base import Job
-    from .store import StopRecord
+    from .store import NoticeContext, NoticeRow, StopRecord
 
 
 @runtime_checkable
-class StorePort(Protocol):
-    """The reaper's database (reaper.store.Store), as the sweep and the stops use it."""
+class RunsPort(Protocol):
+    """Server runs and their observations (reaper.store.Runs)."""
 
-    def start_sweep(self, now: datetime, *, dry_run: bool) -> int: ...
-    def finish_sweep(self, sweep_id: int, now: datetime, ok: bool, summary: dict[str, Any]) -> None: ...
     def could_stop_runs(self, runs: Iterable[RunKey]) -> set[RunKey]: ...
     def histories(self, runs: Iterable[RunKey]) -> dict[RunKey, History]: ...
     def record(self, obs: Observation, decision: Decision, now: datetime) -> int | None: ...
     def record_many(self, items: list[tuple[Observation, Decision]], now: datetime) -> list[int | None]: ...
-    def add_notice(self, run: RunKey, kind: NoticeKind, spell: datetime | None, now: datetime, *,
-                   channels: list[str], context: dict[str, Any]) -> int | None: ...
-    def record_action(self, run: RunKey | None, kind: str, ok: bool, detail: str, now: datetime,
-                      **kw: Any) -> Any: ...
     def mark_stop_requested(self, run: RunKey, now: datetime) -> None: ...
     def mark_stops_requested(self, runs: Iterable[RunKey], now: datetime) -> None: ...
     def record_stops(self, items: Iterable[StopRecord], now: datetime) -> list[int | None]: ...
     def end_run(self, run: RunKey, now: datetime, reason: str) -> None: ...
     def open_runs(self) -> list[RunKey]: ...
-    def recent_notices(self, since: datetime, limit: int = 200) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class OutboxPort(Protocol):
+    """Queued notices (reaper.store.Outbox)."""
+
+    def add_notice(self, run: RunKey, kind: NoticeKind, spell: datetime | None, now: datetime, *,
+                   channels: list[str], context: NoticeContext) -> int | None: ...
+
+
+@runtime_checkable
+class ReportsPort(Protocol):
+    """Sweeps, actions and what was sent (reaper.store.Reports)."""
+
+    def start_sweep(self, now: datetime, *, dry_run: bool) -> int: ...
+    def finish_sweep(self, sweep_id: int, now: datetime, ok: bool, summary: dict[str, Any]) -> None: ...
+    def record_action(self, run: RunKey | None, kind: str, ok: bool, detail: str, now: datetime,
+                      **kw: Any) -> Any: ...
+    def recent_notices(self, since: datetime, limit: int = 200) -> list[NoticeRow]: ...
+
+
+@runtime_checkable
+class StorePort(Protocol):
+    """The reaper's database (reaper.store.Store) by subject, as the sweep and the stops use it."""
+
+    runs: RunsPort
+    outbox: OutboxPort
+    reports: ReportsPort
 
 
 @runtime_checkable
@@ -59,4 +80,4 @@ class Guard(Protocol):
                         *, dry_run: bool = False) -> list[Job]: ...
 
 
-__all__ = ["Guard", "Hub", "Notifier", "StorePort"]
+__all__ = ["Guard", "Hub", "Notifier", "OutboxPort", "ReportsPort", "RunsPort", "StorePort"]

@@ -241,7 +241,7 @@ class ReaperService:
             await self.hub.aclose()
         if self.store is not None:
             try:  # hand over at once to a standby reaper, if any
-                await asyncio.to_thread(self.store.release_lease, self.holder)
+                await asyncio.to_thread(self.store.lease.release, self.holder)
             except Exception as e:
                 log.warning("could not release the lease: %s", e)
             await asyncio.to_thread(self.store.close)
@@ -252,19 +252,19 @@ class ReaperService:
         now = utcnow()
         ttl = max(self.settings.sweep_every * 3, timedelta(minutes=2))
         try:
-            mine = await asyncio.to_thread(self.store.acquire_lease, self.holder, now, ttl)
+            mine = await asyncio.to_thread(self.store.lease.acquire, self.holder, now, ttl)
         except Exception as e:
             log.error("cannot reach the database, skipping this sweep: %s", e)
             return
         if not mine:
-            holder = await asyncio.to_thread(self.store.lease_holder, now)
+            holder = await asyncio.to_thread(self.store.lease.holder, now)
             if holder and lease_holder_is_dead(holder):
                 log.warning("the lease is held by %s, which is no longer running (killed?): taking over", holder)
-                await asyncio.to_thread(self.store.release_lease, holder)
-                mine = await asyncio.to_thread(self.store.acquire_lease, self.holder, now, ttl)
+                await asyncio.to_thread(self.store.lease.release, holder)
+                mine = await asyncio.to_thread(self.store.lease.acquire, self.holder, now, ttl)
         if not mine:
             log.warning("another reaper process holds the lease on this database (%s); waiting (not acting)",
-                        await asyncio.to_thread(self.store.lease_holder, now))
+                        await asyncio.to_thread(self.store.lease.holder, now))
             return
         if self._next_guard is not None:  # rebuilt by a SIGHUP during the last sweep
             self.sweeper.stop_hook = self._next_guard[0]
@@ -297,7 +297,7 @@ class ReaperService:
         if self.outbox is None or self.store is None:
             return
         try:
-            mine = await asyncio.to_thread(self.store.acquire_lease, self.holder, utcnow(),
+            mine = await asyncio.to_thread(self.store.lease.acquire, self.holder, utcnow(),
                                            max(self.settings.sweep_every * 3, timedelta(minutes=2)))
             if mine:
                 await self.outbox.drain(utcnow())

@@ -27,7 +27,7 @@ from typing import Any
 from .core.model import HubServer, RunKey
 from .groupcommit import GroupWriter
 from .ports import Guard, Hub, StorePort
-from .store import StopRecord
+from .store import NoticeContext, StopRecord
 
 log = logging.getLogger("reaper.stops")
 
@@ -79,7 +79,7 @@ class Asked:
 
 
 def stop_record(key: RunKey, asked: Asked, why: str, *, job_id: str | None, actor: str = "reaper",
-                end_reason: str, notice_context: dict[str, Any] | None = None,
+                end_reason: str, notice_context: NoticeContext | None = None,
                 channels: tuple[str, ...] = ("log",)) -> StopRecord:
     """The store's record of one stop: ``end_reason`` and ``notice_context`` apply only when the
     server is no longer running."""
@@ -104,7 +104,7 @@ class Stops:
         self._intents: GroupWriter[tuple[RunKey, datetime]] = GroupWriter(self._write_intents, linger=0.05)
 
     def _write_intents(self, items: Any) -> None:
-        self.store.mark_stops_requested([k for k, _ in items], max(t for _, t in items))
+        self.store.runs.mark_stops_requested([k for k, _ in items], max(t for _, t in items))
 
     async def _db(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kw)
@@ -117,14 +117,14 @@ class Stops:
 
     async def intend_many(self, keys: Iterable[RunKey]) -> None:
         """Many stops' intents, in one transaction."""
-        await self._db(self.store.mark_stops_requested, list(keys), self.clock())
+        await self._db(self.store.runs.mark_stops_requested, list(keys), self.clock())
 
     async def ask(self, server: HubServer) -> Asked:
         result = await self.hub.stop(server.user, server.name)
         return Asked(StopOutcome(result.outcome), result.detail, self.clock())
 
     async def record(self, records: list[StopRecord]) -> None:
-        await self._db(self.store.record_stops, records, self.clock())
+        await self._db(self.store.runs.record_stops, records, self.clock())
 
     async def after(self, server: HubServer, outcome: StopOutcome) -> None:
         """The batch guard's look after a stop (is the job gone? cancel it if not)."""
@@ -146,14 +146,14 @@ class Stops:
             return StopOutcome.GONE
         key = server.run_key()
         if key is not None:
-            await self._db(self.store.mark_stop_requested, key, self.clock())
+            await self._db(self.store.runs.mark_stop_requested, key, self.clock())
         asked = await self.ask(server)
         why = f"stop requested by {actor}"
         if key is not None:
             await self.record([stop_record(key, asked, why, job_id=server.job_id, actor=actor,
                                            end_reason=f"stopped by {actor}")])
         else:
-            await self._db(self.store.record_action, None, asked.outcome.record_kind, asked.outcome.ok,
+            await self._db(self.store.reports.record_action, None, asked.outcome.record_kind, asked.outcome.ok,
                            f"{why} | hub: {asked.outcome.value} ({asked.detail})", asked.at,
                            actor=actor, job_id=server.job_id)
         log.info("%s: stop requested by %s: %s", server.label, actor, asked.outcome.value)

@@ -60,6 +60,7 @@ from .core.rules import ResolvedRule
 from .faults import crashpoint
 from .ports import Guard, Hub, Notifier, StorePort
 from .stops import Asked, StopOutcome, Stops, stop_record
+from .store import NoticeContext, notice_context
 from .units import format_memory, read_user_options
 
 if TYPE_CHECKING:
@@ -228,13 +229,13 @@ class Effects:
         return self.sw.stops
 
     async def begin(self, now: datetime) -> int | None:
-        return await self.sw._db(self.sw.store.start_sweep, now, dry_run=False)  # type: ignore[no-any-return]
+        return await self.sw._db(self.sw.store.reports.start_sweep, now, dry_run=False)  # type: ignore[no-any-return]
 
     async def finish(self, sweep_id: int | None, res: SweepResult) -> None:
         if sweep_id is None:
             return
         try:
-            await self.sw._db(self.sw.store.finish_sweep, sweep_id, res.finished_at, res.ok, res.summary())
+            await self.sw._db(self.sw.store.reports.finish_sweep, sweep_id, res.finished_at, res.ok, res.summary())
         except Exception as e:  # pragma: no cover - the store is down too
             log.error("could not record the end of the sweep: %s", e)
 
@@ -244,7 +245,7 @@ class Effects:
         if not rows:
             return
         recordable = [r for r in rows if r.obs.server.run_key() is not None]
-        ids = await sw._db(sw.store.record_many, [(r.obs, r.decision) for r in recordable], run.now)
+        ids = await sw._db(sw.store.runs.record_many, [(r.obs, r.decision) for r in recordable], run.now)
         queued = {r.obs.server.run_key() for r, nid in zip(recordable, ids, strict=True) if nid is not None}
         del recordable, ids
         for r in rows:
@@ -260,7 +261,7 @@ class Effects:
 
     async def note(self, kind: str, ok: bool, detail: str, now: datetime) -> None:
         """An action of the sweep itself (no run), e.g. the safety limit."""
-        await self.sw._db(self.sw.store.record_action, None, kind, ok, detail, now)
+        await self.sw._db(self.sw.store.reports.record_action, None, kind, ok, detail, now)
 
     async def end_runs(self, run: SweepRun) -> None:
         await self.sw._end_gone_runs(run)
@@ -473,7 +474,7 @@ class Sweeper:
         run.keys = [k for k in (sv.run_key() for sv in run.servers) if k is not None]
         # The runs that could be stopped this sweep (policy.could_stop: a final notice settled),
         # asked of the store in one query; each batch reads its own histories for its look.
-        run.could = await self._db(self.store.could_stop_runs, run.keys) if run.keys else set()
+        run.could = await self._db(self.store.runs.could_stop_runs, run.keys) if run.keys else set()
         self._rules_cache = None  # the policy may have changed in place since the last sweep
         run.horizon = probe_horizon(*self._rules())
         # Streaming: a stop needs a final notice already settled (policy.could_stop). If even all
@@ -540,7 +541,7 @@ class Sweeper:
         workers, not one task per server: 10,000 parked tasks cost ~30 MB), a streamed stop right
         after the look that decided it."""
         plans = [self._plan(run, sv) for sv in part]
-        run.histories = await self._db(self.store.histories,
+        run.histories = await self._db(self.store.runs.histories,
                                        [k for k in (p[0].run_key() for p in plans) if k is not None])
         s = self.settings
         rows: list[Row] = await bounded_map(self._look_and_decide, [(run, *p) for p in plans],
@@ -609,8 +610,8 @@ class Sweeper:
         if run.notice_counts is None:
             run.notice_counts = {}
             if n.max_notices_per_day is not None:
-                recent = await self._db(self.store.recent_notices, run.now - timedelta(days=1), 100_000)
-                run.notice_counts = soft_notice_counts(recent)
+                recent = await self._db(self.store.reports.recent_notices, run.now - timedelta(days=1), 100_000)
+                run.notice_counts = soft_notice_counts((n.user, n.kind) for n in recent)
         quiet_until = quiet_hours_end(n.quiet_hours, run.now, self.settings.tz) if n.quiet_hours else None
         decisions, run.notice_counts = limit_notices(
             [(r.obs.server.user, r.decision) for r in soft], run.notice_counts,
@@ -667,8 +668,6 @@ class Sweeper:
 
     async def _walltime_notices(self, rows: list[Row], now: datetime) -> None:
         """Tell users their server will end at its walltime (once per run)."""
-        from .store.repo import notice_context
-
         lead = self.settings.slurm.walltime_notice
         assert lead is not None
         for r in rows:
@@ -677,7 +676,7 @@ class Sweeper:
             if end is None or key is None or r.rule.exempt or r.obs.state is State.PENDING:
                 continue
             if now < end <= now + lead:
-                nid = await self._db(self.store.add_notice, key, NoticeKind.WALLTIME, None, now,
+                nid = await self._db(self.store.outbox.add_notice, key, NoticeKind.WALLTIME, None, now,
                                      channels=list(r.rule.channels), context=notice_context(r.obs, r.decision, now))
                 if nid is not None:
                     log.info("%s: walltime ends at %s: notice queued", r.obs.server.label, end.isoformat())
@@ -687,25 +686,25 @@ class Sweeper:
         then lost track of (a crash, a 202 that completed later) is recorded as stopped, and its
         user still hears of it (idempotent)."""
         now, current = run.now, set(run.keys)
-        gone = [k for k in await self._db(self.store.open_runs) if k not in current]
+        gone = [k for k in await self._db(self.store.runs.open_runs) if k not in current]
         del current
-        gone_hist = await self._db(self.store.histories, gone) if gone else {}
+        gone_hist = await self._db(self.store.runs.histories, gone) if gone else {}
         for k in gone:
             h = gone_hist.get(k)
             if h is not None and h.stop_requested_at is not None:
                 await self._db(
-                    self.store.add_notice, k, NoticeKind.STOPPED, None, now,
+                    self.store.outbox.add_notice, k, NoticeKind.STOPPED, None, now,
                     channels=list(self._rule_for_key(k).channels),
-                    context={"user": k.user, "server": k.server, "started": k.started.isoformat(),
-                             "state": "detached", "reason": "stopped by the reaper after the notices",
-                             "stopped_at": h.stop_requested_at.isoformat()},
+                    context=NoticeContext(user=k.user, server=k.server, started=k.started, state="detached",
+                                          reason="stopped by the reaper after the notices",
+                                          stopped_at=h.stop_requested_at),
                 )
-                await self._db(self.store.end_run, k, now, "stopped by the reaper")
-                await self._db(self.store.record_action, k, "stop", True,
+                await self._db(self.store.runs.end_run, k, now, "stopped by the reaper")
+                await self._db(self.store.reports.record_action, k, "stop", True,
                                f"stop asked at {h.stop_requested_at.isoformat()}; the hub no longer lists "
                                "the server: stopped", now)
             else:
-                await self._db(self.store.end_run, k, now, "no longer running on the hub")
+                await self._db(self.store.runs.end_run, k, now, "no longer running on the hub")
             self._last_probed.pop(k, None)
             self._last_logged.pop(k, None)
             self._target_known.discard(k)
@@ -776,7 +775,7 @@ class Sweeper:
 
     async def _stop_many(self, run: SweepRun, stops: Stops, todo: list[Row]) -> None:
         res = run.res
-        hist = await self._db(self.store.histories, [k for k in (r.obs.server.run_key() for r in todo) if k])
+        hist = await self._db(self.store.runs.histories, [k for k in (r.obs.server.run_key() for r in todo) if k])
         now = self.clock()
         todo = [r for r in todo if not self._asked_already(r, hist.get(r.obs.server.run_key()), now)]  # type: ignore[arg-type]
         await self._record_pending_timeouts(now)
@@ -793,7 +792,7 @@ class Sweeper:
                 row.outcome = "not stopped: activity on re-check"
                 log.info("%s: not stopped after all, re-check says %s: %s", obs.server.label, obs.state.value,
                          dec.reason)
-                await self._db(self.store.record, obs, dec, self.clock())
+                await self._db(self.store.runs.record, obs, dec, self.clock())
                 continue
             go.append((row, obs, dec))
         if not go:
@@ -854,7 +853,7 @@ class Sweeper:
             return History()
         if prefetched is not None and key in prefetched:
             return prefetched[key]
-        return (await self._db(self.store.histories, [key])).get(key) or History()
+        return (await self._db(self.store.runs.histories, [key])).get(key) or History()
 
     def _asked_already(self, row: Row, h: History | None, now: datetime) -> bool:
         """A stop the hub accepted (202) but has not finished is not asked again every sweep: True
@@ -875,7 +874,7 @@ class Sweeper:
     async def _record_pending_timeouts(self, now: datetime) -> None:
         items, self._pending_timeouts = self._pending_timeouts, []
         for key, asked, job_id in items:
-            await self._db(self.store.record_action, key, "stop-pending-timeout", False,
+            await self._db(self.store.reports.record_action, key, "stop-pending-timeout", False,
                            f"stop pending since {asked.isoformat()}", now, job_id=job_id)
 
     # ------------------------------------------------------------------ orphans
@@ -924,16 +923,11 @@ async def bounded_map(fn: Callable[..., Any], items: list[tuple[Any, ...]], work
     return out
 
 
-def stopped_context(obs: Observation, dec: Decision, now: datetime) -> dict[str, Any]:
+def stopped_context(obs: Observation, dec: Decision, now: datetime) -> NoticeContext:
     """The context of a "we stopped your server" notice: the observation and decision that led to
     the stop, plus when it ran and what it held."""
-    from .store.repo import notice_context
-
-    ctx = notice_context(obs, dec, now)
-    ctx["stopped_at"] = now.isoformat()
-    if obs.server.started is not None:
-        ctx["reclaimed"] = reclaimed_words(obs, now)
-    return ctx
+    reclaimed = reclaimed_words(obs, now) if obs.server.started is not None else None
+    return replace(notice_context(obs, dec, now), stopped_at=now, reclaimed=reclaimed)
 
 
 def reclaimed_words(obs: Observation, now: datetime) -> str:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..core.model import HubServer, NoticeKind, RunKey
+from ..store.context import NoticeContext
 from .base import BatchError, BatchSystem, Job
 
 log = logging.getLogger("reaper.batch")
@@ -93,7 +94,7 @@ class JobGuard:
             except BatchError as e:
                 job, last_error = "unknown", str(e)  # type: ignore[assignment]
             if job is None or (isinstance(job, Job) and job.finished):
-                await self._db(self.store.record_action, key, "job-gone", True,
+                await self._db(self.store.reports.record_action, key, "job-gone", True,
                                f"job {job_id} is gone after the stop", self.clock(), job_id=job_id)
                 log.info("%s: job %s is gone", server.label, job_id)
                 return "gone"
@@ -118,12 +119,12 @@ class JobGuard:
                     await self.sleep(min(2.0 ** attempt, 30.0) * 0.5)
                 continue
             self.scancels += 1
-            await self._db(self.store.record_action, key, "scancel", True,
+            await self._db(self.store.reports.record_action, key, "scancel", True,
                            f"cancelled job {job_id}: {why}", self.clock(), job_id=job_id)
             log.warning("cancelled job %s ourselves: %s", job_id, why)
             return "cancelled"
         self.scancel_failures += 1
-        await self._db(self.store.record_action, key, "scancel-failed", False,
+        await self._db(self.store.reports.record_action, key, "scancel-failed", False,
                        f"could not cancel job {job_id} after {self.cancel_retries} tries ({why}): {err}",
                        self.clock(), job_id=job_id)
         log.error("job %s could NOT be cancelled after %d tries: %s", job_id, self.cancel_retries, err)
@@ -166,7 +167,7 @@ class JobGuard:
                 log.warning("orphan %s: no hub server owns it%s", where,
                             " (dry run: not cancelled)" if dry_run else " (orphans.cancel is false: reported only)")
                 if not dry_run:
-                    await self._db(self.store.record_action, None, "orphan-seen", True,
+                    await self._db(self.store.reports.record_action, None, "orphan-seen", True,
                                    f"{where}: no hub server owns it", now, job_id=job.id)
                 continue
             run = RunKey(job.user, f"job-{job.id}", job.start or first_seen(self._orphan_seen, job, now))
@@ -174,13 +175,13 @@ class JobGuard:
             if result == "cancelled":
                 self.orphans_cancelled += 1
                 await self._db(
-                    self.store.add_notice, run, NoticeKind.ORPHAN, None, now, channels=self.channels,
-                    context={"user": job.user, "server": "", "started": (job.start or now).isoformat(),
-                             "job_id": job.id, "state": "detached",
-                             "reason": f"batch job {job.id} was still running but no server of yours owned it",
-                             "user_options": {"partition": job.partition, "gpus": job.gpus, "cpus": job.cpus}},
+                    self.store.outbox.add_notice, run, NoticeKind.ORPHAN, None, now, channels=self.channels,
+                    context=NoticeContext(
+                        user=job.user, server="", started=job.start or now, job_id=job.id, state="detached",
+                        reason=f"batch job {job.id} was still running but no server of yours owned it",
+                        user_options={"partition": job.partition, "gpus": job.gpus, "cpus": job.cpus}),
                 )
-                await self._db(self.store.end_run, run, now, "orphan job cancelled")
+                await self._db(self.store.runs.end_run, run, now, "orphan job cancelled")
                 self._orphan_seen.pop(job.id, None)
             # a failed cancel keeps the job on the list: the next sweep tries again at once
         return orphans

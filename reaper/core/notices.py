@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta, tzinfo
-from typing import Any, Protocol
+from typing import Protocol
 
 from .model import Action, Decision, NoticeKind
 
@@ -43,13 +43,14 @@ def quiet_hours_end(q: QuietWindow, now: datetime, tz: tzinfo) -> datetime | Non
     return None
 
 
-def soft_notice_counts(recent: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """Warnings and reminders per user among ``recent`` notices (the store's recent_notices)."""
+def soft_notice_counts(recent: Iterable[tuple[str, str]]) -> dict[str, int]:
+    """Warnings and reminders per user among ``recent`` notices, given as (user, kind) pairs (the
+    store's recent_notices rows)."""
     soft = {k.value for k in SOFT}
     counts: dict[str, int] = {}
-    for item in recent:
-        if item.get("kind") in soft:
-            counts[item["user"]] = counts.get(item["user"], 0) + 1
+    for user, kind in recent:
+        if kind in soft:
+            counts[user] = counts.get(user, 0) + 1
     return counts
 
 

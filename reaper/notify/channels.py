@@ -1,8 +1,7 @@
 """The outbox's channels: a stored notice -> rendered message -> e-mail or Slack direct message.
 
-A delivery carries the context recorded with the decision (``store.repo.notice_context``); it is
-turned back into an observation and a decision, and rendered with the configured templates at
-delivery time (times relative to the moment it is sent).
+A delivery carries the :class:`~reaper.store.NoticeContext` recorded with the notice; it is
+rendered with the configured templates at delivery time (times relative to the moment it is sent).
 """
 
 from __future__ import annotations
@@ -18,20 +17,13 @@ from urllib.parse import quote, urljoin
 import yaml
 
 from ..config import Settings
-from ..core.model import Action, Decision, HubServer, NoticeKind, Observation, State
-from ..units import parse_iso, utc_or_none
+from ..core.model import NoticeKind
+from ..store.context import NoticeContext
+from ..store.slack import SlackLookups
 from .outbox import DeliveryError, LogChannel
-from .render import NoticeContext, RenderedNotice, context_from, render
+from .render import RenderedNotice, TemplateContext, context_from, render
 
 log = logging.getLogger("reaper.notify")
-
-
-def _t(value: Any) -> datetime | None:
-    """A time of a stored context: None/"" -> None, else aware UTC; text that is no ISO 8601
-    timestamp raises (a notice is never sent with a made-up time)."""
-    if not value:
-        return None
-    return utc_or_none(value) if isinstance(value, datetime) else parse_iso(str(value))
 
 
 def keep_url(settings: Settings, user: str, server: str, *, env: Mapping[str, str] = os.environ) -> str:
@@ -44,61 +36,25 @@ def keep_url(settings: Settings, user: str, server: str, *, env: Mapping[str, st
     return urljoin(settings.hub.effective_public_url() + "/", prefix) + "#" + card
 
 
-def notice_context(kind: NoticeKind | str, ctx: dict[str, Any], settings: Settings, now: datetime,
-                   *, number: int = 1) -> NoticeContext:
-    """The template context of a stored notice."""
-    state_raw = ctx.get("state") or "detached"
-    try:
-        state = State(state_raw)
-    except ValueError:
-        state = State.DETACHED
-    spawner_state = dict(ctx.get("spawner_state") or {})
-    if ctx.get("job_id") and "job_id" not in spawner_state:
-        spawner_state["job_id"] = ctx["job_id"]
-    server = HubServer(
-        user=str(ctx.get("user", "")),
-        name=str(ctx.get("server", "")),
-        started=_t(ctx.get("started")),
-        last_activity=_t(ctx.get("last_activity")),
-        url=str(ctx.get("url") or ""),
-        user_options=dict(ctx.get("user_options") or {}),
-        state=spawner_state,
-    )
-    obs = Observation(
-        server=server,
-        state=state,
-        at=_t(ctx.get("created_at")) or now,
-        last_activity=_t(ctx.get("last_activity")),
-        detached_since=_t(ctx.get("detached_since")),
-        detail=str(ctx.get("detail") or ""),
-        job_end=_t(ctx.get("job_end")),
-    )
-    try:
-        action = Action(ctx.get("action") or "ok")
-    except ValueError:
-        action = Action.OK
-    dec = Decision(action, str(ctx.get("reason") or ""), rule=str(ctx.get("rule") or ""),
-                   stop_at=_t(ctx.get("stop_at")))
+def template_context(kind: NoticeKind | str, notice: NoticeContext, settings: Settings, now: datetime,
+                     *, number: int = 1) -> TemplateContext:
+    """The template context of a stored notice, with the site's settings at delivery time."""
     return context_from(
-        obs,
-        dec,
+        notice,
         public_url=settings.hub.effective_public_url(),
         tz=settings.hub.timezone,
         now=now,
         hub_name=settings.hub.name,
-        keep_url=keep_url(settings, server.user, server.name) if NoticeKind(kind) not in (
+        keep_url=keep_url(settings, notice.user, notice.server) if NoticeKind(kind) not in (
             NoticeKind.STOPPED, NoticeKind.ORPHAN) else None,
         admin_contact=settings.notify.admin_contact,
         notice_number=number,
-        reclaimed=ctx.get("reclaimed"),
     )
 
 
 def render_delivery(delivery: Any, settings: Settings, now: datetime) -> RenderedNotice:
     kind = NoticeKind(delivery.kind)
-    ctx = notice_context(kind, delivery.context or {}, settings, now,
-                         number=int((delivery.context or {}).get("seq") or 1))
-    return render(kind, ctx, template_dir=settings.notify.templates)
+    return render(kind, template_context(kind, delivery.context, settings, now), template_dir=settings.notify.templates)
 
 
 def _load_map(path: str | None, what: str) -> dict[str, str]:
@@ -157,18 +113,18 @@ class StoreLookupCache:
     """Slack e-mail -> member id answers kept in the reaper's database, with their expiry, so that
     a restart does not look every user up again (the slack.LookupCache protocol)."""
 
-    def __init__(self, store: Any, clock: Any = None) -> None:
-        self.store = store
+    def __init__(self, lookups: SlackLookups, clock: Any = None) -> None:
+        self.lookups = lookups
         self.clock = clock or (lambda: datetime.now(UTC))
 
     def get(self, email: str) -> Any:
         from .slack import CachedLookup
 
-        found, user_id = self.store.slack_lookup(email, self.clock())
+        found, user_id = self.lookups.lookup(email, self.clock())
         return CachedLookup(user_id) if found else None
 
     def set(self, email: str, user_id: str | None, ttl: Any) -> None:
-        self.store.slack_remember(email, user_id, self.clock() + ttl)
+        self.lookups.remember(email, user_id, self.clock() + ttl)
 
 
 class SlackChannel:
@@ -184,7 +140,7 @@ class SlackChannel:
             raise ValueError("notify.slack.token is not set (write \"${SLACK_BOT_TOKEN}\")")
         self.settings = settings
         self.cfg = cfg
-        cache = StoreLookupCache(store) if store is not None and hasattr(store, "slack_lookup") else None
+        cache = StoreLookupCache(store.slack) if store is not None and hasattr(store, "slack") else None
         self.sender = SlackSender(cfg.token, base_url=cfg.base_url, found_ttl=cfg.lookup_ttl, cache=cache)
         self.user_map = _load_map(cfg.user_map, "notify.slack.user_map")
         self.email = email
@@ -212,7 +168,7 @@ class SlackChannel:
                     import asyncio
 
                     await asyncio.to_thread(
-                        self.store.record_action, delivery.run, "slack-fallback", True,
+                        self.store.reports.record_action, delivery.run, "slack-fallback", True,
                         f"users_not_found on Slack: {delivery.kind} sent by e-mail", self.clock(),
                     )
                 return

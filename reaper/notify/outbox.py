@@ -40,10 +40,7 @@ class LogChannel:
     name = "log"
 
     async def deliver(self, delivery: Any) -> None:
-        ctx = getattr(delivery, "context", {}) or {}
-        run = getattr(delivery, "run", None)
-        who = run.label if run is not None else ctx.get("user", "?")
-        log.info("NOTICE %s to %s: %s", getattr(delivery, "kind", "?"), who, ctx.get("reason", ""))
+        log.info("NOTICE %s to %s: %s", delivery.kind, delivery.run.label, delivery.context.reason)
 
 
 class Outbox:
@@ -72,7 +69,7 @@ class Outbox:
         self._lock = asyncio.Lock()  # one drain at a time: a delivery is never tried twice at once
         # Delivered marks are group-committed: a burst of 10,000 notices is a few dozen
         # transactions, and each delivery still waits for its own mark to be durable.
-        self._delivered: GroupWriter[tuple[int, datetime]] = GroupWriter(store.mark_delivered_many)
+        self._delivered: GroupWriter[tuple[int, datetime]] = GroupWriter(store.outbox.mark_delivered_many)
 
     def backoff(self, attempts: int) -> timedelta:
         delay = self.base_delay * (2 ** max(attempts - 1, 0))
@@ -92,7 +89,7 @@ class Outbox:
             done = 0
             tried: set[int] = set()
             for _ in range(max_batches):
-                due = [d for d in await asyncio.to_thread(self.store.due_deliveries, now, self.batch)
+                due = [d for d in await asyncio.to_thread(self.store.outbox.due_deliveries, now, self.batch)
                        if d.id not in tried]
                 if not due:
                     break
@@ -114,7 +111,7 @@ class Outbox:
         channel = self.channels.get(d.channel)
         if channel is None:
             await asyncio.to_thread(
-                self.store.mark_failed, d.id, now, f"channel {d.channel!r} is not configured",
+                self.store.outbox.mark_failed, d.id, now, f"channel {d.channel!r} is not configured",
                 permanent=True, retry_at=None,
             )
             self.failed += 1
@@ -129,7 +126,7 @@ class Outbox:
             permanent = e.permanent or attempts >= self.max_attempts
             retry_at = None if permanent else now + self.backoff(attempts)
             await asyncio.to_thread(
-                self.store.mark_failed, d.id, now, str(e), permanent=permanent, retry_at=retry_at
+                self.store.outbox.mark_failed, d.id, now, str(e), permanent=permanent, retry_at=retry_at
             )
             self._observe(d.channel, d.kind, "failed" if permanent else "retry")
             if permanent:
@@ -142,7 +139,7 @@ class Outbox:
         except Exception as e:  # an unexpected bug in a channel: retry later, say so
             attempts = d.attempts + 1
             await asyncio.to_thread(
-                self.store.mark_failed, d.id, now, f"{type(e).__name__}: {e}",
+                self.store.outbox.mark_failed, d.id, now, f"{type(e).__name__}: {e}",
                 permanent=attempts >= self.max_attempts, retry_at=now + self.backoff(attempts),
             )
             log.exception("notice %s for %s via %s: unexpected error", d.kind, d.run.label, d.channel)

@@ -23,7 +23,7 @@ line, and link buttons "Open my server" / "Keep running" / "Control panel". Buil
 in Python keeps it valid Block Kit whatever a site puts in its text.
 
 Every template is rendered with ``StrictUndefined``: a template that uses a variable that is not
-documented in :class:`NoticeContext` fails, and :func:`check_templates` reports it with the file name.
+documented in :class:`TemplateContext` fails, and :func:`check_templates` reports it with the file name.
 
 Filters available in every template:
 
@@ -44,7 +44,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
 
-from reaper.core.model import Decision, NoticeKind, Observation
+from reaper.core.model import NoticeKind
+from reaper.store.context import NoticeContext
 from reaper.units import format_memory, humanize, local_datetime, parse_iso, read_user_options
 from reaper.units import relative as format_relative
 
@@ -61,7 +62,7 @@ SHARED_FILES = ("_layout.html", "_where.txt", "_where.html", "_actions.txt", "_f
 
 
 @dataclass(frozen=True)
-class NoticeContext:
+class TemplateContext:
     """Everything a notice template may use. Templates see each field as a variable of the same name.
 
     ====================  =====================================================================
@@ -180,7 +181,7 @@ class NoticeContext:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> NoticeContext:
+    def from_json(cls, data: dict[str, Any]) -> TemplateContext:
         """The inverse of :meth:`to_json`; unknown keys are ignored, missing ones take defaults."""
         kwargs: dict[str, Any] = {}
         for f in fields(cls):
@@ -220,8 +221,7 @@ class RenderedNotice:
 
 
 def context_from(
-    obs: Observation,
-    decision: Decision | None,
+    notice: NoticeContext,
     *,
     public_url: str,
     tz: str,
@@ -230,51 +230,50 @@ def context_from(
     keep_url: str | None = None,
     admin_contact: str = "",
     notice_number: int = 1,
-    reclaimed: str | None = None,
-) -> NoticeContext:
-    """Build a NoticeContext from an observation and its decision (pure: no I/O, no clock).
+) -> TemplateContext:
+    """The template context of a stored notice (pure: no I/O, no clock): its facts as recorded,
+    the site's links and names, times relative to ``now`` (the moment it is sent).
 
     ``public_url`` is the hub's public base (``https://hub.example.org``, without ``/hub``). Where
     it runs comes from the spawner state (``job_id``; ``job_status`` "RUNNING node") and the
     spawn options, read by :func:`reaper.units.read_user_options` (our spawner's, batchspawner's and
     slurmformspawner's names), when present.
     """
-    s = obs.server
     base = public_url.rstrip("/")
-    path = s.url or (f"/user/{s.user}/{s.name}/" if s.name else f"/user/{s.user}/")
-    opts = s.user_options if isinstance(s.user_options, dict) else {}
-    state = s.state if isinstance(s.state, dict) else {}
+    path = notice.url or (f"/user/{notice.user}/{notice.server}/" if notice.server else f"/user/{notice.user}/")
+    opts = notice.user_options
+    state = notice.spawner_state
     node = state.get("node") or state.get("exechost")
     status = str(state.get("job_status") or "")
     if not node and status.startswith("RUNNING") and len(status.split()) > 1:
         node = status.split()[1]
-    idle_since = obs.idle_since
+    idle_since = notice.idle_since
     asked = read_user_options(opts)
-    return NoticeContext(
-        username=s.user,
-        server_name=s.name,
+    return TemplateContext(
+        username=notice.user,
+        server_name=notice.server,
         hub_name=hub_name,
         hub_url=f"{base}/hub/",
         server_url=f"{base}{path}",
         control_panel_url=f"{base}/hub/home",
         keep_url=keep_url,
-        state=obs.state.value,
+        state=notice.state,
         idle_since=idle_since,
         idle_for=humanize(now - idle_since) if idle_since else "",
-        reason=decision.reason if decision else "",
-        detail=obs.detail,
-        stop_at=decision.stop_at if decision else None,
+        reason=notice.reason,
+        detail=notice.detail,
+        stop_at=notice.stop_at,
         tz=tz,
         now=now,
-        job_id=s.job_id,
+        job_id=notice.job_id,
         partition=asked.partition,
         node=str(node) if node else None,
         gpus=(f"{asked.gpu_type}:{asked.gpus}" if asked.gpu_type else asked.gpus) if asked.gpus else None,
         cpus=asked.cpus,
         mem=format_memory(asked.mem_mb) or None,
-        walltime_end=obs.job_end,
+        walltime_end=notice.job_end,
         notice_number=notice_number,
-        reclaimed=reclaimed,
+        reclaimed=notice.reclaimed,
         admin_contact=admin_contact,
         user_options=dict(opts),
     )
@@ -379,7 +378,7 @@ class Renderer:
     def _render(self, mode: str, name: str, variables: dict[str, Any]) -> str:
         return self._envs[mode].get_template(name).render(variables)
 
-    def render(self, kind: NoticeKind | str, context: NoticeContext) -> RenderedNotice:
+    def render(self, kind: NoticeKind | str, context: TemplateContext) -> RenderedNotice:
         k = NoticeKind(kind).value
         v = context.variables(k)
         subject = " ".join(self._render("text", CHANNEL_FILES["subject"].format(kind=k), v).split())
@@ -400,7 +399,7 @@ def _tidy(text: str) -> str:
 _renderers: dict[str | None, Renderer] = {}
 
 
-def render(kind: NoticeKind | str, context: NoticeContext, *, template_dir: str | None = None) -> RenderedNotice:
+def render(kind: NoticeKind | str, context: TemplateContext, *, template_dir: str | None = None) -> RenderedNotice:
     """Render one notice for every channel. Raises jinja2 errors on a broken template."""
     r = _renderers.get(template_dir)
     if r is None:
@@ -414,7 +413,7 @@ SLACK_SECTION_LIMIT = 3000  # characters in one section's text
 BUTTON_TEXT_LIMIT = 75
 
 
-def slack_blocks(kind: str, context: NoticeContext, text: str) -> list[dict[str, Any]]:
+def slack_blocks(kind: str, context: TemplateContext, text: str) -> list[dict[str, Any]]:
     """Block Kit for one notice: the text as mrkdwn sections, a context line, link buttons."""
     blocks: list[dict[str, Any]] = []
     chunk = text
@@ -459,11 +458,11 @@ def slack_blocks(kind: str, context: NoticeContext, text: str) -> list[dict[str,
 # --- checking a template directory ----------------------------------------------------------------
 
 
-def sample_context(now: datetime | None = None) -> NoticeContext:
+def sample_context(now: datetime | None = None) -> TemplateContext:
     """A realistic context with every field set: used by check_templates and `notify preview`."""
     now = now or datetime(2026, 11, 25, 18, 18, tzinfo=UTC)
     hub = "https://hub.example.org"
-    return NoticeContext(
+    return TemplateContext(
         username="alice",
         server_name="gpu1",
         server_label='server "gpu1"',
@@ -511,7 +510,7 @@ def check_templates(template_dir: str | None) -> list[str]:
     """Render every kind on every channel with :func:`sample_context`; return the problems found.
 
     An empty list means the templates are usable. Problems name the file (and line when known):
-    a syntax error, a variable that is not in :class:`NoticeContext` (StrictUndefined), a file in
+    a syntax error, a variable that is not in :class:`TemplateContext` (StrictUndefined), a file in
     the override directory that matches no template name (a typo would otherwise be ignored).
     """
     problems: list[str] = []
@@ -549,10 +548,10 @@ def check_templates(template_dir: str | None) -> list[str]:
     return problems
 
 
-def _sparse_context() -> NoticeContext:
+def _sparse_context() -> TemplateContext:
     """The same sample with every optional field empty: templates must cope with unknowns."""
     base = sample_context()
-    return NoticeContext(
+    return TemplateContext(
         username=base.username, hub_name=base.hub_name, hub_url=base.hub_url, server_url=base.server_url,
         control_panel_url=base.control_panel_url, idle_since=None, stop_at=None, tz="UTC", now=base.now,
         reason=base.reason,
@@ -566,7 +565,7 @@ def _resolved_path(template_dir: str | None, name: str) -> str:
 
 
 __all__ = [
-    "NoticeContext",
+    "TemplateContext",
     "RenderedNotice",
     "Renderer",
     "render",

@@ -3,7 +3,7 @@ and the ORM would be ~6 MB of a long-running service's memory for nothing).
 
 Every table is prefixed ``reaper_`` and alembic's version table is ``reaper_alembic_version``, so the
 reaper can share a PostgreSQL database with JupyterHub itself (which has its own ``alembic_version``).
-The schema is created and changed only by the migrations in ``migrations/versions``; these tables
+The schema is created and changed only by the migrations in ``alembic/versions``; these tables
 must match them (a test compares the two).
 
 Times: :class:`UTCDateTime` stores timezone-aware UTC everywhere. PostgreSQL keeps

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from zoneinfo import ZoneInfo
 
 from tornado import web
@@ -25,6 +25,12 @@ from ..metrics import CONTENT_TYPE_LATEST
 from ..units import format_duration, humanize, local_time, parse_duration, read_user_options, relative
 from ..units import utc_or_none as as_dt  # the page's name for it
 from .app import WebContext
+
+if TYPE_CHECKING:
+    from ..store import ActionRow, NoticeRow, RunRow, Store
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 log = logging.getLogger("reaper.web")
 
@@ -77,6 +83,18 @@ def job_end_of(record: dict[str, Any]) -> datetime | None:
     started = as_dt(record.get("started"))
     wall = resources_of(record).walltime
     return started + wall if started is not None and wall is not None else None
+
+
+def as_record(row: RunRow | ActionRow | None) -> dict[str, Any]:
+    """What :func:`resources_of`, :func:`job_end_of` and :func:`reclaimed` read of a stored row
+    (its run's start and spawn options; an action's time)."""
+    if row is None:
+        return {}
+    out: dict[str, Any] = {"started": row.started, "user_options": row.user_options}
+    at = getattr(row, "at", None)
+    if at is not None:
+        out["at"] = at
+    return out
 
 
 def reclaimed(stops: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -184,45 +202,42 @@ class BaseHandler(web.RequestHandler):
     # ---- data
 
     @property
-    def store(self) -> Any:
-        return self.ctx.service.store
+    def store(self) -> Store:
+        store: Store = self.ctx.service.store
+        return store
 
-    async def db(self, fn: str, *args: Any, **kw: Any) -> Any:
-        return await asyncio.to_thread(getattr(self.store, fn), *args, **kw)
+    async def db(self, fn: Callable[P, R], *args: P.args, **kw: P.kwargs) -> R:
+        """A store method (``self.store.runs.histories``...) called in a worker thread."""
+        return await asyncio.to_thread(fn, *args, **kw)
 
     def tz(self) -> ZoneInfo:
         return self.ctx.settings.tz
 
     async def servers(self, user: str | None) -> list[dict[str, Any]]:
         """Open server runs (all, or one user's) with their history, as plain dicts."""
-        rows = await self.db("runs_overview")
+        rows = await self.db(self.store.reports.runs_overview)
         if user is not None:
-            rows = [r for r in rows if r.get("user") == user]
-        keys: list[RunKey] = []
-        for r in rows:
-            started = as_dt(r.get("started"))
-            if started is not None:
-                keys.append(RunKey(r["user"], r.get("server") or "", started))
-        hist: dict[RunKey, History] = await self.db("histories", keys) if keys else {}
+            rows = [r for r in rows if r.user == user]
+        keys = [r.key for r in rows]
+        hist: dict[RunKey, History] = await self.db(self.store.runs.histories, keys) if keys else {}
         now = self.ctx.now()
         out = [self.server_view(r, hist, now) for r in rows]
         out.sort(key=lambda v: (v["user"], v["server"]))
         return out
 
-    def server_view(self, r: dict[str, Any], hist: dict[RunKey, History], now: datetime) -> dict[str, Any]:
+    def server_view(self, r: RunRow, hist: dict[RunKey, History], now: datetime) -> dict[str, Any]:
         tz = self.tz()
-        started = as_dt(r.get("started"))
-        key = RunKey(r["user"], r.get("server") or "", started) if started else None
-        h = hist.get(key) if key else None
-        res = resources_of(r)
-        last = as_dt(r.get("last_activity"))
-        detached = as_dt(r.get("detached_since"))
-        idle_since = detached if r.get("state") == "detached" and detached else last
+        started = r.started
+        h = hist.get(r.key)
+        res = resources_of(as_record(r))
+        last = r.last_activity
+        detached = r.detached_since
+        idle_since = detached if r.state == "detached" and detached else last
         kept = h.kept_until if h and h.kept_until and h.kept_until > now else None
-        stop_at = as_dt(r.get("stop_at"))
+        stop_at = r.stop_at
         if kept is not None and stop_at is not None and stop_at < kept:
             stop_at = None  # decided before the keep; the next sweep schedules anew
-        job_end = job_end_of(r)
+        job_end = job_end_of(as_record(r))
 
         def t(when: datetime | None) -> dict[str, Any] | None:
             if when is None:
@@ -230,26 +245,26 @@ class BaseHandler(web.RequestHandler):
             return {"iso": when.isoformat(), "local": local_time(when, tz, now), "relative": relative(when, now)}
 
         return {
-            "user": r["user"],
-            "server": r.get("server") or "",
-            "label": f"{r['user']}/{r.get('server')}" if r.get("server") else r["user"],
+            "user": r.user,
+            "server": r.server,
+            "label": f"{r.user}/{r.server}" if r.server else r.user,
             "started": t(started),
-            "state": r.get("state") or "unknown",
-            "idle_for": humanize(now - idle_since) if idle_since and r.get("state") != "computing" else None,
+            "state": r.state or "unknown",
+            "idle_for": humanize(now - idle_since) if idle_since and r.state != "computing" else None,
             "last_activity": t(last),
-            "job_id": r.get("job_id"),
+            "job_id": r.job_id,
             "partition": res.partition,
             "node": res.node,
             "gpus": res.gpus,
             "cpus": res.cpus,
             "mem_gb": res.mem_gb,
             "job_end": t(job_end),
-            "user_options": r.get("user_options") or {},
-            "action": r.get("action"),
-            "reason": r.get("reason") or "",
-            "rule": r.get("rule"),
+            "user_options": r.user_options,
+            "action": r.action,
+            "reason": r.reason or "",
+            "rule": r.rule,
             "stop_at": t(stop_at),
-            "next_at": t(as_dt(r.get("next_at"))),
+            "next_at": t(r.next_at),
             "kept_until": t(kept),
             "notices": [
                 {"kind": n.kind.value, "at": t(n.created_at), "delivered": n.delivered_at is not None,
@@ -377,13 +392,13 @@ class KeepHandler(ActionHandler):
         key = server.run_key()
         assert key is not None
         now = self.ctx.now()
-        actions = await self.db("recent_actions", now - timedelta(hours=24), 1000)
-        keeps = sum(1 for a in actions if a.get("kind") == "keep" and a.get("ok", True)
-                    and a.get("user") == user and (a.get("server") or "") == name)
-        rule = sweeper.rule_for(server, sweeper.known_job(server))  # the sweep's rule, its job's GPUs too
-        overview = next((r for r in await self.db("runs_overview")
-                         if r.get("user") == user and (r.get("server") or "") == name), {})
-        record = {**overview, "started": server.started, "user_options": server.user_options}
+        actions = await self.db(self.store.reports.recent_actions, now - timedelta(hours=24), 1000)
+        keeps = sum(1 for a in actions if a.kind == "keep" and a.ok and a.user == user and (a.server or "") == name)
+        job = sweeper.known_job(server)
+        rule = sweeper.rule_for(server, job)  # the sweep's rule, its job's GPUs too
+        # the walltime end as the sweep knows it (the batch job), else started + requested walltime
+        record = {"started": server.started, "user_options": server.user_options,
+                  "job_end": job.end if job is not None else None}
         try:
             until, note = keep_until(now=now, requested=requested, policy=policy, keeps_today=keeps,
                                      started=server.started, max_age=rule.max_age, job_end=job_end_of(record))
@@ -392,12 +407,13 @@ class KeepHandler(ActionHandler):
             if self.wants_json():
                 return self.write_json({"result": "refused", "message": str(e)}, status=409)
             raise web.HTTPError(409, str(e)) from None
-        await self.db("set_kept_until", key, until, by=self.me, now=now)
+        await self.db(self.store.runs.set_kept_until, key, until, by=self.me, now=now)
         local = until.astimezone(self.tz()).strftime("%Y-%m-%d %H:%M %Z")
         detail = f"kept running until {local} ({format_duration(requested)} asked by {self.me})"
         if note:
             detail += f"; {note}"
-        await self.db("record_action", key, "keep", True, detail, now, actor=self.me, job_id=server.job_id)
+        await self.db(self.store.reports.record_action, key, "keep", True, detail, now, actor=self.me,
+                      job_id=server.job_id)
         log.info("%s: %s", label, detail)
         earliest_stop = until + rule.min_notice
         if rule.max_age is not None and server.started is not None:
@@ -470,39 +486,37 @@ class NextSweepAPIHandler(AdminHandler):
 
 async def admin_summary(h: BaseHandler, now: datetime, window: str) -> dict[str, Any]:
     since = now - WINDOWS[window]
-    actions = await h.db("recent_actions", since, 5000)
-    notices = await h.db("recent_notices", since, 5000)
-    stops = [a for a in actions if a.get("kind") in STOP_KINDS and a.get("ok", True)]
-    sent = [n for n in notices if n.get("delivered_at") or n.get("status") == "delivered"]
+    actions = await h.db(h.store.reports.recent_actions, since, 5000)
+    notices = await h.db(h.store.reports.recent_notices, since, 5000)
+    stops = [a for a in actions if a.kind in STOP_KINDS and a.ok]
+    sent = [n for n in notices if n.delivered_at or n.status == "delivered"]
     tz = h.tz()
 
-    def row(d: dict[str, Any]) -> dict[str, Any]:
-        at = as_dt(d.get("at") or d.get("created_at"))
-        safe = {k: d.get(k) for k in ("user", "server", "kind", "ok", "detail", "actor", "job_id", "channels",
-                                      "reason", "delivered_at", "failed", "status", "error")
-                if k in d}
-        safe["at"] = {"iso": at.isoformat() if at else None, "local": local_time(at, tz, now),
-                      "relative": relative(at, now)}
+    def row(d: ActionRow | NoticeRow, at: datetime) -> dict[str, Any]:
+        safe = {k: getattr(d, k) for k in ("user", "server", "kind", "ok", "detail", "actor", "job_id", "channels",
+                                           "reason", "delivered_at", "failed", "status")
+                if hasattr(d, k)}
+        safe["at"] = {"iso": at.isoformat(), "local": local_time(at, tz, now), "relative": relative(at, now)}
         return safe
 
     by_kind: dict[str, int] = {}
     for n in sent:
-        by_kind[str(n.get("kind"))] = by_kind.get(str(n.get("kind")), 0) + 1
+        by_kind[n.kind] = by_kind.get(n.kind, 0) + 1
     return {
         "window": window,
         "since": since,
         "totals": {
             "servers_stopped": len(stops),
-            "stopped_by_reaper": sum(1 for a in stops if not a.get("actor")),
-            "stopped_on_request": sum(1 for a in stops if a.get("actor")),
+            "stopped_by_reaper": sum(1 for a in stops if not a.actor),
+            "stopped_on_request": sum(1 for a in stops if a.actor),
             "notices_sent": len(sent),
             "notices_by_kind": by_kind,
-            "notices_failed": sum(1 for n in notices if n.get("failed") or n.get("status") == "failed"),
-            "reclaimed": reclaimed(stops),
+            "notices_failed": sum(1 for n in notices if n.failed or n.status == "failed"),
+            "reclaimed": reclaimed(as_record(a) for a in stops),
         },
-        "recent_stops": [row(a) for a in stops[:50]],
-        "recent_actions": [row(a) for a in actions[:50]],
-        "recent_notices": [row(n) for n in notices[:50]],
+        "recent_stops": [row(a, a.at) for a in stops[:50]],
+        "recent_actions": [row(a, a.at) for a in actions[:50]],
+        "recent_notices": [row(n, n.created_at) for n in notices[:50]],
     }
 
 
@@ -547,10 +561,10 @@ class MetricsHandler(BaseHandler):
         store = self.ctx.service.store
         if store is not None:
             try:
-                if hasattr(store, "outbox_depth"):
-                    m.set_outbox_depth(await asyncio.to_thread(store.outbox_depth))
-                if hasattr(store, "last_successful_sweep"):
-                    m.set_last_successful_sweep(as_dt(await asyncio.to_thread(store.last_successful_sweep)))
+                if hasattr(store, "outbox"):
+                    m.set_outbox_depth(await asyncio.to_thread(store.outbox.depth))
+                if hasattr(store, "reports"):
+                    m.set_last_successful_sweep(as_dt(await asyncio.to_thread(store.reports.last_successful_sweep)))
             except Exception as e:  # the scrape still answers; /health tells about the database
                 log.warning("metrics: could not read the store: %s", e)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
@@ -574,7 +588,7 @@ class HealthHandler(BaseHandler):
         store = self.ctx.service.store
         if store is not None:
             try:
-                recorded = as_dt(await asyncio.to_thread(store.last_successful_sweep))
+                recorded = as_dt(await asyncio.to_thread(store.reports.last_successful_sweep))
                 if recorded is not None and (last is None or recorded > last):
                     last = recorded
             except Exception as e:

@@ -43,7 +43,7 @@ def record_warning(store: Store, user: str) -> None:
     dec = Decision(Action.WARN, "window closed, no activity for 2h; warning now, stop at 15:00",
                    notice=NoticeKind.WARNING, spell=obs.idle_since, stop_at=T0 + timedelta(hours=1),
                    channels=("slack",))
-    assert store.record(obs, dec, T0) is not None
+    assert store.runs.record(obs, dec, T0) is not None
 
 
 @pytest.fixture
@@ -77,8 +77,8 @@ async def test_user_unknown_to_slack_gets_the_notice_by_email_and_it_is_recorded
     assert await outbox.drain(T0) == 1
     assert slack.calls_to("chat.postMessage") == []
     assert [m.rcpt_tos for m in sink.messages] == [["carol@example.org"]]
-    acts = store.recent_actions(T0 - timedelta(hours=1))
-    assert any(a["kind"] == "slack-fallback" and a["user"] == "carol" for a in acts)
+    acts = store.reports.recent_actions(T0 - timedelta(hours=1))
+    assert any(a.kind == "slack-fallback" and a.user == "carol" for a in acts)
 
 
 async def test_invalid_slack_token_fails_permanently_and_is_visible(parts, tmp_path):
@@ -89,9 +89,9 @@ async def test_invalid_slack_token_fails_permanently_and_is_visible(parts, tmp_p
     outbox = make_outbox(s2, store)
     record_warning(store, "alice")
     assert await outbox.drain(T0) == 0
-    notes = store.recent_notices(T0 - timedelta(hours=1))
-    assert notes[0]["status"] == "failed"
-    assert "invalid_auth" in (notes[0]["deliveries"][0]["last_error"] or "")
+    notes = store.reports.recent_notices(T0 - timedelta(hours=1))
+    assert notes[0].status == "failed"
+    assert "invalid_auth" in (notes[0].deliveries[0].last_error or "")
     assert outbox.failed == 1
 
 
@@ -105,7 +105,7 @@ async def test_slack_lookups_are_cached_in_the_store_across_a_restart(parts):
     obs = Observation(server=server, state=State.DETACHED, at=T0, last_activity=T0 - timedelta(hours=2),
                       detached_since=T0 - timedelta(hours=2))
     dec = Decision(Action.WARN, "idle", notice=NoticeKind.WARNING, spell=obs.idle_since, channels=("slack",))
-    assert store.record(obs, dec, T0) is not None
+    assert store.runs.record(obs, dec, T0) is not None
     assert await make_outbox(settings(slack.base_url, sink.port), store).drain(T0) == 1
     assert len(slack.calls_to("users.lookupByEmail")) == 1  # the second reaper used the stored answer
     assert len(slack.calls_to("chat.postMessage")) == 2
@@ -134,6 +134,6 @@ async def test_a_stored_notice_carries_the_keep_link_of_its_server(parts):
     store = parts[2]
     st = parse_settings('hub: {public_url: "https://hub.example.org"}\nweb: {prefix: /jh/services/reaper/}', env={})
     record_warning(store, "alice")
-    [delivery] = store.due_deliveries(T0, 10)
+    [delivery] = store.outbox.due_deliveries(T0, 10)
     text = render_delivery(delivery, st, T0).text
     assert "https://hub.example.org/jh/services/reaper/#server-alice-gpu1" in text

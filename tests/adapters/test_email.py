@@ -14,7 +14,7 @@ import pytest
 from reaper.core.model import NoticeKind
 from reaper.notify.email import EmailSender, resolve_address, valid_address
 from reaper.notify.outbox import DeliveryError
-from reaper.notify.render import NoticeContext, render, sample_context
+from reaper.notify.render import TemplateContext, render, sample_context
 
 from .smtp_sink import SmtpSink, TlsFiles, free_port, make_self_signed
 
@@ -230,7 +230,7 @@ async def test_invalid_recipient_is_permanent_without_connecting(sink: SmtpSink,
 
 
 async def test_hostile_server_name_cannot_inject_headers(sink: SmtpSink) -> None:
-    ctx = NoticeContext(**{**sample_context().__dict__, "server_name": "x\r\nBcc: evil@example.org",
+    ctx = TemplateContext(**{**sample_context().__dict__, "server_name": "x\r\nBcc: evil@example.org",
                            "server_label": ""})
     await plain_sender(sink).send("alice@example.org", render(NoticeKind.WARNING, ctx))
     [got] = sink.messages

@@ -10,7 +10,7 @@ import pytest
 
 from reaper.core.model import NoticeKind
 from reaper.notify.render import (
-    NoticeContext,
+    TemplateContext,
     check_templates,
     context_from,
     format_localtime,
@@ -36,7 +36,7 @@ def test_every_kind_renders_on_every_channel_with_the_sample_context(kind: Notic
 
 @pytest.mark.parametrize("kind", list(NoticeKind))
 def test_every_kind_renders_when_optional_facts_are_unknown(kind: NoticeKind) -> None:
-    ctx = NoticeContext(username="bob", hub_url="https://h/hub/", server_url="https://h/user/bob/",
+    ctx = TemplateContext(username="bob", hub_url="https://h/hub/", server_url="https://h/user/bob/",
                         control_panel_url="https://h/hub/home", now=datetime(2026, 1, 1, tzinfo=UTC))
     r = render(kind, ctx)
     assert "None" not in r.text and "None" not in r.html and "None" not in r.slack_text
@@ -82,15 +82,14 @@ def test_slack_blocks_carry_link_buttons_to_open_keep_and_control_panel() -> Non
 
 
 def test_context_reads_where_and_what_from_every_spawners_options() -> None:
-    from reaper.core.model import HubServer, Observation, State
+    from reaper.store import NoticeContext
 
     now = datetime(2026, 11, 25, 18, 18, tzinfo=UTC)
 
-    def ctx_of(opts: dict[str, object]) -> NoticeContext:
-        server = HubServer(user="alice", name="", started=now, last_activity=now, url="/user/alice/",
-                           user_options=opts)
-        return context_from(Observation(server=server, state=State.DETACHED, at=now, last_activity=now), None,
-                            public_url="https://hub.example.org", tz="UTC", now=now)
+    def ctx_of(opts: dict[str, object]) -> TemplateContext:
+        notice = NoticeContext(user="alice", server="", started=now, url="/user/alice/", user_options=dict(opts),
+                               last_activity=now)
+        return context_from(notice, public_url="https://hub.example.org", tz="UTC", now=now)
 
     ours = ctx_of({"partition": "gpu", "runtime": "8:00:00", "memory": "32G", "gpus": 2})
     stock = ctx_of({"req_partition": "gpu", "req_nprocs": "8", "req_memory": "32000", "req_ngpus": "2"})
@@ -152,7 +151,7 @@ def test_context_round_trips_through_json() -> None:
     import json
 
     ctx = sample_context()
-    assert NoticeContext.from_json(json.loads(json.dumps(ctx.to_json()))) == ctx
+    assert TemplateContext.from_json(json.loads(json.dumps(ctx.to_json()))) == ctx
 
 
 def test_packaged_templates_pass_the_check() -> None:
@@ -202,8 +201,9 @@ def test_rendering_an_override_with_a_bogus_variable_raises(tmp_path: Path) -> N
         render(NoticeKind.ORPHAN, sample_context(), template_dir=str(tmp_path))
 
 
-def test_context_from_an_observation_names_the_server_where_it_runs_and_the_links() -> None:
+def test_context_from_a_stored_notice_names_the_server_where_it_runs_and_the_links() -> None:
     from reaper.core.model import Action, Decision, HubServer, Observation, State
+    from reaper.store import notice_context
 
     now = datetime(2026, 11, 25, 18, 18, tzinfo=UTC)
     server = HubServer(
@@ -214,8 +214,8 @@ def test_context_from_an_observation_names_the_server_where_it_runs_and_the_link
     obs = Observation(server=server, state=State.DETACHED, at=now, last_activity=now - timedelta(hours=3),
                       detached_since=now - timedelta(hours=3, minutes=13), detail="no browser connected, kernels idle")
     dec = Decision(Action.WARN, "window closed 3h13m ago", stop_at=now + timedelta(minutes=42))
-    ctx = context_from(obs, dec, public_url="https://hub.example.org/", tz="America/Toronto", now=now,
-                       hub_name="Mila", keep_url="https://hub.example.org/services/reaper/keep/x")
+    ctx = context_from(notice_context(obs, dec, now), public_url="https://hub.example.org/", tz="America/Toronto",
+                       now=now, hub_name="Mila", keep_url="https://hub.example.org/services/reaper/keep/x")
     assert ctx.server_url == "https://hub.example.org/user/alice/gpu1/"
     assert ctx.control_panel_url == "https://hub.example.org/hub/home"
     assert (ctx.job_id, ctx.node, ctx.partition, ctx.gpus, ctx.cpus, ctx.mem) == ("77", "cn-b002", "long", 1, 4, "16 GB")

@@ -211,7 +211,7 @@ async def test_hostile_names_are_probed_decided_recorded_and_rendered_escaped(
         assert len(slack.messages) == len(SERVERS)
 
         # ---- the store round-trips every name and option exactly
-        runs = {(r["user"], r["server"]) for r in store.runs_overview()}
+        runs = {(r.user, r.server) for r in store.reports.runs_overview()}
         assert set(hostile_servers) <= runs
         with store.engine.connect() as conn:
             rows = conn.execute(text("SELECT user, server, user_options FROM reaper_runs")).all()

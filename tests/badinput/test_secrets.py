@@ -183,11 +183,11 @@ async def test_no_secret_in_logs_exceptions_store_check_config_or_metrics(
             warned = warned or any(
                 r.obs.server.user == USER and r.decision.action is Action.WARN for r in res.rows
             )
-            if warned and store.outbox_depth() == 0:
+            if warned and store.outbox.depth() == 0:
                 break
             await asyncio.sleep(1)
         assert warned, "the server was never warned: no notice was attempted"
-        assert store.outbox_depth() == 0, "the outbox did not give up on the failing channels"
+        assert store.outbox.depth() == 0, "the outbox did not give up on the failing channels"
 
         # the failures really happened with our secrets: AUTH was tried and refused, Slack said invalid_auth
         assert not sink.messages

@@ -28,7 +28,7 @@ from reaper.core.model import Action
 from reaper.hub import HubClient
 from reaper.notify.outbox import LogChannel, Outbox
 from reaper.service import make_hub_client
-from reaper.store import Store
+from reaper.store import ActionRow, NoticeRow, Store
 from reaper.sweep import Sweeper, SweepResult
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.hub import HUB_CONFIG, RealHub, processes_with_env
@@ -232,13 +232,13 @@ class Reaper:
             assert res.stops == 0
             await asyncio.sleep(0.5)
 
-    def notices(self, users: list[str]) -> list[dict[str, Any]]:
+    def notices(self, users: list[str]) -> list[NoticeRow]:
         since = datetime.now(UTC) - timedelta(hours=1)
-        return [n for n in self.store.recent_notices(since, 10_000) if n["user"] in users]
+        return [n for n in self.store.reports.recent_notices(since, 10_000) if n.user in users]
 
-    def actions(self, users: list[str]) -> list[dict[str, Any]]:
+    def actions(self, users: list[str]) -> list[ActionRow]:
         since = datetime.now(UTC) - timedelta(hours=1)
-        return [a for a in self.store.recent_actions(since, 10_000) if a.get("user") in users]
+        return [a for a in self.store.reports.recent_actions(since, 10_000) if a.user in users]
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -256,9 +256,9 @@ async def hub_proxy(real_hub: RealHub) -> AsyncIterator[FaultProxy]:  # noqa: F8
         await proxy.close()
 
 
-def notice_counts(notices: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
+def notice_counts(notices: list[NoticeRow]) -> dict[tuple[str, str], int]:
     """(user, kind) -> how many notices of that kind were recorded."""
     out: dict[tuple[str, str], int] = {}
     for n in notices:
-        out[(n["user"], n["kind"])] = out.get((n["user"], n["kind"]), 0) + 1
+        out[(n.user, n.kind)] = out.get((n.user, n.kind), 0) + 1
     return out

@@ -84,7 +84,7 @@ async def test_sqlite_locked_past_the_busy_timeout_fails_the_sweep_cleanly_and_t
         assert res.ok, res.error
         assert res.notices == 2, res.summary()
         counts = notice_counts(reaper.notices(users))
-        delivered = [n for n in reaper.notices(users) if n["status"] == "delivered"]
+        delivered = [n for n in reaper.notices(users) if n.status == "delivered"]
         assert len(delivered) == 2 and max(counts.values()) == 1, counts
         fault_tally.add("database", f"SQLite write-locked by another connection for {lock.seconds:g}s "
                         f"(busy timeout {SQLITE_BUSY_TIMEOUT:g}s)", 1,
@@ -163,7 +163,7 @@ async def test_postgresql_stopped_mid_sweep_fails_cleanly_then_the_cycle_complet
             after = notice_counts(reaper.notices(users))
             dup = sum(max(0, n - 1) for n in after.values())
             lost = sum(1 for u in users for k in ("final", "stopped") if after.get((u, k), 0) == 0)
-            undelivered = [n for n in reaper.notices(users) if n["status"] != "delivered"]
+            undelivered = [n for n in reaper.notices(users) if n.status != "delivered"]
             fault_tally.add("database", "PostgreSQL stopped (immediate) mid-sweep, started before the next", 1,
                             wrongful_stops=wrongful, lost_notices=lost + len(undelivered), duplicate_notices=dup,
                             note="failed sweep stopped nothing; next sweep stopped 2 of 2 (store on PostgreSQL)")
@@ -177,7 +177,7 @@ async def test_postgresql_stopped_mid_sweep_fails_cleanly_then_the_cycle_complet
                 fault_tally.add("database", "PostgreSQL down when the sweep starts", 1,
                                 note=f"run_once raised {type(e).__name__} instead of returning a failed sweep")
                 raise AssertionError(
-                    "Sweeper.run_once raised instead of failing the sweep cleanly (store.start_sweep is "
+                    "Sweeper.run_once raised instead of failing the sweep cleanly (store.reports.start_sweep is "
                     f"outside the try in Sweeper._run): {type(e).__name__}: {str(e)[:300]}"
                 ) from None
             finally:

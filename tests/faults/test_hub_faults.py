@@ -216,7 +216,7 @@ async def test_a_202_stop_that_never_completes_is_pending_followed_up_not_repeat
         res = await reaper.sweep()
         assert res.ok, res.error
         assert res.stops_pending == 1 and res.stops == 0, res.summary()
-        kinds = [a["kind"] for a in reaper.actions([user])]
+        kinds = [a.kind for a in reaper.actions([user])]
         assert "stop-pending" in kinds, kinds
         t_first = time.monotonic()
         sweeps = 1

@@ -91,7 +91,7 @@ async def test_probe_failures_are_unreachable_use_hub_data_and_are_never_stopped
             await asyncio.sleep(0.5)
 
         notices = reaper.notices([faulty])
-        kinds = [n["kind"] for n in notices]
+        kinds = [n.kind for n in notices]
         over = [k for k in kinds if k not in ("warning", "reminder")]
         wrongful = 0 if faulty in running(real_hub, [faulty]) else 1
         for name, (rule, actions) in results.items():

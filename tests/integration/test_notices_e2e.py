@@ -134,12 +134,12 @@ async def test_smtp_down_for_a_while_delivers_once_it_is_back_exactly_once(tmp_p
     dec = Decision(Action.FINAL, "window closed 2h ago; final notice now", notice=NoticeKind.FINAL,
                    spell=obs.idle_since, stop_at=t0 + timedelta(minutes=30), channels=("email",))
     try:
-        assert store.record(obs, dec, t0) is not None
+        assert store.runs.record(obs, dec, t0) is not None
         now = t0
         for _ in range(3):  # down: each try fails temporarily and is rescheduled
             assert await outbox.drain(now) == 0
             now += timedelta(minutes=2)
-        assert store.histories([server.run_key()])[server.run_key()].notices[0].delivered_at is None
+        assert store.runs.histories([server.run_key()])[server.run_key()].notices[0].delivered_at is None
         sink.start()
         delivered = 0
         for _ in range(6):
@@ -147,7 +147,7 @@ async def test_smtp_down_for_a_while_delivers_once_it_is_back_exactly_once(tmp_p
             delivered += await outbox.drain(now)
         assert delivered == 1
         assert [kind_of(m.message) for m in sink.messages] == ["final"]
-        hist = store.histories([server.run_key()])[server.run_key()]
+        hist = store.runs.histories([server.run_key()])[server.run_key()]
         assert hist.notices[0].delivered_at is not None
     finally:
         store.close()

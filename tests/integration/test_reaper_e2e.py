@@ -90,10 +90,10 @@ async def test_attached_then_detached_then_warned_final_and_stopped_through_the_
         assert real_hub.server_model(user) is None, "the hub still lists the server"
         actions = [a for _, a in seen]
         assert "warn" in actions and "final-warning" in actions and actions[-1] == "stop", seen
-        acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
-        assert any(a["kind"] == "stop" and a["ok"] for a in acts)
-        notices = store.recent_notices(sweeper.clock() - timedelta(hours=1))
-        kinds = [n["kind"] for n in notices if n["user"] == user]
+        acts = store.reports.recent_actions(sweeper.clock() - timedelta(hours=1))
+        assert any(a.kind == "stop" and a.ok for a in acts)
+        notices = store.reports.recent_notices(sweeper.clock() - timedelta(hours=1))
+        kinds = [n.kind for n in notices if n.user == user]
         assert kinds.count(NoticeKind.WARNING.value) == 1 and kinds.count(NoticeKind.FINAL.value) == 1
         assert NoticeKind.STOPPED.value in kinds
     finally:

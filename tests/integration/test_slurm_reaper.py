@@ -147,9 +147,9 @@ async def test_detached_slurm_server_is_stopped_and_its_job_is_gone(slurm, slurm
         assert any(row.obs.state is State.DETACHED for row in seen)
         assert await job_ends(batch, job_id)
         assert slurm_hub.server_model(HUB_USER) is None
-        kinds = {a["kind"] for a in store.recent_actions(sweeper.clock() - timedelta(hours=1))}
+        kinds = {a.kind for a in store.reports.recent_actions(sweeper.clock() - timedelta(hours=1))}
         assert "stop" in kinds and ({"job-gone", "scancel"} & kinds)
-        notices = [n["kind"] for n in store.recent_notices(sweeper.clock() - timedelta(hours=1))]
+        notices = [n.kind for n in store.reports.recent_notices(sweeper.clock() - timedelta(hours=1))]
         assert "walltime" in notices  # the 4 h walltime ends within walltime_notice (5 h)
     finally:
         await client.aclose()
@@ -164,10 +164,10 @@ async def test_a_job_no_hub_server_owns_is_an_orphan_cancelled_after_the_grace(s
         res = await past_the_orphan_grace(sweeper)
         assert res.orphans == 1
         assert await job_ends(batch, job_id)
-        acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
-        assert any(a["kind"] == "scancel" and a["job_id"] == job_id and "orphan" in a["detail"] for a in acts)
-        notices = store.recent_notices(sweeper.clock() - timedelta(hours=1))
-        assert [n["kind"] for n in notices if n["user"] == OWNER] == ["orphan"]
+        acts = store.reports.recent_actions(sweeper.clock() - timedelta(hours=1))
+        assert any(a.kind == "scancel" and a.job_id == job_id and "orphan" in a.detail for a in acts)
+        notices = store.reports.recent_notices(sweeper.clock() - timedelta(hours=1))
+        assert [n.kind for n in notices if n.user == OWNER] == ["orphan"]
 
 
 async def test_orphans_are_reported_not_cancelled_when_cancel_is_false(slurm, slurm_hub, tmp_path):
@@ -175,8 +175,8 @@ async def test_orphans_are_reported_not_cancelled_when_cancel_is_false(slurm, sl
     async with reaper_on(settings_for(slurm, cancel=False), slurm_hub, tmp_path) as (sweeper, store):
         await past_the_orphan_grace(sweeper)
         assert slurm.squeue_state(job_id) == "RUNNING"
-        acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
-        assert any(a["kind"] == "orphan-seen" and a["job_id"] == job_id for a in acts)
+        acts = store.reports.recent_actions(sweeper.clock() - timedelta(hours=1))
+        assert any(a.kind == "orphan-seen" and a.job_id == job_id for a in acts)
 
 
 async def test_a_failing_scancel_is_retried_and_then_succeeds(slurm, slurm_hub, tmp_path):
@@ -186,8 +186,8 @@ async def test_a_failing_scancel_is_retried_and_then_succeeds(slurm, slurm_hub, 
         res = await past_the_orphan_grace(sweeper)
         assert res.orphans == 1
         assert int((tmp_path / "scancel-count").read_text()) == 3  # two failures, then the real one
-        acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
-        assert any(a["kind"] == "scancel" and a["ok"] for a in acts)
+        acts = store.reports.recent_actions(sweeper.clock() - timedelta(hours=1))
+        assert any(a.kind == "scancel" and a.ok for a in acts)
 
 
 async def test_an_scancel_that_keeps_failing_is_reported_and_the_job_is_not_forgotten(slurm, slurm_hub, tmp_path):
@@ -196,9 +196,9 @@ async def test_an_scancel_that_keeps_failing_is_reported_and_the_job_is_not_forg
     async with reaper_on(settings_for(slurm, scancel=scancel), slurm_hub, tmp_path) as (sweeper, store):
         await past_the_orphan_grace(sweeper)
         assert slurm.squeue_state(job_id) == "RUNNING"
-        acts = store.recent_actions(sweeper.clock() - timedelta(hours=1))
-        failed = [a for a in acts if a["kind"] == "scancel-failed"]
-        assert failed and "Socket timed out" in failed[0]["detail"] and not failed[0]["ok"]
+        acts = store.reports.recent_actions(sweeper.clock() - timedelta(hours=1))
+        failed = [a for a in acts if a.kind == "scancel-failed"]
+        assert failed and "Socket timed out" in failed[0].detail and not failed[0].ok
         # the next sweep tries again: a failed cancel is not the end of it
         await sweeper.run_once()
         assert int((tmp_path / "scancel-count").read_text()) == 6

@@ -208,7 +208,7 @@ case "$*" in *"--Format={FORMAT}"*) echo '{row}';; *) echo "unexpected: $*" >&2;
         orphans = await guard.reconcile([], await guard.hub_jobs(), NOW + timedelta(minutes=11))
         assert [j.id for j in orphans] == ["4242"] and guard.orphans_cancelled == 1
         assert calls.read_text().split() == ["4242"]
-        assert any(a["kind"] == "scancel" and a["ok"] for a in store.recent_actions(NOW - timedelta(days=1)))
+        assert any(a.kind == "scancel" and a.ok for a in store.reports.recent_actions(NOW - timedelta(days=1)))
     finally:
         store.close()
 

@@ -89,23 +89,23 @@ def test_mark_delivered_many_marks_each_delivery_and_its_notice(tmp_path, n: int
     from datetime import UTC, datetime, timedelta
 
     from reaper.core.model import NoticeKind, RunKey
-    from reaper.store import Store
+    from reaper.store import NoticeContext, Store
 
     store = Store.open(f"sqlite:///{tmp_path}/s.sqlite")
     t0 = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
     for i in range(n):
-        store.add_notice(RunKey(f"u{i}", "", t0), NoticeKind.STOPPED, None, t0, channels=["log", "email"],
-                         context={"user": f"u{i}"})
-    due = store.due_deliveries(t0, 10 * n)
+        store.outbox.add_notice(RunKey(f"u{i}", "", t0), NoticeKind.STOPPED, None, t0, channels=["log", "email"],
+                         context=NoticeContext(user=f"u{i}"))
+    due = store.outbox.due_deliveries(t0, 10 * n)
     assert len(due) == 2 * n
     logs = [(d.id, t0 + timedelta(minutes=1)) for d in due if d.channel == "log"]
     emails = [(d.id, t0 + timedelta(minutes=2)) for d in due if d.channel == "email"]
-    store.mark_delivered_many(emails + logs)  # the later channel first in the list: the first time wins
-    assert store.due_deliveries(t0 + timedelta(hours=1), 10 * n) == []
-    notices = store.recent_notices(t0 - timedelta(days=1), 10 * n)
+    store.outbox.mark_delivered_many(emails + logs)  # the later channel first in the list: the first time wins
+    assert store.outbox.due_deliveries(t0 + timedelta(hours=1), 10 * n) == []
+    notices = store.reports.recent_notices(t0 - timedelta(days=1), 10 * n)
     assert len(notices) == n
     first = t0 + timedelta(minutes=1)
-    assert all(n_["status"] == "delivered" and n_["delivered_at"] == first for n_ in notices)
+    assert all(n_.status == "delivered" and n_.delivered_at == first for n_ in notices)
     store.close()
 
 

@@ -109,6 +109,5 @@ def test_quiet_hours_postpone_and_say_until_when_in_the_hubs_time():
 
 
 def test_soft_notice_counts_count_warnings_and_reminders_per_user():
-    recent = [{"user": "ann", "kind": "warning"}, {"user": "ann", "kind": "reminder"},
-              {"user": "ann", "kind": "final"}, {"user": "bob", "kind": "stopped"}, {"user": "bob", "kind": "warning"}]
+    recent = [("ann", "warning"), ("ann", "reminder"), ("ann", "final"), ("bob", "stopped"), ("bob", "warning")]
     assert soft_notice_counts(recent) == {"ann": 2, "bob": 1}

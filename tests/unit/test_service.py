@@ -56,7 +56,7 @@ def test_the_service_process_loads_no_orm_no_alembic_no_httpx_no_jupyterhub(tmp_
         "from reaper.store import Store\n"
         "from reaper.hub import HubClient\n"
         f"s = Store.open('sqlite:///{tmp_path / 'r.sqlite'}', isolated=True)\n"
-        "s.record_action(None, 'test', True, 'x', __import__('datetime').datetime.now(__import__('datetime').UTC))\n"
+        "s.reports.record_action(None, 'test', True, 'x', __import__('datetime').datetime.now(__import__('datetime').UTC))\n"
         "hub = HubClient('http://127.0.0.1:1/hub/api', 't')\n"
         "service = type('S', (), {'settings': parse_settings('{}', env={}), 'store': s, 'hub': hub})()\n"
         "reaper.web.app.make_app(service)\n"

@@ -84,7 +84,7 @@ def one_detached(store, since, policy=POLICY):
 
 
 def kinds(store, key):
-    return [n.kind for n in store.histories([key])[key].notices]
+    return [n.kind for n in store.runs.histories([key])[key].notices]
 
 
 async def test_full_cycle_warning_reminder_final_stop_stopped_notice(store):
@@ -95,7 +95,7 @@ async def test_full_cycle_warning_reminder_final_stop_stopped_notice(store):
     assert r.ok and r.rows[0].obs.state is State.DETACHED
     assert r.rows[0].decision.action is Action.WARN
     assert kinds(store, key) == [NoticeKind.WARNING]
-    assert store.histories([key])[key].notices[0].delivered_at is not None  # the log channel delivered
+    assert store.runs.histories([key])[key].notices[0].delivered_at is not None  # the log channel delivered
 
     clock.advance(5 * M)
     r = await sw.run_once()
@@ -122,7 +122,7 @@ async def test_full_cycle_warning_reminder_final_stop_stopped_notice(store):
     assert hub.stops == [("alice", "")]
     assert r.stops == 1
     assert NoticeKind.STOPPED in kinds(store, key)
-    assert key not in store.open_runs()
+    assert key not in store.runs.open_runs()
 
 
 async def test_failed_listing_ends_the_sweep_without_acting_or_recording(store):
@@ -131,7 +131,7 @@ async def test_failed_listing_ends_the_sweep_without_acting_or_recording(store):
     r = await make(store, hub, clock).run_once()
     assert not r.ok and "HTTP 500" in r.error
     assert r.rows == [] and hub.stops == [] and hub.probe_calls == []
-    assert store.open_runs() == []
+    assert store.runs.open_runs() == []
 
 
 async def test_safety_limit_stops_none_and_records_an_alert(store):
@@ -145,7 +145,7 @@ async def test_safety_limit_stops_none_and_records_an_alert(store):
     r = await sw.run_once()
     assert r.safety_tripped and hub.stops == []
     assert all(row.decision.action is Action.OK and "safety" in row.decision.reason for row in r.rows)
-    assert any(a["kind"] == "safety-limit" for a in store.recent_actions(T0 - timedelta(days=1)))
+    assert any(a.kind == "safety-limit" for a in store.reports.recent_actions(T0 - timedelta(days=1)))
 
 
 async def stop_due(store, hub=None, probe=None):
@@ -210,7 +210,7 @@ async def test_streamed_stop_goes_out_right_after_its_own_look_and_is_recorded_a
 
         async def after_stop(self, server, outcome, now):
             # by the time the batch-system guard looks, the stop is durable
-            assert srv.run_key() not in store.open_runs()
+            assert srv.run_key() not in store.runs.open_runs()
             self.seen.append((server.user, outcome))
 
     sw.stop_hook = Hook()
@@ -226,10 +226,10 @@ async def test_streamed_stop_goes_out_right_after_its_own_look_and_is_recorded_a
     assert hub.probe_calls[calls_before:].count(("alice", "")) == 0
     assert Hook.seen == [("alice", "stopped")]
     key = srv.run_key()
-    assert key not in store.open_runs() and NoticeKind.STOPPED in kinds(store, key)
-    acts = [a for a in store.recent_actions(T0 - timedelta(days=1)) if a["kind"] == "stop"]
-    assert len(acts) == 1 and acts[0]["ok"]
-    assert store.histories([key])[key].last_state == "detached"  # the look was recorded too
+    assert key not in store.runs.open_runs() and NoticeKind.STOPPED in kinds(store, key)
+    acts = [a for a in store.reports.recent_actions(T0 - timedelta(days=1)) if a.kind == "stop"]
+    assert len(acts) == 1 and acts[0].ok
+    assert store.runs.histories([key])[key].last_state == "detached"  # the look was recorded too
     assert r.phases["probe"] >= 0 and "stop.recheck" not in r.phases
 
 
@@ -239,7 +239,7 @@ async def test_streamed_stop_is_not_asked_when_its_intent_cannot_be_recorded(sto
     def down(*a, **kw):
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(store, "mark_stops_requested", down)
+    monkeypatch.setattr(store.runs, "mark_stops_requested", down)
     r = await sw.run_once()
     assert hub.stops == []
     assert r.rows[0].outcome.startswith("not stopped: the intent could not be recorded")
@@ -278,7 +278,7 @@ async def test_dry_run_changes_nothing_and_prints_what_it_would_do(store):
     hub.add(server(la=since), detached_probe(since))
     r = await make(store, hub, clock).run_once(dry_run=True)
     assert r.rows[0].decision.action is Action.WARN
-    assert store.open_runs() == []
+    assert store.runs.open_runs() == []
     table = format_table(r, UTC)
     assert "alice" in table and "warn (would send warning)" in table and "dry run" in table
 
@@ -373,7 +373,7 @@ async def test_a_stop_that_completed_after_a_pending_202_still_tells_the_user(st
     clock.advance(5 * M)
     await sw.run_once()
     assert NoticeKind.STOPPED in kinds(store, srv.run_key())
-    assert srv.run_key() not in store.open_runs()
+    assert srv.run_key() not in store.runs.open_runs()
 
 
 async def test_a_stop_the_hub_refused_is_asked_again_next_sweep(store):
@@ -397,7 +397,7 @@ async def test_a_pending_stop_is_not_resent_before_the_timeout_then_reported(sto
     clock.advance(5 * M)
     await sw.run_once()
     assert len(hub.stops) == 2
-    assert any(a["kind"] == "stop-pending-timeout" for a in store.recent_actions(T0))
+    assert any(a.kind == "stop-pending-timeout" for a in store.reports.recent_actions(T0))
 
 
 def test_a_lease_of_a_dead_process_on_this_host_can_be_taken_over():
@@ -455,14 +455,14 @@ async def test_a_stop_asked_before_a_crash_is_finished_by_the_next_sweep(store):
     await sw.run_once()
     key = srv.run_key()
     clock.advance(31 * M)
-    store.mark_stops_requested([key], clock.now)
+    store.runs.mark_stops_requested([key], clock.now)
     hub.servers.clear()  # stopped by the hub; the outcome never written
     clock.advance(5 * M)
     r = await make(store, hub, clock).run_once()  # a new process
-    assert r.ok and key not in store.open_runs()
+    assert r.ok and key not in store.runs.open_runs()
     assert NoticeKind.STOPPED in kinds(store, key)
-    [act] = [a for a in store.recent_actions(T0 - timedelta(days=1)) if a["kind"] == "stop"]
-    assert act["ok"] and "no longer lists the server" in act["detail"]
+    [act] = [a for a in store.reports.recent_actions(T0 - timedelta(days=1)) if a.kind == "stop"]
+    assert act.ok and "no longer lists the server" in act.detail
 
 
 async def test_a_server_that_answered_from_before_the_listing_needs_no_second_hub_lookup(store):
@@ -536,14 +536,14 @@ async def test_the_hub_is_looked_at_and_recorded_batch_by_batch(store, batch):
         hub.add(server(user=f"u{i}", la=T0 - 70 * M), detached_probe(T0 - 70 * M))
     events = []
     for name in ("histories", "record_many"):
-        real = getattr(store, name)
+        real = getattr(store.runs, name)
 
         def spy(items, *a, _real=real, _name=name, **kw):
             items = list(items)
             events.append((_name, len(items)))
             return _real(items, *a, **kw)
 
-        setattr(store, name, spy)
+        setattr(store.runs, name, spy)
     r = await make(store, hub, clock).run_once()
     assert r.ok and r.notices == 3
     looks = [e for e in events if e[0] in ("histories", "record_many")]

@@ -6,6 +6,7 @@ no database, and a dry run must write nothing."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -37,7 +38,14 @@ defaults:
 
 
 class ReadOnlyStore:
-    """The store's reads, scripted; every write fails the test."""
+    """The store's reads, scripted; every write fails the test. One object stands for each of the
+    store's subjects (runs, outbox, reports): their method names do not overlap."""
+
+    @property
+    def runs(self) -> ReadOnlyStore:
+        return self
+
+    outbox = reports = runs
 
     def __init__(self, histories: dict | None = None, could: set | None = None, recent: list | None = None):
         self.hists = histories or {}
@@ -215,7 +223,7 @@ async def test_limit_postpones_warnings_in_quiet_hours_and_never_a_final_notice(
 
 
 async def test_limit_reads_the_daily_counts_once_and_carries_them_across_batches():
-    store = ReadOnlyStore(recent=[{"user": "alice", "kind": "warning"}])
+    store = ReadOnlyStore(recent=[SimpleNamespace(user="alice", kind="warning")])  # a NoticeRow's two fields
     sw = sweeper(store, FakeHub(), "notify: {max_notices_per_day: 2}\n")
     run = run_of(sw)
     first, second = [row(Action.WARN, NoticeKind.WARNING)], [row(Action.REMIND, NoticeKind.REMINDER)]

@@ -25,7 +25,7 @@ def key_of(w, user: str, name: str = "") -> RunKey:
 
 def kept(w, user: str, name: str = "") -> datetime | None:
     k = key_of(w, user, name)
-    return w.store.histories([k])[k].kept_until
+    return w.store.runs.histories([k])[k].kept_until
 
 
 # --------------------------------------------------------------------------- who sees what
@@ -54,7 +54,7 @@ async def test_a_user_cannot_keep_or_stop_another_users_server(web):
     assert r.status_code == 403
     assert kept(web, "bob") is None
     assert web.hub.stops == []
-    assert not [a for a in web.store.recent_actions(utcnow() - timedelta(hours=1)) if a["kind"] in ("keep", "stop")]
+    assert not [a for a in web.store.reports.recent_actions(utcnow() - timedelta(hours=1)) if a.kind in ("keep", "stop")]
 
 
 @pytest.mark.parametrize("admin", ["root", "carol"])  # hub admin; member of web.admin_group
@@ -68,8 +68,8 @@ async def test_admins_by_hub_flag_or_configured_group_see_and_act_on_every_serve
     assert kept(w, "bob") is not None
     r = await w.post("stop", admin, {"user": "alice", "server": ""})
     assert r.status_code == 303 and w.hub.stops == [("alice", "")]
-    acts = w.store.recent_actions(utcnow() - timedelta(hours=1))
-    assert {(a["kind"], a["user"], a["actor"]) for a in acts} == {("keep", "bob", admin), ("stop", "alice", admin)}
+    acts = w.store.reports.recent_actions(utcnow() - timedelta(hours=1))
+    assert {(a.kind, a.user, a.actor) for a in acts} == {("keep", "bob", admin), ("stop", "alice", admin)}
 
 
 async def test_the_admin_group_grants_nothing_when_not_configured(web):
@@ -113,8 +113,8 @@ async def test_keep_running_moves_kept_until_records_who_and_shows_on_the_page(w
     assert r.status_code == 303 and r.headers["location"] == PREFIX + "?msg=kept"
     until = kept(web, "alice")
     assert until is not None and before + timedelta(hours=2) <= until <= utcnow() + timedelta(hours=2)
-    [a] = [a for a in web.store.recent_actions(before - timedelta(seconds=1)) if a["kind"] == "keep"]
-    assert a["actor"] == "alice" and a["user"] == "alice" and a["ok"]
+    [a] = [a for a in web.store.reports.recent_actions(before - timedelta(seconds=1)) if a.kind == "keep"]
+    assert a.actor == "alice" and a.user == "alice" and a.ok
     page = (await web.get("?msg=kept", "alice")).text
     assert "Kept running until" in page and "your server keeps running" in page
     # a scheduled stop still shown is never before the time the server is kept until
@@ -152,8 +152,8 @@ async def test_keep_running_never_goes_past_max_age(make_web):
     r = await w.post("keep", "alice", {"user": "alice", "server": "", "duration": "4h"})
     assert r.status_code == 303
     assert kept(w, "alice") == started + timedelta(hours=6)
-    [a] = [a for a in w.store.recent_actions(started) if a["kind"] == "keep"]
-    assert "shortened to the longest a server may run" in a["detail"]
+    [a] = [a for a in w.store.reports.recent_actions(started) if a.kind == "keep"]
+    assert "shortened to the longest a server may run" in a.detail
 
 
 async def test_keep_running_is_refused_once_max_age_is_reached(make_web):
@@ -207,9 +207,9 @@ async def test_stop_now_goes_through_stop_now_and_records_the_actor(web):
     r = await web.post("stop", "alice", {"user": "alice", "server": ""})
     assert r.status_code == 303 and r.headers["location"] == PREFIX + "?msg=stopped"
     assert web.hub.stops == [("alice", "")]
-    [a] = [a for a in web.store.recent_actions(utcnow() - timedelta(hours=1)) if a["kind"] == "stop"]
-    assert a["actor"] == "alice" and "stop requested by alice" in a["detail"]
-    assert k not in web.store.open_runs()  # stop_now ended the run
+    [a] = [a for a in web.store.reports.recent_actions(utcnow() - timedelta(hours=1)) if a.kind == "stop"]
+    assert a.actor == "alice" and "stop requested by alice" in a.detail
+    assert k not in web.store.runs.open_runs()  # stop_now ended the run
     page = (await web.get("?msg=stopped", "alice")).text
     assert "the server was stopped" in page and 'name="user" value="alice"' not in page
 
@@ -231,12 +231,12 @@ async def test_admin_page_shows_totals_recent_actions_and_a_dry_run_that_changes
     summary = (await web.get("api/admin/summary?window=24h", "root")).json()
     assert summary["totals"]["servers_stopped"] == 1
     assert summary["totals"]["reclaimed"]["unknown"] == 1  # no walltime recorded for that job
-    before = web.store.recent_actions(utcnow() - timedelta(hours=1))
+    before = web.store.reports.recent_actions(utcnow() - timedelta(hours=1))
     dry = (await web.get("?dry_run=1", "root")).text
     assert "What the next sweep would do" in dry and "Nothing was changed" in dry and "<td>bob</td>" in dry
     nxt = (await web.get("api/admin/next-sweep", "root")).json()
     assert [r["user"] for r in nxt["rows"]] == ["bob"] and nxt["ok"]
-    assert web.store.recent_actions(utcnow() - timedelta(hours=1)) == before
+    assert web.store.reports.recent_actions(utcnow() - timedelta(hours=1)) == before
     assert web.hub.stops == [("alice", "")]
 
 

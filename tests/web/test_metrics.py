@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from reaper.core.model import HubServer, Kernel, NoticeKind, Probe
 from reaper.metrics import Metrics, record_sweep
+from reaper.store import NoticeContext
 from reaper.sweep import SweepResult
 from tests.fakes import Clock
 from tests.web import make_web, utcnow  # noqa: F401  (fixture)
@@ -88,9 +89,9 @@ async def test_metrics_after_sweeps_count_what_happened(make_web):
 
     # a notice queued and not yet delivered shows in the outbox depth at the next scrape
     bob = w.hub.servers[("bob", "")].run_key()
-    w.store.add_notice(bob, NoticeKind.REMINDER, None, clock(), channels=["log"], context={})
+    w.store.outbox.add_notice(bob, NoticeKind.REMINDER, None, clock(), channels=["log"], context=NoticeContext())
     text = (await w.client.get(w.url("metrics"))).text
-    assert value(text, "reaper_outbox_depth") == w.store.outbox_depth() == 1
+    assert value(text, "reaper_outbox_depth") == w.store.outbox.depth() == 1
 
 
 async def test_a_failed_sweep_counts_as_failed_and_keeps_the_last_picture(make_web):

@@ -67,7 +67,7 @@ def run_migrations_online() -> None:
         return
     if config.config_file_name is not None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
-    from reaper.store.repo import make_engine
+    from reaper.store.db import make_engine
 
     engine = make_engine(_url())
     try:
