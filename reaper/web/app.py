@@ -20,13 +20,10 @@ config.yaml keys (section ``web``)::
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os
 import secrets
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -35,48 +32,13 @@ from tornado.httpserver import HTTPServer
 from tornado.web import Application
 
 from ..config import WebSettings
-from ..core.keep import KeepPolicy
 from ..metrics import METRICS, Metrics
+from . import handlers as h
+from .context import WebContext
 
 log = logging.getLogger("reaper.web")
 
 HERE = Path(__file__).resolve().parent
-
-
-@dataclass
-class WebContext:
-    """What every handler needs: the running service and the page's own settings."""
-
-    service: Any  # reaper.service.ReaperService (or a test double with the same attributes)
-    prefix: str
-    login: Any  # reaper.web.login.HubLogin
-    metrics: Metrics = METRICS
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    dry_run_at: datetime | None = None
-    dry_run_result: Any = None
-    dry_run_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    clock: Any = None  # () -> aware UTC datetime; default datetime.now(UTC)
-
-    @property
-    def settings(self) -> Any:
-        return self.service.settings
-
-    @property
-    def web(self) -> WebSettings:
-        """The ``web`` section (validated with the rest of config.yaml; reloads show at once)."""
-        web: WebSettings = self.service.settings.web
-        return web
-
-    @property
-    def keep(self) -> KeepPolicy:
-        """The limits of "Keep running" (``web.keep``), as the core's keep_until takes them."""
-        return self.web.keep.policy()
-
-    def now(self) -> datetime:
-        return self.clock() if self.clock is not None else datetime.now(UTC)
-
-    def url(self, path: str = "") -> str:
-        return self.prefix + path.lstrip("/")
 
 
 def page_secret(api_token: str | None) -> bytes:
@@ -99,7 +61,6 @@ def make_app(
 ) -> Application:
     """The tornado application (routes under ``prefix``). ``login`` defaults to the hub's OAuth
     login, configured from the hub's environment, asking the hub over the service's hub client's API."""
-    from . import handlers as h
     from .login import HubAuth, HubLogin
 
     if not prefix.endswith("/"):

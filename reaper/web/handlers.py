@@ -24,7 +24,7 @@ from ..core.model import History, HubServer, RunKey
 from ..metrics import CONTENT_TYPE_LATEST
 from ..units import format_duration, humanize, local_time, parse_duration, read_user_options, relative
 from ..units import utc_or_none as as_dt  # the page's name for it
-from .app import WebContext
+from .context import WebContext
 
 if TYPE_CHECKING:
     from ..store import ActionRow, NoticeRow, RunRow, Store

@@ -90,7 +90,7 @@ class Web:
     metrics: Metrics
     login: HubLogin
     client: httpx.AsyncClient
-    ctx: Any  # reaper.web.app.WebContext of the running app
+    ctx: Any  # reaper.web.context.WebContext of the running app
     cookies: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def url(self, path: str = "") -> str:
