@@ -52,9 +52,17 @@ def template_context(kind: NoticeKind | str, notice: NoticeContext, settings: Se
     )
 
 
+def notice_number(kind: NoticeKind, seq: int) -> int:
+    """Which notice of its spell this is, as the user counts them: the warning is notice 1, the
+    n-th reminder (``seq`` n) notice n + 1."""
+    return seq + 1 if kind is NoticeKind.REMINDER and seq > 0 else 1
+
+
 def render_delivery(delivery: Any, settings: Settings, now: datetime) -> RenderedNotice:
     kind = NoticeKind(delivery.kind)
-    return render(kind, template_context(kind, delivery.context, settings, now), template_dir=settings.notify.templates)
+    number = notice_number(kind, int(getattr(delivery, "seq", 0) or 0))
+    return render(kind, template_context(kind, delivery.context, settings, now, number=number),
+                  template_dir=settings.notify.templates)
 
 
 def _load_map(path: str | None, what: str) -> dict[str, str]:

@@ -31,6 +31,7 @@ class Delivery:
     context: NoticeContext = field(default_factory=NoticeContext)
     spell: datetime | None = None
     created_at: datetime | None = None
+    seq: int = 0  # a reminder's number among its spell's reminders (1, 2, ...); 0 for other kinds
 
 
 class Outbox:
@@ -64,6 +65,7 @@ class Outbox:
                 NOTICES.c.context,
                 NOTICES.c.spell,
                 NOTICES.c.created_at,
+                NOTICES.c.seq,
                 RUNS.c.user,
                 RUNS.c.server,
                 RUNS.c.started,
@@ -86,6 +88,7 @@ class Outbox:
                     context=NoticeContext.from_json(r.context),
                     spell=r.spell,
                     created_at=r.created_at,
+                    seq=int(r.seq or 0),
                 )
                 for r in s.execute(q)
             ]

@@ -137,3 +137,26 @@ async def test_a_stored_notice_carries_the_keep_link_of_its_server(parts):
     [delivery] = store.outbox.due_deliveries(T0, 10)
     text = render_delivery(delivery, st, T0).text
     assert "https://hub.example.org/jh/services/reaper/#server-alice-gpu1" in text
+
+
+def test_a_reminder_says_which_notice_of_its_spell_it_is(tmp_path) -> None:
+    """The warning is notice 1, the first reminder notice 2, the second notice 3 (before, every
+    reminder said "notice 1": the number was read from a context key never stored)."""
+    from reaper.notify.channels import render_delivery
+
+    s = parse_settings('hub: {public_url: "https://hub.example.org"}\n')
+    store = Store.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    try:
+        record_warning(store, "alice")
+        key = store.runs.open_runs()[0]
+        spell = T0 - timedelta(hours=2)
+        for n in (1, 2):
+            from reaper.store import NoticeContext
+
+            store.outbox.add_notice(key, NoticeKind.REMINDER, spell, T0 + timedelta(hours=n), channels=["log"],
+                                    context=NoticeContext(user="alice", server="gpu1", started=key.started))
+        due = sorted(store.outbox.due_deliveries(T0 + timedelta(hours=3)), key=lambda d: d.id)
+        texts = [render_delivery(d, s, T0 + timedelta(hours=3)).text for d in due if d.kind is NoticeKind.REMINDER]
+        assert [("(notice 2)" in t, "(notice 3)" in t) for t in texts] == [(True, False), (False, True)]
+    finally:
+        store.close()
