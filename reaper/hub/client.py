@@ -12,10 +12,10 @@ through configurable-http-proxy are recorded as activity by the proxy itself. ``
 (opt-in) sends the same paths to ``public_url``: simpler network-wise, but the proxy then keeps
 every probed server "active" on the hub.
 
-Listing contract: :meth:`HubClient.iter_active_servers` streams one list per page so that a sweep
-may start probing early, but it raises :class:`HubListingError` if any page fails or the pages do
-not add up to the hub's total. A caller must not act (notify, stop) on anyone until the iterator
-has finished without error.
+Listing contract: :meth:`HubClient.iter_active_servers` yields one list per page and raises
+:class:`HubListingError` if any page fails or the pages do not add up to the hub's total. The sweep
+reads the listing whole (:meth:`HubClient.list_active_servers`) before it looks at anyone; a caller
+must not act (notify, stop) on anyone until the iterator has finished without error.
 """
 
 from __future__ import annotations
