@@ -48,6 +48,12 @@ def test_managed_reaper_stops_a_window_closed_server_and_records_why(hub_factory
     hub.create_user(user)
     hub.start_server(user)  # no browser ever connects: detached after attached_within
     hub.wait_for(lambda: hub.server_model(user) is None, timeout=90, what="the managed reaper stops the server")
+
+    def stopped_recorded() -> bool:  # the reaper records the stop once the hub's DELETE has answered
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from reaper_notices where kind = 'stopped'").fetchone()[0] > 0
+
+    hub.wait_for(stopped_recorded, timeout=30, what="the reaper records the stop and queues its notice")
     log = hub.log_tail(2000)
     assert "reaper started" in log
     assert f"{user} (default): detached" in log
