@@ -33,7 +33,6 @@ from tornado.web import Application
 
 from ..config import WebSettings
 from ..metrics import METRICS, Metrics
-from . import handlers as h
 from .context import WebContext
 
 log = logging.getLogger("reaper.web")
@@ -62,6 +61,8 @@ def make_app(
     """The tornado application (routes under ``prefix``). ``hub_auth`` defaults to JupyterHub's
     HubOAuth, configured from the hub's environment, asking the hub at ``hub.api_url`` over
     JupyterHub's own HTTP client (never the sweep's hub client)."""
+    # JupyterHub's HubOAuth (about 18 MB with the hub's ORM it imports) loads only when a page is made
+    from . import handlers as h
     from .auth import hub_home, hub_oauth
 
     if not prefix.endswith("/"):

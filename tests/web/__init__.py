@@ -21,12 +21,12 @@ from tornado.web import Application, RequestHandler, create_signed_value
 
 from reaper.config import parse_settings
 from reaper.core.model import HubServer, Kernel, Probe
+from reaper.hub import HubError
 from reaper.metrics import Metrics
 from reaper.notify.outbox import LogChannel, Outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper, SweepResult
 from reaper.web.app import make_app
-from reaper.hub import HubError
 from reaper.web.auth import hub_oauth
 from tests.fakes import FakeHub
 from tests.harness.hub import free_ports
