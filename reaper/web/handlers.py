@@ -1,9 +1,11 @@
 """Request handlers of the reaper's page, and the small pure helpers they use.
 
-Authorization, in one place (``BaseHandler.authorize``): a user sees and acts on their own servers
-only; hub admins and members of ``web.admin_group`` see and act on every server. Every POST needs
-the xsrf token (tornado ``xsrf_cookies``, bound to the login: reaper.web.login). Every action is
-logged and recorded with who did it. /metrics and /health need no login and show no user data.
+Login: JupyterHub's own HubOAuth (``BaseHandler`` is a ``HubOAuthenticated`` handler; reaper.web.auth
+configures it). Authorization, in one place (``BaseHandler.authorize``): a user sees and acts on
+their own servers only; hub admins and members of ``web.admin_group`` see and act on every server.
+Every POST needs JupyterHub's xsrf token (tornado ``xsrf_cookies``; HubOAuth binds it to the login
+and the hub session), unless it carries a token in its Authorization header. Every action is logged
+and recorded with who did it. /metrics and /health need no login and show no user data.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..core.model import History, HubServer, RunKey
 from ..metrics import CONTENT_TYPE_LATEST
 from ..units import format_duration, humanize, local_time, parse_duration, read_user_options, relative
 from ..units import utc_or_none as as_dt  # the page's name for it
+from .auth import HubOAuthCallbackHandler, HubOAuthenticated, UserNotAllowed
 from .context import WebContext
 
 if TYPE_CHECKING:
@@ -135,12 +138,17 @@ def _jsonable(v: Any) -> Any:
 # --------------------------------------------------------------------------- handlers
 
 
-class BaseHandler(web.RequestHandler):
+class BaseHandler(HubOAuthenticated, web.RequestHandler):
+    """A page handler logged in with JupyterHub's HubOAuth (``ctx.hub_auth``). New pages subclass
+    it and decorate their methods with ``@web.authenticated``; ``api = True`` answers 403 instead of
+    sending a visitor without a login to the hub."""
+
     ctx: WebContext
     api = False
 
     def initialize(self, ctx: WebContext) -> None:
         self.ctx = ctx
+        self.hub_auth = ctx.hub_auth
 
     # ---- headers
 
@@ -157,26 +165,48 @@ class BaseHandler(web.RequestHandler):
     # ---- identity
 
     async def prepare(self) -> None:
-        if hasattr(self, "_login_user"):
+        await self.identify()
+
+    async def identify(self) -> None:
+        """Who is asking, asked of the hub asynchronously (HubOAuth's ``get_user``; tornado's
+        ``get_current_user`` is synchronous and only reads the answer). A hub user without this
+        page's access scope, or a service, gets a 403."""
+        if hasattr(self, "_hub_auth_user_cache"):
             return
-        self._login_user: dict[str, Any] | None = None
-        self._login_user = await self.ctx.login.user(self)
-        self.current_user = self._login_user
+        self._hub_auth_user_cache: dict[str, Any] | None = None
+        model = await self.hub_auth.get_user(self, sync=False)
+        if model is None:
+            return
+        try:
+            self._hub_auth_user_cache = self.check_hub_user(model)
+        except UserNotAllowed:
+            raise web.HTTPError(403, "your hub account has no access to this page") from None
+
+    def check_hub_user(self, model: dict[str, Any]) -> dict[str, Any]:
+        """HubOAuth's scope check, for users only: a service (even one named like a user) uses the
+        hub's API, not this page."""
+        if model.get("kind", "user") != "user":
+            log.warning("denied: %s %r tried the page", model.get("kind"), model.get("name"))
+            raise UserNotAllowed(model)
+        checked: dict[str, Any] = super().check_hub_user(model)
+        return checked
+
+    def check_xsrf_cookie(self) -> None:
+        """JupyterHub's xsrf check (HubOAuth's). Tornado asks it before prepare(), when no one is
+        identified yet: a request carrying its own token (Authorization header) needs no xsrf
+        token, so it is checked once identified. If its token turns out to be nobody's, HubOAuth
+        tries the login cookie, and checks the xsrf token itself before it accepts it."""
+        if not hasattr(self, "_hub_auth_user_cache") and self.hub_auth.get_token(self, in_cookie=False):
+            return
+        super().check_xsrf_cookie()
 
     def get_current_user(self) -> Any:
-        return getattr(self, "_login_user", None)  # asked of the hub in prepare(), asynchronously
+        return getattr(self, "_hub_auth_user_cache", None)  # asked of the hub in prepare()
 
     def get_login_url(self) -> str:
         if self.api:
             raise web.HTTPError(403, "log in through the hub, or send a token")
-        return str(self.ctx.login.login_url(self))
-
-    @property
-    def xsrf_token(self) -> bytes:
-        return bytes(self.ctx.login.xsrf_token(self))
-
-    def check_xsrf_cookie(self) -> None:
-        self.ctx.login.check_xsrf(self)
+        return str(super().get_login_url())
 
     @property
     def me(self) -> str:
@@ -297,19 +327,19 @@ class BaseHandler(web.RequestHandler):
     def get_template_namespace(self) -> dict[str, Any]:
         ns = super().get_template_namespace()
         ns.update(ctx=self.ctx, hub_name=self.ctx.settings.hub.name, prefix=self.ctx.prefix,
-                  hub_home=self.ctx.login.hub_home, current=getattr(self, "_login_user", None))
+                  hub_home=self.ctx.hub_home, current=self.get_current_user())
         return ns
 
 
 class NotFoundHandler(BaseHandler):
     async def prepare(self) -> None:
-        self._login_user = None
+        self._hub_auth_user_cache = None
         raise web.HTTPError(404, "no such page")
 
 
 class AddSlashHandler(BaseHandler):
     async def prepare(self) -> None:
-        self._login_user = None
+        self._hub_auth_user_cache = None
 
     def get(self) -> None:
         self.redirect(self.ctx.prefix)  # a fixed target: never an open redirect
@@ -554,7 +584,7 @@ class MetricsHandler(BaseHandler):
     """Prometheus text format. No login (no user data in it), as Prometheus scrapes it."""
 
     async def prepare(self) -> None:
-        self._login_user = None
+        self._hub_auth_user_cache = None
 
     async def get(self) -> None:
         m = self.ctx.metrics
@@ -575,7 +605,7 @@ class HealthHandler(BaseHandler):
     """200 while sweeps succeed (the last one younger than 3 x sweep_every), 503 otherwise."""
 
     async def prepare(self) -> None:
-        self._login_user = None
+        self._hub_auth_user_cache = None
 
     async def get(self) -> None:
         now = self.ctx.now()
@@ -614,11 +644,6 @@ class HealthHandler(BaseHandler):
                                 "last_successful_sweep": last.isoformat() if last else None}))
 
 
-class CallbackHandler(BaseHandler):
-    """The hub's OAuth callback (reaper.web.login.HubLogin.finish_login)."""
-
-    async def prepare(self) -> None:
-        self._login_user = None  # the login is being made: finish_login asks who, if it must
-
-    async def get(self) -> None:
-        await self.ctx.login.finish_login(self)
+class CallbackHandler(BaseHandler, HubOAuthCallbackHandler):
+    """The hub's OAuth callback: JupyterHub's HubOAuthCallbackHandler (checks the state against this
+    browser's cookie, trades the code, sets the login cookie, goes back to the page asked for)."""

@@ -305,6 +305,8 @@ class RealHub:
     spawner: "local" (SimpleLocalProcessSpawner) or "slurm" (reaper.hubside.spawner.SlurmSpawner; pass
         SLURM_CONF and the like in extra_env).
     activity_interval: the hub's last_activity_interval and the servers' JUPYTERHUB_ACTIVITY_INTERVAL.
+    auth: the shipped config's REAPER_HUB_AUTH ("shared-password", or "google" with its
+        REAPER_GOOGLE_* settings in extra_env).
     """
 
     def __init__(
@@ -318,6 +320,7 @@ class RealHub:
         service_url: str | None = None,
         extra_env: Mapping[str, str] | None = None,
         config_file: Path = HUB_CONFIG,
+        auth: str = "shared-password",
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.state_dir = self.workdir / "state"
@@ -329,6 +332,7 @@ class RealHub:
         self.service_url = service_url
         self.extra_env = dict(extra_env or {})
         self.config_file = config_file
+        self.auth = auth
         self.public_port, self.hub_port, self.proxy_api_port = free_ports(3)
         self.admin_token = secrets.token_hex(32)
         self.service_token = secrets.token_hex(32)
@@ -359,6 +363,7 @@ class RealHub:
                 "REAPER_SERVICE_TOKEN": self.service_token,
                 "REAPER_HUB_ACTIVITY_INTERVAL": str(self.activity_interval),
                 "REAPER_MANAGED": "1" if self.managed else "0",
+                "REAPER_HUB_AUTH": self.auth,
             }
         )
         env.pop("CONFIGPROXY_AUTH_TOKEN", None)
