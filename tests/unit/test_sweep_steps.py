@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from reaper.batch.base import Job, JobState
+from reaper.batch.base import BatchError, Job, JobState
 from reaper.batch.guard import JobGuard
 from reaper.config import parse_settings
 from reaper.core.model import Action, History, HubServer, Kernel, NoticeKind, Probe, SentNotice, State
@@ -79,10 +79,20 @@ class ReadOnlyStore:
 class JobsGuard:
     """A batch guard (reaper.ports.Guard) that knows the hub's jobs and records what it was asked."""
 
-    def __init__(self, jobs: dict[str, Job] | None = None) -> None:
+    def __init__(self, jobs: dict[str, Job] | None = None, cpu: dict[str, float] | None = None,
+                 cpu_error: str | None = None) -> None:
         self.jobs = jobs
         self.after: list[tuple[str, str]] = []
         self.reconciled: list[bool] = []
+        self.cpu = cpu or {}  # the batch accounting: cumulative CPU seconds per job
+        self.cpu_error = cpu_error  # cpu_usage raises BatchError with it
+        self.cpu_calls: list[list[str]] = []
+
+    async def cpu_usage(self, job_ids):
+        self.cpu_calls.append(list(job_ids))
+        if self.cpu_error is not None:
+            raise BatchError(self.cpu_error)
+        return {j: self.cpu[j] for j in job_ids if j in self.cpu}
 
     async def hub_jobs(self):
         return self.jobs
