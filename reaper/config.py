@@ -156,9 +156,10 @@ def _merge(base: ThresholdsFields, patch: ThresholdsPatch | None) -> Thresholds:
     )
 
 
-def resolve(defaults: PolicyFields, rule: Rule | None) -> ResolvedRule:
+def resolve(defaults: PolicyFields, rule: Rule | None, protect_idle: timedelta = timedelta(hours=2)) -> ResolvedRule:
     if rule is None:
         return ResolvedRule(
+            protect_idle=protect_idle,
             name="defaults",
             match=Match(),
             detached=defaults.detached.core(),
@@ -177,6 +178,7 @@ def resolve(defaults: PolicyFields, rule: Rule | None) -> ResolvedRule:
         return getattr(rule, name) if name in given else getattr(defaults, name)
 
     return ResolvedRule(
+        protect_idle=protect_idle,
         name=rule.name,
         match=rule.match.core(),
         detached=_merge(defaults.detached, rule.detached),
@@ -624,10 +626,10 @@ class Settings(Strict):
         return self
 
     def resolved_rules(self) -> list[ResolvedRule]:
-        return [resolve(self.defaults, r) for r in self.rules]
+        return [resolve(self.defaults, r, self.working.protect_idle) for r in self.rules]
 
     def default_rule(self) -> ResolvedRule:
-        return resolve(self.defaults, None)
+        return resolve(self.defaults, None, self.working.protect_idle)
 
     def keep_policy(self) -> KeepPolicy:
         return self.web.keep.policy()

@@ -200,6 +200,16 @@ class Work:
         """Whether any source answered."""
         return "ok" in (self.companion, self.batch)
 
+    @property
+    def doubt(self) -> str | None:
+        """The sources that failed, in words ("companion: activity: timeout after 5s"), or None. A
+        source that is absent (no companion installed, no batch job, no figure for the job) or
+        was not asked is no doubt: the others decide, as before the companion existed."""
+        failed = [f"{name}: {outcome}" for name, outcome in (("companion", self.companion),
+                                                             ("batch accounting", self.batch))
+                  if outcome not in ("ok", "absent", "off") and not outcome.startswith(("not asked", "no figure"))]
+        return "; ".join(failed) if failed else None
+
     def sources_ok(self) -> set[Where]:
         out: set[Where] = set()
         if self.companion == "ok":

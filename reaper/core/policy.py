@@ -261,6 +261,19 @@ def _decide(
                 )
             stop_at = max(target.stop_at, settled + rule.min_notice)
             how = "failed on every channel" if final.failed and final.delivered_at is None else "delivered"
+            doubt = obs.work.doubt if obs.work is not None and target.spell is not None else None
+            if now >= stop_at and doubt is not None and now < stop_at + rule.protect_idle:
+                # never a stop on doubt: a source of the work look failed; at most protect_idle
+                return Decision(
+                    Action.OK,
+                    f"{target.why}; final notice {how} at {local_time(settled, tz, now)}; stop held: "
+                    f"could not tell whether a program runs ({doubt}); stop by "
+                    f"{local_time(stop_at + rule.protect_idle, tz, now)} at the latest ({tag})",
+                    rule=rule.name,
+                    spell=target.spell,
+                    stop_at=stop_at,
+                    next_at=now,
+                )
             if now >= stop_at:
                 return Decision(
                     Action.STOP,

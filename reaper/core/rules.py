@@ -55,3 +55,5 @@ class ResolvedRule:
     exempt: bool
     channels: tuple[str, ...]
     working: Working = "protect"  # a program running (State.WORKING): protected, or counted as idle
+    # working.protect_idle: also how long a stop waits while a source of the work look fails
+    protect_idle: timedelta = timedelta(hours=2)
