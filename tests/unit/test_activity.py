@@ -10,7 +10,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reaper.core.activity import classify, classify_work, confirm_detached, needs_probe
-from reaper.core.model import CpuSample, History, HubServer, Kernel, Observation, Probe, Program, State, Where, Work
+from reaper.core.model import (
+    CpuSample,
+    History,
+    HubServer,
+    Kernel,
+    Observation,
+    Probe,
+    Program,
+    State,
+    Where,
+    Work,
+)
 from reaper.hub.probe import ProbeFailure, parse_activity
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "api-jupyterhub-6.1.1"
