@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -840,3 +841,34 @@ def test_could_stop_runs_is_could_stop_over_generated_histories(
         asked = [RunKey(k.user, k.server, k.started.astimezone(CEST)) for k in asked]
     histories = store.runs.histories(asked)
     assert store.runs.could_stop_runs(asked) == {k for k in asked if could_stop(histories[k])}
+
+
+def test_the_work_looks_memory_survives_a_restart_and_a_look_without_it_leaves_it_alone(db_url: str) -> None:
+    from reaper.core.model import CpuSample, WorkMemory
+
+    sv = server()
+    key = sv.run_key()
+    assert key is not None
+    at = T0 + timedelta(hours=1)
+    samples = (CpuSample("pid:20@2026-11-25T11:30:00+00:00", 90.5, at, T0 - timedelta(minutes=30), at),
+               CpuSample("job:42", 12.0, at, T0.astimezone(CEST)))
+    obs = replace(observe(sv, at, State.WORKING), detail="python in terminal 1 used 1m of CPU",
+                  memory=WorkMemory(samples, at))
+    s = Store.open(db_url)
+    try:
+        s.runs.record(obs, decision(Action.OK, None, None), at)
+    finally:
+        s.close()
+    s = Store.open(db_url)  # a restart
+    try:
+        h = s.runs.histories([key])[key]
+        assert h.samples == samples and h.working_at == at and h.last_state == "working"
+        assert all(x.since.utcoffset() == timedelta(0) for x in h.samples)
+        later = at + timedelta(minutes=5)
+        s.runs.record(observe(sv, later), decision(Action.OK, None, None), later)  # no work look this time
+        h = s.runs.histories([key])[key]
+        assert h.samples == samples and h.working_at == at and h.last_state == "detached"
+        (row,) = s.reports.runs_overview()
+        assert row.working_at == at
+    finally:
+        s.close()
