@@ -1089,7 +1089,8 @@ def format_table(res: SweepResult, tz: Any, now: datetime | None = None) -> str:
     lines = []
     for r in sorted(res.rows, key=lambda r: (r.obs.server.user, r.obs.server.name)):
         o = r.obs
-        idle = humanize(now - o.idle_since) if o.idle_since and o.state is not State.COMPUTING else "-"
+        since = r.decision.spell or o.idle_since  # (the spell starts no earlier than the last working look)
+        idle = humanize(now - since) if since and o.state not in (State.COMPUTING, State.WORKING) else "-"
         action = r.decision.action.value
         if r.outcome:
             action += f" ({r.outcome})"
