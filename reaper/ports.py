@@ -7,7 +7,7 @@ The hub's is the hub adapter's own declaration, ``reaper.hub.Hub``, re-exported 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -72,12 +72,15 @@ class Notifier(Protocol):
 @runtime_checkable
 class Guard(Protocol):
     """The batch-system guard (reaper.batch.guard.JobGuard): the hub's jobs, the look after a stop,
-    the orphans."""
+    the orphans, the jobs' CPU."""
 
     async def hub_jobs(self) -> dict[str, Job] | None: ...
     async def after_stop(self, server: HubServer, outcome: str, now: datetime) -> str: ...
     async def reconcile(self, servers: Iterable[HubServer], jobs: dict[str, Job] | None, now: datetime,
                         *, dry_run: bool = False) -> list[Job]: ...
+    # The batch accounting: cumulative CPU seconds per job, from ONE batch command (Slurm sstat);
+    # a job left out is unknown; raises reaper.batch.base.BatchError when the command fails.
+    async def cpu_usage(self, job_ids: Sequence[str]) -> dict[str, float]: ...
 
 
 __all__ = ["Guard", "Hub", "Notifier", "OutboxPort", "ReportsPort", "RunsPort", "StorePort"]

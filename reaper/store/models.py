@@ -129,6 +129,10 @@ RUNS = Table(
     _c("kept_until", UTCDateTime(), True),
     _c("kept_by", String(NAME_LEN), True),
     _c("stop_requested_at", UTCDateTime(), True),
+    # the look at the job's work, kept across sweeps (core.model.WorkMemory): the last look at which
+    # the server was working, and its programs' CPU at the last look
+    _c("working_at", UTCDateTime(), True),
+    _c("cpu_samples", JSON(), True),
     UniqueConstraint("user", "server", "started", name="uq_reaper_runs_key"),
     Index("ix_reaper_runs_ended_at", "ended_at"),
 )

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 
-from ..core.model import Decision, History, NoticeKind, Observation, RunKey, SentNotice
+from ..core.model import CpuSample, Decision, History, NoticeKind, Observation, RunKey, SentNotice, WorkMemory
 from .context import NoticeContext, notice_context
 from .db import Database, jsonable
 from .models import ACTIONS, DECISIONS, NOTICES, RUNS, as_utc
@@ -30,7 +30,7 @@ _WHOLE_SWEEP = 2000  # more runs than this at once: read all open runs instead o
 _LOOKUP_COLS = tuple(
     RUNS.c[name]
     for name in ("id", "user", "server", "started", "action", "state", "rule", "first_seen", "kept_until",
-                 "stop_requested_at", "last_seen", "detached_since", "detail")
+                 "stop_requested_at", "last_seen", "detached_since", "detail", "working_at", "cpu_samples")
 )  # what run lookups need: not the reasons and options of 10,000 runs
 
 
@@ -47,6 +47,31 @@ class StopRecord:
     end_reason: str | None = None  # set when the run ended (stopped or gone)
     notice_context: NoticeContext | None = None  # set to queue the "stopped" notice
     channels: tuple[str, ...] = ("log",)
+
+
+# --------------------------------------------------------------------------- the work look's memory
+
+
+def samples_json(memory: WorkMemory) -> list[list[Any]]:
+    """CPU samples as stored: [key, cpu seconds, at, since, used_at or null] (times ISO, UTC)."""
+    def iso(t: datetime | None) -> str | None:
+        return as_utc(t).isoformat() if t is not None else None
+
+    return [[s.key, s.cpu_seconds, iso(s.at), iso(s.since), iso(s.used_at)] for s in memory.samples]
+
+
+def samples_from_json(value: Any) -> tuple[CpuSample, ...]:
+    """The stored samples; an unreadable entry is dropped (its program is then seen afresh, which
+    measures it since its start: over-protect, never under-)."""
+    out: list[CpuSample] = []
+    for item in value if isinstance(value, list) else ():
+        try:
+            key, cpu, at, since, used = item
+            out.append(CpuSample(str(key), float(cpu), datetime.fromisoformat(at), datetime.fromisoformat(since),
+                                 datetime.fromisoformat(used) if used is not None else None))
+        except (TypeError, ValueError):
+            continue
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -179,6 +204,8 @@ class Runs:
                 last_seen=r.last_seen,
                 detached_since=r.detached_since,
                 last_detail=r.detail,
+                samples=samples_from_json(r.cpu_samples),
+                working_at=r.working_at,
             )
         return out
 
@@ -262,6 +289,13 @@ class Runs:
             update(RUNS).where(RUNS.c.id == bindparam("b_id")).values({k: bindparam(k) for k in cols}),
             updates,
         )
+        # the work look's memory, for the observations that looked at the job's work (the others
+        # leave the recorded one as it is)
+        work = [{"b_id": int(rows[key_of(key)].id), "working_at": obs.memory.working_at,
+                 "cpu_samples": samples_json(obs.memory)} for _, key, obs, _ in keyed if obs.memory is not None]
+        if work:
+            s.execute(update(RUNS).where(RUNS.c.id == bindparam("b_id"))
+                      .values(working_at=bindparam("working_at"), cpu_samples=bindparam("cpu_samples")), work)
         if log:
             s.execute(DECISIONS.insert(), log)
         ids = queue_notices(self.db, s, [spec for _, spec in notices], now)

@@ -37,6 +37,7 @@ R = TypeVar("R")
 
 log = logging.getLogger("reaper.web")
 
+BUSY_STATES = ("computing", "working")  # a busy kernel, a program running: not idle, no idle time shown
 WINDOWS = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 MESSAGES = {
     "kept": "Done: your server keeps running. The new scheduled stop is shown below.",
@@ -280,7 +281,7 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             "label": f"{r.user}/{r.server}" if r.server else r.user,
             "started": t(started),
             "state": r.state or "unknown",
-            "idle_for": humanize(now - idle_since) if idle_since and r.state != "computing" else None,
+            "idle_for": humanize(now - idle_since) if idle_since and r.state not in BUSY_STATES else None,
             "last_activity": t(last),
             "job_id": r.job_id,
             "partition": res.partition,
@@ -567,7 +568,7 @@ async def next_sweep(ctx: WebContext) -> dict[str, Any]:
             "user": o.server.user,
             "server": o.server.name,
             "state": o.state.value,
-            "idle_for": humanize(res.started_at - o.idle_since) if o.idle_since and o.state.value != "computing"
+            "idle_for": humanize(res.started_at - o.idle_since) if o.idle_since and o.state.value not in BUSY_STATES
             else None,
             "job_id": o.job_id,
             "action": d.action.value,
