@@ -142,13 +142,13 @@ def test_migrations_upgrade_to_head_and_downgrade_to_base_cleanly(db_url: str) -
     try:
         assert s.db.current_revision() is None
         s.db.upgrade()
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == "0003"
         assert TABLES <= set(inspect(s.engine).get_table_names())
         s.db.downgrade("base")
         assert s.db.current_revision() is None
         assert set(inspect(s.engine).get_table_names()) <= {VERSION_TABLE}
         s.db.upgrade("head")  # and back up again, on the same database
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == "0003"
         assert s.runs.open_runs() == []
     finally:
         s.close()
@@ -173,7 +173,7 @@ def test_stored_revision_reads_what_alembic_reads(db_url: str) -> None:
         s.db.upgrade("0001")
         assert s.db.stored_revision() == s.db.current_revision() == "0001"
         s.db.upgrade()
-        assert s.db.stored_revision() == s.db.current_revision() == "0002"
+        assert s.db.stored_revision() == s.db.current_revision() == "0003"
     finally:
         s.close()
 
@@ -197,15 +197,15 @@ def _isolated_open(url: str) -> list[str]:
 def test_isolated_open_migrates_in_a_child_and_never_loads_alembic(db_url: str) -> None:
     # a new database, one a revision behind, and one at head: all end at head, and the opening
     # process (the service) has not imported alembic in any of them
-    assert _isolated_open(db_url) == ["0002", "False"]
+    assert _isolated_open(db_url) == ["0003", "False"]
     s = Store.open(db_url, upgrade=False)
     s.db.downgrade("0001")
     s.close()
-    assert _isolated_open(db_url) == ["0002", "False"]
-    assert _isolated_open(db_url) == ["0002", "False"]
+    assert _isolated_open(db_url) == ["0003", "False"]
+    assert _isolated_open(db_url) == ["0003", "False"]
     s = Store.open(db_url, upgrade=False)
     try:
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == "0003"
         assert s.runs.open_runs() == []
     finally:
         s.close()
@@ -224,7 +224,7 @@ def test_isolated_open_reports_a_failed_migration(tmp_path: Path) -> None:
 def test_in_memory_database_is_migrated_in_process() -> None:
     s = Store.open("sqlite://", isolated=True)  # no other process could see it
     try:
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == "0003"
     finally:
         s.close()
 
@@ -262,7 +262,7 @@ def test_alembic_command_line_takes_the_url_from_the_environment(tmp_path: Path)
     assert p.returncode == 0, p.stderr
     s = Store.open(f"sqlite:///{db}", upgrade=False)
     try:
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == "0003"
     finally:
         s.close()
 
