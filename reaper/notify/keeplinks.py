@@ -74,9 +74,16 @@ class KeepLink:
                 "e": _ts(self.expires)}
 
 
-def _ts(t: datetime) -> float:
-    """An aware datetime as a POSIX timestamp (microseconds survive the JSON round trip)."""
-    return round(t.astimezone(UTC).timestamp(), 6)
+def _ts(t: datetime) -> str:
+    """An aware datetime as ISO 8601 UTC (exact to the microsecond, unlike a float timestamp)."""
+    return t.astimezone(UTC).isoformat()
+
+
+def _read_ts(value: Any) -> datetime:
+    t = datetime.fromisoformat(str(value))
+    if t.tzinfo is None:
+        raise ValueError("naive time in a keep link")
+    return t.astimezone(UTC)
 
 
 def _b64(data: bytes) -> str:
@@ -116,8 +123,7 @@ def verify(secret: bytes, token: str, now: datetime) -> KeepLink:
             raise ValueError("version")
         link = KeepLink(
             user=str(data["u"]), server=str(data["s"]),
-            started=datetime.fromtimestamp(float(data["r"]), UTC), notice=int(data["n"]),
-            expires=datetime.fromtimestamp(float(data["e"]), UTC),
+            started=_read_ts(data["r"]), notice=int(data["n"]), expires=_read_ts(data["e"]),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise LinkInvalid("this link could not be read") from e

@@ -40,8 +40,8 @@ import os
 import re
 import traceback
 from dataclasses import dataclass, field, fields
-from html.parser import HTMLParser
 from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 

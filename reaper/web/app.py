@@ -61,6 +61,7 @@ def make_app(
 ) -> Application:
     """The tornado application (routes under ``prefix``). ``login`` defaults to the hub's OAuth
     login, configured from the hub's environment, asking the hub over the service's hub client's API."""
+    from .keeplink import KeepLinkHandler
     from .login import HubAuth, HubLogin
 
     if not prefix.endswith("/"):
@@ -73,6 +74,7 @@ def make_app(
     routes: list[Any] = [
         (p, h.PageHandler, args),
         (p + "keep", h.KeepHandler, args),
+        (p + "keep-link", KeepLinkHandler, args),  # the notices' signed one-click link: no hub login
         (p + "stop", h.StopHandler, args),
         (p + "api/servers", h.ServersAPIHandler, args),
         (p + r"api/servers/([^/]+)/?([^/]*)", h.ServerAPIHandler, args),
