@@ -70,8 +70,9 @@ class KeepLinkHandler(web.RequestHandler):
 
     # ---- helpers
 
-    def secret(self) -> bytes:
-        secret = resolve_secret(self.ctx.settings.web.link_secret, self.ctx.service.store)
+    async def secret(self) -> bytes:
+        """``web.link_secret``, else the store's (read in a worker thread: the first read is a query)."""
+        secret = await asyncio.to_thread(resolve_secret, self.ctx.settings.web.link_secret, self.ctx.service.store)
         assert secret is not None  # the service always has a store
         return secret
 
@@ -105,7 +106,7 @@ class KeepLinkHandler(web.RequestHandler):
     async def check(self, token: str) -> KeepLink | None:
         """The link of a token, or None after showing why it cannot be used."""
         try:
-            link = verify(self.secret(), token, self.ctx.now())
+            link = verify(await self.secret(), token, self.ctx.now())
             if await asyncio.to_thread(self.ctx.service.store.keeplinks.used_at, link_id(token)) is not None:
                 raise LinkUsed("this link was already used: each notice's link keeps the server once. "
                                "A later notice brings a new one.")
