@@ -74,7 +74,7 @@ class TemplateContext:
     ``username``          the hub user name (``alice``)
     ``server_name``       the named server, ``""`` for the default server
     ``server_label``      how we name the server, after "your": ``server``, ``server "gpu1"``, or with
-                          the hub's display name ``server "My GPU box" (gpu1)``
+                          the hub's display name ``server "gpu1" (My GPU box)``
     ``display_name``      the hub's display_name of the server (JupyterHub 5+), or None
     ``hub_name``          the hub's name as people know it (``Mila JupyterHub``)
     ``hub_url``           the hub's public address (``https://hub.example.org/hub/``)
@@ -158,7 +158,7 @@ class TemplateContext:
             return self.server_label
         shown = (self.display_name or "").strip()
         if shown and shown != self.server_name:
-            return f'server "{shown}" ({self.server_name})' if self.server_name else f'server "{shown}"'
+            return f'server "{self.server_name}" ({shown})' if self.server_name else f'server "{shown}"'
         return f'server "{self.server_name}"' if self.server_name else "server"
 
     def where(self) -> str:

@@ -266,7 +266,7 @@ def test_a_named_servers_display_name_goes_from_the_hub_model_to_the_notice() ->
     again = NoticeContext.from_json(stored.to_json())
     assert again.display_name == "Thesis runs"
     ctx = context_from(again, public_url="https://hub.example.org", tz="UTC", now=T0)
-    assert render(NoticeKind.WARNING, ctx).text.startswith('Your server "Thesis runs" (gpu1) on')
+    assert render(NoticeKind.WARNING, ctx).text.startswith('Your server "gpu1" (Thesis runs) on')
 
 
 async def test_a_sweeps_notice_records_what_the_batch_job_holds_and_the_mail_says_so(tmp_path):

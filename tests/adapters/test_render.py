@@ -330,8 +330,8 @@ def test_a_named_servers_display_name_is_shown() -> None:
     notice = NoticeContext(user="alice", server="gpu1", started=now, display_name="My GPU box")
     ctx = context_from(notice, public_url="https://hub.example.org", tz="UTC", now=now)
     r = render(NoticeKind.WARNING, ctx)
-    assert r.text.startswith('Your server "My GPU box" (gpu1) on JupyterHub')
-    assert 'server "My GPU box" (gpu1)' in r.subject and 'server "My GPU box" (gpu1)' in r.slack_text
+    assert r.text.startswith('Your server "gpu1" (My GPU box) on JupyterHub')
+    assert 'server "gpu1" (My GPU box)' in r.subject and 'server "gpu1" (My GPU box)' in r.slack_text
     # the same name as the server's, or none: the server's name alone
     for same in ("gpu1", None, ""):
         ctx = context_from(NoticeContext(user="alice", server="gpu1", started=now, display_name=same),
