@@ -553,6 +553,9 @@ class WebSettings(Strict):
     dry_run_cache: Duration = timedelta(seconds=60)
     listen: str | None = None
     prefix: str | None = None
+    # Signs the notices' one-click keep links (reaper/notify/keeplinks.py): "${VAR}"; default: a
+    # secret the reaper makes once and keeps in its database.
+    link_secret: str | None = None
 
     @field_validator("listen")
     @classmethod

@@ -257,7 +257,8 @@ class Effects:
         if not rows:
             return
         recordable = [r for r in rows if r.obs.server.run_key() is not None]
-        ids = await sw._db(sw.store.runs.record_many, [(r.obs, r.decision) for r in recordable], run.now)
+        ids = await sw._db(sw.store.runs.record_many, [(r.obs, r.decision) for r in recordable], run.now,
+                           jobs=run.jobs)  # the batch jobs: what each notice's server holds
         queued = {r.obs.server.run_key() for r, nid in zip(recordable, ids, strict=True) if nid is not None}
         del recordable, ids
         for r in rows:
@@ -811,7 +812,7 @@ class Sweeper:
                 continue
             if now < end <= now + lead:
                 nid = await self._db(self.store.outbox.add_notice, key, NoticeKind.WALLTIME, None, now,
-                                     channels=list(r.rule.channels), context=notice_context(r.obs, r.decision, now))
+                                     channels=list(r.rule.channels), context=notice_context(r.obs, r.decision, now, self.known_job(r.obs.server)))
                 if nid is not None:
                     log.info("%s: walltime ends at %s: notice queued", r.obs.server.label, end.isoformat())
 
@@ -893,7 +894,7 @@ class Sweeper:
         assert key is not None
         done = asked.outcome.done
         return stop_record(key, asked, dec.reason, job_id=row.obs.server.job_id, end_reason="stopped by the reaper",
-                           notice_context=stopped_context(obs, dec, asked.at) if done else None,
+                           notice_context=stopped_context(obs, dec, asked.at, self.known_job(obs.server)) if done else None,
                            channels=tuple(row.rule.channels))
 
     async def stop_held(self, run: SweepRun) -> None:
@@ -1058,21 +1059,23 @@ async def bounded_map(fn: Callable[..., Any], items: list[tuple[Any, ...]], work
     return out
 
 
-def stopped_context(obs: Observation, dec: Decision, now: datetime) -> NoticeContext:
+def stopped_context(obs: Observation, dec: Decision, now: datetime, job: Job | None = None) -> NoticeContext:
     """The context of a "we stopped your server" notice: the observation and decision that led to
-    the stop, plus when it ran and what it held."""
-    reclaimed = reclaimed_words(obs, now) if obs.server.started is not None else None
-    return replace(notice_context(obs, dec, now), stopped_at=now, reclaimed=reclaimed)
+    the stop, plus when it ran and what it held (its batch job's, when known)."""
+    reclaimed = reclaimed_words(obs, now, job) if obs.server.started is not None else None
+    return replace(notice_context(obs, dec, now, job), stopped_at=now, reclaimed=reclaimed)
 
 
-def reclaimed_words(obs: Observation, now: datetime) -> str:
+def reclaimed_words(obs: Observation, now: datetime, job: Job | None = None) -> str:
     """What the stop gave back, in words: "4 CPUs, 1 GPU, 16 GB (job 42; 5h20m before its walltime)",
     from the spawner's user_options in any shape reaper.units reads (ours, batchspawner's,
     slurmformspawner's)."""
     asked = read_user_options(obs.server.user_options)
-    parts = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in ((asked.cpus, "CPU"), (asked.gpus, "GPU")) if n]
-    if asked.mem_mb:
-        parts.append(format_memory(asked.mem_mb))
+    cpus, gpus, mem = (job.cpus or asked.cpus, job.gpus or asked.gpus, job.mem_mb or asked.mem_mb) if job \
+        else (asked.cpus, asked.gpus, asked.mem_mb)
+    parts = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in ((cpus, "CPU"), (gpus, "GPU")) if n]
+    if mem:
+        parts.append(format_memory(mem))
     what = ", ".join(parts) if parts else "its CPUs and memory"
     extra = []
     if obs.job_id:

@@ -83,6 +83,7 @@ class HubServer:
     groups: tuple[str, ...] = ()
     admin: bool = False
     target: str | None = None  # the server's own address, e.g. http://10.0.0.5:53211 (from /proxy or state)
+    display_name: str | None = None  # the hub's display_name of a named server (JupyterHub 5+), when set
     # made once: a sweep keys several maps by it, and one object per server beats one per lookup
     _key: RunKey | None = field(default=None, init=False, repr=False, compare=False)
 

@@ -229,3 +229,23 @@ SLACK_LOOKUPS = Table(
     _c("user_id", String(64), True),
     _c("expires_at", UTCDateTime()),
 )
+
+# A one-click keep link that was used (reaper/notify/keeplinks.py): by its id (SHA-256 of the
+# token), so a link works once; the primary key makes two presses at the same moment one.
+KEEP_LINKS = Table(
+    "reaper_keep_links", metadata,
+    Column("id", String(64), primary_key=True),
+    _c("used_at", UTCDateTime()),
+    _c("user", String(NAME_LEN)),
+    _c("server", String(NAME_LEN)),
+    _c("notice_id", Integer, True),
+)
+
+# Secrets the reaper makes for itself once and keeps (the keep links' signing key, when
+# web.link_secret is not configured).
+SECRETS = Table(
+    "reaper_secrets", metadata,
+    Column("name", String(64), primary_key=True),
+    _c("value", String(256)),
+    _c("created_at", UTCDateTime()),
+)

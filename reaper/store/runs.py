@@ -6,7 +6,7 @@ One server run is (user, server name, started); a restarted server is a new run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -214,8 +214,10 @@ class Runs:
         or None when there is no notice or it was already recorded."""
         return self.record_many([(obs, decision)], now)[0]
 
-    def record_many(self, items: list[tuple[Observation, Decision]], now: datetime) -> list[int | None]:
-        """Record a sweep's observations and decisions in one transaction (see :meth:`record`)."""
+    def record_many(self, items: list[tuple[Observation, Decision]], now: datetime,
+                    jobs: Mapping[str, Any] | None = None) -> list[int | None]:
+        """Record a sweep's observations and decisions in one transaction (see :meth:`record`).
+        ``jobs``: the batch jobs by id, so that a notice records what its server's job holds."""
         now = as_utc(now)
         results: list[int | None] = [None] * len(items)
         keyed = [(i, obs.server.run_key(), obs, dec) for i, (obs, dec) in enumerate(items)]
@@ -228,7 +230,7 @@ class Runs:
                 int(r.id): (r.action, r.state, r.rule) for r in rows.values()
             }
             for c in range(0, len(keyed), _SLICE):  # in slices: the rows' parameters are not all in memory at once
-                self._record_slice(s, keyed[c : c + _SLICE], rows, prev, now, results)
+                self._record_slice(s, keyed[c : c + _SLICE], rows, prev, now, results, jobs)
             return results
 
     def _record_slice(
@@ -239,6 +241,7 @@ class Runs:
         prev: dict[int, tuple[str | None, str | None, str | None]],
         now: datetime,
         results: list[int | None],
+        jobs: Mapping[str, Any] | None = None,
     ) -> None:
         updates: list[dict[str, Any]] = []
         log: list[dict[str, Any]] = []
@@ -282,8 +285,9 @@ class Runs:
                 )
                 prev[run_id] = now_vals
             if dec.notice is not None:
+                job = jobs.get(obs.job_id) if jobs is not None and obs.job_id else None  # what it holds
                 notices.append((i, NoticeSpec(run_id, dec.notice, dec.spell, dec.channels,
-                                              notice_context(obs, dec, now))))
+                                              notice_context(obs, dec, now, job))))
         cols = {k: k for k in updates[0] if k != "b_id"}
         s.execute(
             update(RUNS).where(RUNS.c.id == bindparam("b_id")).values({k: bindparam(k) for k in cols}),

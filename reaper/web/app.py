@@ -64,6 +64,7 @@ def make_app(
     # JupyterHub's HubOAuth (about 18 MB with the hub's ORM it imports) loads only when a page is made
     from . import handlers as h
     from .auth import hub_home, hub_oauth
+    from .keeplink import KeepLinkHandler
 
     if not prefix.endswith("/"):
         prefix += "/"
@@ -75,9 +76,10 @@ def make_app(
     args = {"ctx": ctx}
     p = prefix
     # (path under the prefix, handler): a new page is one more line here
-    pages: list[tuple[str, type[h.BaseHandler]]] = [
+    pages: list[tuple[str, type[Any]]] = [
         ("", h.PageHandler),
         ("keep", h.KeepHandler),
+        ("keep-link", KeepLinkHandler),  # the notices' signed one-click link: no hub login
         ("stop", h.StopHandler),
         ("api/servers", h.ServersAPIHandler),
         (r"api/servers/([^/]+)/?([^/]*)", h.ServerAPIHandler),

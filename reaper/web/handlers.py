@@ -410,47 +410,73 @@ class KeepHandler(ActionHandler):
     @web.authenticated
     async def post(self) -> None:
         user, name = self.target()
-        label = f"{user}/{name}" if name else user
-        policy = self.ctx.keep
         try:
             requested = parse_duration(self.get_body_argument("duration", ""))
         except ValueError:
             return self.done("bad-duration", {"message": "choose a duration such as 2h"}, status=400)
-        sweeper = self.ctx.service.sweeper
-        server: HubServer | None = await sweeper.hub.get_server(user, name)
-        if server is None or server.run_key() is None:
-            raise web.HTTPError(404, "that server is not running")
-        key = server.run_key()
-        assert key is not None
-        now = self.ctx.now()
-        actions = await self.db(self.store.reports.recent_actions, now - timedelta(hours=24), 1000)
-        keeps = sum(1 for a in actions if a.kind == "keep" and a.ok and a.user == user and (a.server or "") == name)
-        job = sweeper.known_job(server)
-        rule = sweeper.rule_for(server, job)  # the sweep's rule, its job's GPUs too
-        # the walltime end as the sweep knows it (the batch job), else started + requested walltime
-        record = {"started": server.started, "user_options": server.user_options,
-                  "job_end": job.end if job is not None else None}
         try:
-            until, note = keep_until(now=now, requested=requested, policy=policy, keeps_today=keeps,
-                                     started=server.started, max_age=rule.max_age, job_end=job_end_of(record))
+            kept = await apply_keep(self.ctx, user, name, requested, actor=self.me)
         except KeepRefused as e:
-            log.info("keep %s for %s refused for %s: %s", label, format_duration(requested), self.me, e)
             if self.wants_json():
                 return self.write_json({"result": "refused", "message": str(e)}, status=409)
             raise web.HTTPError(409, str(e)) from None
-        await self.db(self.store.runs.set_kept_until, key, until, by=self.me, now=now)
-        local = until.astimezone(self.tz()).strftime("%Y-%m-%d %H:%M %Z")
-        detail = f"kept running until {local} ({format_duration(requested)} asked by {self.me})"
-        if note:
-            detail += f"; {note}"
-        await self.db(self.store.reports.record_action, key, "keep", True, detail, now, actor=self.me,
-                      job_id=server.job_id)
-        log.info("%s: %s", label, detail)
-        earliest_stop = until + rule.min_notice
-        if rule.max_age is not None and server.started is not None:
-            earliest_stop = min(earliest_stop, server.started + rule.max_age)
-        self.done("kept", {"user": user, "server": name, "kept_until": until, "note": note,
-                           "earliest_stop": earliest_stop})
+        if kept is None:
+            raise web.HTTPError(404, "that server is not running")
+        self.done("kept", {"user": user, "server": name, "kept_until": kept.until, "note": kept.note,
+                           "earliest_stop": kept.earliest_stop})
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A keep applied: the new end of the keep, the note of a limit that shortened it, the earliest
+    stop after it, and what was recorded."""
+
+    until: datetime
+    note: str
+    earliest_stop: datetime
+    detail: str
+
+
+async def apply_keep(ctx: WebContext, user: str, name: str, requested: timedelta, *, actor: str,
+                     started: datetime | None = None) -> Kept | None:
+    """"Keep running" for ``requested``, as the page's Keep button does it: within the keep policy
+    (raises KeepRefused), moving the run's stop (``kept_until``) and recording the action by
+    ``actor``. None when the server is not running (or, with ``started``, runs another run)."""
+    label = f"{user}/{name}" if name else user
+    policy = ctx.keep
+    store = ctx.service.store
+    sweeper = ctx.service.sweeper
+    server: HubServer | None = await sweeper.hub.get_server(user, name)
+    if server is None or server.run_key() is None or (started is not None and server.started != started):
+        return None
+    key = server.run_key()
+    assert key is not None
+    now = ctx.now()
+    actions = await asyncio.to_thread(store.reports.recent_actions, now - timedelta(hours=24), 1000)
+    keeps = sum(1 for a in actions if a.kind == "keep" and a.ok and a.user == user and (a.server or "") == name)
+    job = sweeper.known_job(server)
+    rule = sweeper.rule_for(server, job)  # the sweep's rule, its job's GPUs too
+    # the walltime end as the sweep knows it (the batch job), else started + requested walltime
+    record = {"started": server.started, "user_options": server.user_options,
+              "job_end": job.end if job is not None else None}
+    try:
+        until, note = keep_until(now=now, requested=requested, policy=policy, keeps_today=keeps,
+                                 started=server.started, max_age=rule.max_age, job_end=job_end_of(record))
+    except KeepRefused as e:
+        log.info("keep %s for %s refused for %s: %s", label, format_duration(requested), actor, e)
+        raise
+    await asyncio.to_thread(store.runs.set_kept_until, key, until, by=actor, now=now)
+    local = until.astimezone(ctx.settings.tz).strftime("%Y-%m-%d %H:%M %Z")
+    detail = f"kept running until {local} ({format_duration(requested)} asked by {actor})"
+    if note:
+        detail += f"; {note}"
+    await asyncio.to_thread(store.reports.record_action, key, "keep", True, detail, now, actor=actor,
+                            job_id=server.job_id)
+    log.info("%s: %s", label, detail)
+    earliest_stop = until + rule.min_notice
+    if rule.max_age is not None and server.started is not None:
+        earliest_stop = min(earliest_stop, server.started + rule.max_age)
+    return Kept(until=until, note=note, earliest_stop=earliest_stop, detail=detail)
 
 
 class StopHandler(ActionHandler):
