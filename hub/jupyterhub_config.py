@@ -169,7 +169,7 @@ else:
 _companion = _env("REAPER_HUB_COMPANION", "").lower()
 if _companion:
     _on = _companion not in ("0", "false", "no", "off")
-    c.Spawner.args.append('--ServerApp.jpserver_extensions={"reaper.singleuser": %s}' % _on)
+    c.Spawner.args.append(f'--ServerApp.jpserver_extensions={{"reaper.singleuser": {_on}}}')
 
 # --- login -----------------------------------------------------------------------------------
 # REAPER_HUB_AUTH picks how users log in:
