@@ -6,7 +6,8 @@ The job's processes are found two ways, because reparented ones leave the server
   extension puts in the server's environment at load (inherited by everything it starts, also by
   `nohup ... &` once its terminal is closed and by `Popen(..., start_new_session=True)` once its
   parent is gone), the hub's identity of this server (JUPYTERHUB_SERVICE_PREFIX + JUPYTERHUB_API_URL)
-  and, in a Slurm job, SLURM_JOB_ID or the job's cgroup (job_<id>).
+  and, in a Slurm job, SLURM_JOB_ID (with SLURM_CLUSTER_NAME and SLURM_CONF where set) or the job's
+  cgroup (job_<id>).
 Left out: the server itself and its ancestors (the batch script, batchspawner's wrapper), kernels and
 terminal shells (reported on their own), zombies and slurmstepd. Only the command NAME is read
 (psutil name()): never the arguments, which may hold secrets. A process that vanishes while it is read,
@@ -26,6 +27,9 @@ import psutil
 ATTRS = ["pid", "ppid", "name", "uids", "create_time", "cpu_times", "status"]
 MARKER = "JUPYTERHUB_REAPER_SERVER"  # the same name as reaper.singleuser.MARKER (no import cycle)
 HUB_IDENTITY = ("JUPYTERHUB_SERVICE_PREFIX", "JUPYTERHUB_API_URL")
+# a job id is unique within one cluster (one slurm.conf): with several clusters on one machine (test
+# machines) the id alone would match another cluster's job
+SLURM_IDENTITY = ("SLURM_JOB_ID", "SLURM_CLUSTER_NAME", "SLURM_CONF")
 NEVER_REPORTED = frozenset({"slurmstepd"})
 
 
@@ -59,7 +63,7 @@ def identity_from(env: Mapping[str, str]) -> Identity:
         groups.append(tuple((k, env[k]) for k in HUB_IDENTITY))
     job = env.get("SLURM_JOB_ID") or None
     if job:
-        groups.append((("SLURM_JOB_ID", job),))
+        groups.append(tuple((k, env[k]) for k in SLURM_IDENTITY if env.get(k)))
     return Identity(tuple(groups), job)
 
 

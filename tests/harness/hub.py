@@ -309,7 +309,8 @@ class RealHub:
         REAPER_GOOGLE_* settings in extra_env).
     companion: the single-user servers load the companion extension reaper.singleuser (on by default;
         False: never, even where their environment enables it). Servers run from this venv with this
-        process's PYTHONPATH (JupyterHub keeps it), so they load the checkout's reaper.singleuser.
+        process's PYTHONPATH (REAPER_HUB_SINGLEUSER_PYTHONPATH: the local spawner would keep it, a Slurm
+        job would not), so they load the checkout's reaper.singleuser.
     """
 
     def __init__(
@@ -372,6 +373,8 @@ class RealHub:
                 "REAPER_HUB_COMPANION": "1" if self.companion else "0",
             }
         )
+        if env.get("PYTHONPATH"):
+            env["REAPER_HUB_SINGLEUSER_PYTHONPATH"] = env["PYTHONPATH"]
         env.pop("CONFIGPROXY_AUTH_TOKEN", None)
         if self.reaper_config is not None:
             env["REAPER_CONFIG"] = str(self.reaper_config)

@@ -62,7 +62,7 @@ class Server:
             sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
             f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
             f"--ServerApp.root_dir={root}",
-            f'--ServerApp.jpserver_extensions={{"reaper.singleuser": {self.companion}}}',
+            f"--ServerApp.jpserver_extensions=reaper.singleuser={self.companion}",
         ]
         if os.geteuid() == 0:
             args.append("--allow-root")

@@ -85,14 +85,20 @@ def test_same_user_processes_are_members_by_environment_or_job_cgroup_only() -> 
         proc(202, 1, "python", uid=0),              # another user's process: never read
         proc(203, 1, "train"),                      # cleared its environment, but in the job's cgroup
         proc(204, 1, "slurmstepd"), proc(205, 1, "python", status=psutil.STATUS_ZOMBIE),
+        proc(206, 1, "python"),                     # job 77 of another cluster on the same machine
+        proc(207, 1, "python"),                     # this job's, found by its Slurm variables
     ])
     envs = {200: {"JUPYTERHUB_REAPER_SERVER": "me"}, 201: {"JUPYTERHUB_REAPER_SERVER": "other"},
             202: {"JUPYTERHUB_REAPER_SERVER": "me"}, 204: {"SLURM_JOB_ID": "77"},
-            205: {"JUPYTERHUB_REAPER_SERVER": "me"}, 50: {"SLURM_JOB_ID": "77"}}
+            205: {"JUPYTERHUB_REAPER_SERVER": "me"}, 50: {"SLURM_JOB_ID": "77"},
+            206: {"SLURM_JOB_ID": "77", "SLURM_CLUSTER_NAME": "c", "SLURM_CONF": "/other/slurm.conf"},
+            207: {"SLURM_JOB_ID": "77", "SLURM_CLUSTER_NAME": "c", "SLURM_CONF": "/etc/slurm.conf", "X": "y"}}
     cgroups = {203: "0::/system.slice/slurmstepd.scope/job_77/step_batch/user/task_0\n"}
-    ident = ps.identity_from({"JUPYTERHUB_REAPER_SERVER": "me", "SLURM_JOB_ID": "77"})
+    ident = ps.identity_from({"JUPYTERHUB_REAPER_SERVER": "me", "SLURM_JOB_ID": "77", "SLURM_CLUSTER_NAME": "c",
+                              "SLURM_CONF": "/etc/slurm.conf"})
     got = ps.job_processes(100, table, {}, {}, ident, uid=UID, environ=envs.get, cgroup=cgroups.get)
-    assert [(p["pid"], p["name"], p["started_by"]) for p in got] == [(200, "sleep", "other"), (203, "train", "other")]
+    assert [(p["pid"], p["name"], p["started_by"]) for p in got] == [
+        (200, "sleep", "other"), (203, "train", "other"), (207, "python", "other")]
     # without the Slurm job, the cgroup is not asked
     got = ps.job_processes(100, table, {}, {}, IDENT, uid=UID, environ=envs.get, cgroup=cgroups.get)
     assert [p["pid"] for p in got] == [200]
