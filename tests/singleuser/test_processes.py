@@ -151,7 +151,16 @@ def test_managers_that_lack_attributes_give_empty_lists() -> None:
     assert terminal_ptys(tm) == [("1", 5, None), ("2", None, None)]
 
 
-def test_the_live_table_reads_this_process() -> None:
+def test_the_live_table_reads_this_process_and_environments_of_live_and_dead_ones() -> None:
     table = ps.read_table()
     me = table[os.getpid()]
     assert me.name and me.cpu is not None and me.uid == os.getuid() and me.started
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             env={**os.environ, "REAPER_TEST_VAR": "a=b\u00e9"})
+    try:
+        assert ps.read_environ(child.pid)["REAPER_TEST_VAR"] == "a=b\u00e9"
+        assert ps.read_environ(child.pid) == psutil.Process(child.pid).environ()
+    finally:
+        child.kill()
+        child.wait()
+    assert ps.read_environ(child.pid) is None and ps.read_environ(2**22 + 1) is None
