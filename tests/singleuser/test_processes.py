@@ -155,9 +155,10 @@ def test_the_live_table_reads_this_process_and_environments_of_live_and_dead_one
     table = ps.read_table()
     me = table[os.getpid()]
     assert me.name and me.cpu is not None and me.uid == os.getuid() and me.started
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                             env={**os.environ, "REAPER_TEST_VAR": "a=b\u00e9"})
+    child = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                             env={**os.environ, "REAPER_TEST_VAR": "a=b\u00e9"}, stdout=subprocess.PIPE)
     try:
+        assert child.stdout is not None and child.stdout.readline() == b"up\n"  # exec'd: its own environment
         assert ps.read_environ(child.pid)["REAPER_TEST_VAR"] == "a=b\u00e9"
         assert ps.read_environ(child.pid) == psutil.Process(child.pid).environ()
     finally:
