@@ -71,6 +71,16 @@ def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def command_name(name: Any) -> str | None:
+    """psutil's name(), cut at the first blank: it is the kernel's 15-character comm or, when that is cut
+    short, the base name of argv[0], which a program may have rewritten (setproctitle) to hold its
+    arguments."""
+    if not isinstance(name, str):
+        return None
+    words = name.split()
+    return words[0][:64] if words else None
+
+
 def row_of(info: Mapping[str, Any]) -> Row | None:
     """A Row from psutil's `info` dict, tolerant of any field missing, None or of the wrong type."""
     pid = info.get("pid")
@@ -85,7 +95,7 @@ def row_of(info: Mapping[str, Any]) -> Row | None:
     return Row(
         pid=pid,
         ppid=ppid if isinstance(ppid, int) and not isinstance(ppid, bool) else None,
-        name=name if isinstance(name, str) and name else None,
+        name=command_name(name),
         uid=uid if isinstance(uid, int) else None,
         started=_num(info.get("create_time")),
         cpu=user + system if user is not None and system is not None else None,

@@ -53,6 +53,13 @@ def test_rows_tolerate_missing_none_and_wrong_typed_fields_and_vanished_processe
     assert table[12].ppid is None and table[12].name is None and table[12].cpu is None and table[12].zombie
 
 
+def test_a_name_never_carries_arguments_even_when_a_program_rewrote_its_argv0() -> None:
+    assert ps.command_name("python3") == "python3"
+    assert ps.command_name("train.py --token=SECRET") == "train.py"
+    assert ps.command_name("  ") is None and ps.command_name(None) is None and ps.command_name(3) is None
+    assert len(ps.command_name("x" * 500) or "") == 64
+
+
 def test_a_report_from_a_table_with_holes_and_a_dead_process_is_still_whole() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
