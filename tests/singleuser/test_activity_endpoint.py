@@ -159,3 +159,22 @@ def test_the_endpoint_needs_the_servers_token(server: Server) -> None:
     assert httpx.get(url).status_code == 403
     assert httpx.get(url, headers={"Authorization": "token not-the-token"}).status_code == 403
     assert server.get("api/reaper/activity").status_code == 200
+
+
+def test_the_reapers_parser_reads_the_real_report(server: Server) -> None:
+    from reaper.hub.probe import Where, parse_activity
+
+    name = server.new_terminal()
+    server.type(name, f'python3 -c "{LOOP}"')
+    kid = server.new_kernel()
+    with server.kernel_channel(kid):
+        report = server.wait_for(lambda: (r := server.activity()) and any(
+            p["name"].startswith("python") for p in _procs(r, source=name)) and r, what="the loop")
+    programs = parse_activity(report)
+    (loop,) = [p for p in programs if p.where is Where.TERMINAL and p.source == name]
+    assert loop.foreground and loop.name.startswith("python") and loop.cpu_seconds is not None
+    assert [p.source for p in programs if p.is_kernel] == [kid]
+    for p in _procs(report, source=name):
+        _kill(p["pid"])
+    server.delete_kernel(kid)
+    server.delete_terminal(name)
