@@ -23,6 +23,10 @@
 #   REAPER_HUB_ADMIN_TOKEN    if set: an API token with the admin role (service "hub-admin")
 #   REAPER_HUB_ACTIVITY_INTERVAL  seconds between activity updates     (default 300)
 #   REAPER_HUB_LOG_LEVEL      hub log level                            (default INFO)
+#   REAPER_HUB_COMPANION      "1": servers load the companion (reaper.singleuser); "0": never, even
+#                             when their environment enables it; unset: as that environment says
+#   REAPER_HUB_SINGLEUSER_PYTHONPATH  PYTHONPATH of the single-user servers (tests: the checkout, so a
+#                             Slurm job, which inherits nothing from the hub, loads its companion)
 #   REAPER_MANAGED            "1" (default): the hub starts and stops the reaper; "0": it does not
 #   REAPER_CONFIG             the reaper's config file                 (default config.yaml in the repo)
 #   REAPER_SERVICE_TOKEN      the reaper service's API token           (default: the hub makes one)
@@ -159,6 +163,18 @@ elif SPAWNER == "local":
         c.Spawner.args = ["--allow-root"]
 else:
     raise ValueError(f"REAPER_HUB_SPAWNER must be 'local' or 'slurm', not {SPAWNER!r}")
+
+# --- the companion extension in the single-user servers ------------------------------------------
+# `pip install jupyterhub-reaper[singleuser]` in the servers' environment enables it by itself (a
+# jupyter_server_config.d file); this switch forces it on or off, for tests and demos from one venv.
+# A command-line setting wins over the config.d files (ServerApp.find_server_extensions). The key=value
+# form has no space or quote: batchspawner joins the arguments into its batch script unquoted.
+_companion = _env("REAPER_HUB_COMPANION", "").lower()
+if _companion:
+    _on = _companion not in ("0", "false", "no", "off")
+    c.Spawner.args.append(f"--ServerApp.jpserver_extensions=reaper.singleuser={_on}")
+if _env("REAPER_HUB_SINGLEUSER_PYTHONPATH", ""):
+    c.Spawner.environment["PYTHONPATH"] = _env("REAPER_HUB_SINGLEUSER_PYTHONPATH", "")
 
 # --- login -----------------------------------------------------------------------------------
 # REAPER_HUB_AUTH picks how users log in:
