@@ -43,7 +43,7 @@ from .probe import (
     status_answer,
 )
 from .routes import RouteTable
-from .transport import Transport, TransportFailure, TransportTimeout
+from .transport import AiohttpTransport, Transport, TransportFailure, TransportTimeout
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +77,13 @@ def open_transports(hub: HubOptions, probes: ProbeOptions) -> tuple[Transport, T
         return (HttpxTransport(connections=hub_conns, keepalive=hub_conns),
                 HttpxTransport(connections=probe_conns, keepalive=probes.concurrency,
                                per_server=2 * probes.concurrency if direct else 0))
-    from .httpx_transport import HttpxAiohttpTransport
-
-    hub_transport = HttpxAiohttpTransport(limit=hub_conns, limit_per_host=hub_conns)
+    hub_transport = AiohttpTransport(limit=hub_conns, limit_per_host=hub_conns)
     if direct:
         # One host per server, asked once a sweep: its connection lives for one probe (status
         # then kernels) and is closed after (see HubClient._get)
-        return hub_transport, HttpxAiohttpTransport(limit=probe_conns, keepalive_timeout=1.0, deadline=True)
+        return hub_transport, AiohttpTransport(limit=probe_conns, keepalive_timeout=1.0, deadline=True)
     # every probe goes to the proxy: one keep-alive pool to it
-    return hub_transport, HttpxAiohttpTransport(limit=probe_conns, limit_per_host=probe_conns, deadline=True)
+    return hub_transport, AiohttpTransport(limit=probe_conns, limit_per_host=probe_conns, deadline=True)
 
 
 class HubClient:

@@ -6,57 +6,12 @@ interface and failures as :class:`reaper.hub.transport.AiohttpTransport`.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import Mapping
 
 import httpx
 
-from .transport import Answer, TransportFailure, TransportTimeout, _failure
-
-
-class HttpxAiohttpTransport:
-    """httpx's client over the ``httpx-aiohttp`` transport (aiohttp's connection pool and HTTP/1.1
-    parser instead of httpcore's), one aiohttp session made in the running loop. Same options and
-    failures as :class:`reaper.hub.transport.AiohttpTransport` (``deadline``: the timeout bounds the
-    whole request)."""
-
-    def __init__(
-        self, *, limit: int = 64, limit_per_host: int = 2, keepalive_timeout: float = 15.0, deadline: bool = False
-    ) -> None:
-        import aiohttp
-        from httpx_aiohttp import AiohttpTransport as _Transport
-
-        def session() -> aiohttp.ClientSession:
-            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host,
-                                             keepalive_timeout=keepalive_timeout)
-            return aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                         skip_auto_headers=("User-Agent", "Accept-Encoding"))
-
-        self.deadline = deadline
-        self._client = httpx.AsyncClient(transport=_Transport(client=session), follow_redirects=False)
-
-    async def send(
-        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, seconds: float
-    ) -> Answer:
-        try:
-            if self.deadline:
-                async with asyncio.timeout(seconds):
-                    response = await self._client.request(method, url, headers=headers, content=body,
-                                                          timeout=seconds)
-            else:
-                response = await self._client.request(method, url, headers=headers, content=body, timeout=seconds)
-        except TimeoutError as exc:
-            raise TransportTimeout("ReadTimeout", f"timed out ({exc.__class__.__name__})") from None
-        except httpx.TransportError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, Exception):  # aiohttp's own failure, named as ours are
-                raise _failure(cause) from None
-            raise TransportFailure(type(exc).__name__, str(exc)) from None
-        return Answer(response.status_code, response.content)
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
+from .transport import Answer, TransportFailure, TransportTimeout
 
 
 class HttpxTransport:
