@@ -674,7 +674,15 @@ def run_cold_ours(sim: Sim, sc: Scenario, n: int, workdir: Path, timeout: float)
     finally:
         sink.stop()
     mails = sink.times
+    from reaper.units import parse_duration
+
+    notice = parse_duration(cold_config(0, overrides)["defaults"]["min_notice"]).total_seconds()
+    last = sim.stats().get("last_stop_completed")
     inner = {"mails": len(mails),
+             "min_notice_s": notice,
+             # from the moment the first stops fell due (first final notice + min_notice; the
+             # sweep's own start, its delivered_at, is a little earlier) to the last stop done
+             "due_to_done_s": round(last - (mails[0] + notice), 3) if mails and last else None,
              "first_mail_s": round(mails[0] - t0, 3) if mails else None,
              "last_mail_s": round(mails[-1] - t0, 3) if mails else None,
              "safety_tripped": "SAFETY LIMIT" in log_path.read_text(errors="replace"),
@@ -771,9 +779,10 @@ def table(rows: list[Measure]) -> str:
 
 def cold_table(rows: list[Measure]) -> str:
     """Scenario 5's own table: each tool from its start, and from its first stop ("from due")."""
-    head = ("N", "tool", "start → all stopped s", "start → first stop s", "stop phase s", "mails (first–last s)",
+    head = ("N", "tool", "start → all stopped s", "start → first stop s", "stop phase s", "due → all stopped s",
+            "mails (first–last s)",
             "CPU s", "peak RSS MB", "stops done (max parallel)", "culler/ours from start",
-            "culler/ours stop phase")
+            "culler (start → done) / ours (due → done)")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     culler = {m.n: m for m in rows if m.scenario == "5" and m.tool == "culler"}
     for m in rows:
@@ -784,11 +793,12 @@ def cold_table(rows: list[Measure]) -> str:
         r_all = r_stop = ""
         if m.tool == "ours" and c is not None and m.stops_completed >= m.n:
             r_all = f"{c.sweep_s / m.sweep_s:.2f}×"
-            r_stop = f"{c.inner['stop_phase_s'] / i['stop_phase_s']:.1f}×" if i["stop_phase_s"] else ""
+            due = i.get("due_to_done_s") or i["stop_phase_s"]
+            r_stop = f"{c.inner['stop_phase_s'] / due:.1f}×" if due else ""
         tool = m.tool + (f" ({m.note})" if m.note else "") + ("" if m.rc == 0 else f" [exit {m.rc}]")
         out.append("| " + " | ".join([
             str(m.n), tool, f"{m.sweep_s:.1f}", str(i.get("start_to_first_stop_s")), f"{i['stop_phase_s']:.1f}",
-            mails, f"{m.cpu_s:.2f}", f"{m.rss_mb:.0f}", f"{m.stops_completed} ({i.get('max_parallel_stops')})",
+            str(i.get("due_to_done_s", "–")), mails, f"{m.cpu_s:.2f}", f"{m.rss_mb:.0f}", f"{m.stops_completed} ({i.get('max_parallel_stops')})",
             r_all, r_stop]) + " |")
     return "\n".join(out)
 
