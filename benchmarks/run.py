@@ -646,6 +646,19 @@ def run_cold_culler(sim: Sim, sc: Scenario, n: int, ran_n: int, workdir: Path, t
                          {}, note)
 
 
+def _first_final_delivered(db: Path) -> float | None:
+    """The first final notice's delivered_at (epoch seconds) in the reaper's SQLite database."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    try:
+        with sqlite3.connect(db) as con:
+            (value,) = con.execute("SELECT min(delivered_at) FROM reaper_notices WHERE kind = 'final'").fetchone()
+    except sqlite3.Error:
+        return None
+    return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp() if value else None
+
+
 def run_cold_ours(sim: Sim, sc: Scenario, n: int, workdir: Path, timeout: float) -> Measure:
     """The service as the hub starts it (``python -m reaper.cli run``) with the shipped
     config.yaml (cold_config), a fresh database, its page served: from its start (migrations,
@@ -678,11 +691,12 @@ def run_cold_ours(sim: Sim, sc: Scenario, n: int, workdir: Path, timeout: float)
 
     notice = parse_duration(cold_config(0, overrides)["defaults"]["min_notice"]).total_seconds()
     last = sim.stats().get("last_stop_completed")
+    delivered = _first_final_delivered(folder / "reaper.sqlite")
     inner = {"mails": len(mails),
              "min_notice_s": notice,
-             # from the moment the first stops fell due (first final notice + min_notice; the
-             # sweep's own start, its delivered_at, is a little earlier) to the last stop done
-             "due_to_done_s": round(last - (mails[0] + notice), 3) if mails and last else None,
+             # from the moment the first stops fell due (the first final notice's delivered_at, as
+             # the reaper recorded it, + min_notice) to the last stop done
+             "due_to_done_s": round(last - (delivered + notice), 3) if delivered and last else None,
              "first_mail_s": round(mails[0] - t0, 3) if mails else None,
              "last_mail_s": round(mails[-1] - t0, 3) if mails else None,
              "safety_tripped": "SAFETY LIMIT" in log_path.read_text(errors="replace"),
