@@ -91,6 +91,7 @@ class Population:
     computing: float = 0.0
     idle_hours: tuple[float, float] = (2.0, 8.0)  # how long stale categories have been quiet
     seed: int = 1
+    staff: bool = True  # every other user in group "staff" (the shipped config exempts staff); False: none
     server_url_in_state: bool = False  # our shipped spawner puts its address in its state
 
     def shares(self) -> dict[str, float]:
@@ -287,7 +288,8 @@ def build_users(pop: Population, ports: list[int], now: datetime) -> dict[str, S
     for i in range(pop.users):
         name = f"user{i:0{width}d}"
         created = now - timedelta(days=30, seconds=rng.uniform(0, 86400))
-        user = SimUser(id=i + 1, name=name, created=created, groups=["students"] if i % 2 else ["staff"])
+        groups = ["staff"] if pop.staff and not i % 2 else ["students"]
+        user = SimUser(id=i + 1, name=name, created=created, groups=groups)
         for sname in ("", "gpu") if i in named else ("",):
             cat = deck[idx]
             started = now - timedelta(hours=rng.uniform(max(hi, 1.0), max(hi, 1.0) + 24))
@@ -816,6 +818,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--computing", type=float, default=0.0)
     p.add_argument("--idle-hours", type=float, nargs=2, default=(2.0, 8.0), metavar=("MIN", "MAX"))
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-staff", action="store_true", help="no user in group staff (default: every other one)")
     p.add_argument("--hub-latency", type=float, default=0.005, help="seconds per hub request, one at a time")
     p.add_argument(
         "--user-latency", type=float, default=0.0, help="seconds per single-user request, concurrent"
@@ -839,6 +842,7 @@ async def serve(args: argparse.Namespace) -> None:
         computing=args.computing,
         idle_hours=tuple(args.idle_hours),
         seed=args.seed,
+        staff=not args.no_staff,
     )
     n = pop.n_servers()
     limit = raise_fd_limit(n + 2048)

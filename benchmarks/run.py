@@ -57,6 +57,7 @@ class Scenario:
     idle_limit_s: int = 3600  # the culler's --timeout, and our detached stop threshold
     culler_scale: int | None = None  # default N for the culler's side (extrapolated), if slow
     warmup_s: int = 2400  # our previous sweep ran this long ago (its final notices are that old)
+    cold: bool = False  # "from cold": each tool as a user meets it, from its start (run_cold_*)
 
     def sim_args(self, n: int) -> list[str]:
         args = [
@@ -74,6 +75,8 @@ class Scenario:
             args += ["--idle-hours", str(lo), str(hi)]
         if "seed" in pop:
             args.append(f"--seed={pop['seed']}")
+        if pop.get("staff") is False:
+            args.append("--no-staff")
         return args
 
 
@@ -109,6 +112,16 @@ SCENARIOS: dict[str, Scenario] = {
         "Linear cost: all idle, hub 5 ms, instant stops",
         (1000, 5000, 10000),
         population={"idle_detached": 1.0},
+    ),
+    "5": Scenario(
+        "5",
+        "From cold, shipped config.yaml: all idle-detached 4-8 h (past the shipped 3 h), hub 5 ms, stop 1 s",
+        (1000,),
+        stop_time=1.0,
+        population={"idle_detached": 1.0, "idle_hours": (4.0, 8.0), "staff": False},  # staff are exempt
+        idle_limit_s=3 * 3600,  # the culler's --timeout: the shipped detached stop_after
+        culler_scale=100,
+        cold=True,
     ),
 }
 
@@ -510,6 +523,191 @@ def run_ours_measured(sim: Sim, sc: Scenario, n: int, workdir: Path, timeout: fl
     return _finish("ours", sc, n, n, sim, res, settle_s=30.0)
 
 
+# ------------------------------------------------------------------------- scenario 5: from cold
+
+SHIPPED_CONFIG = ROOT / "config.yaml"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return int(so.getsockname()[1])
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def cold_config(smtp_port: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The shipped config.yaml as it is, but for what the simulator cannot be: its mail relay is
+    the runner's SMTP sink on a free port (localhost:25 is the shipped one), and ``batch.system:
+    none`` (the simulator has no Slurm jobs, and this machine's real Slurm runs other people's
+    jobs: the guard must not touch them). The hub's address and token come from the environment,
+    as the hub gives them to its managed services. ``overrides`` (BENCH_COLD_CONFIG, JSON): a
+    variant, always named in the row."""
+    import yaml
+
+    data: dict[str, Any] = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    data = _merge(data, {"notify": {"email": {"port": smtp_port}}, "batch": {"system": "none"}})
+    return _merge(data, overrides or {})
+
+
+class SmtpSink:
+    """Accepts every message on 127.0.0.1 and keeps the time each arrived (aiosmtpd, in a thread)."""
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+
+        sink = self
+        self.times: list[float] = []
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                sink.times.append(time.time())
+                return "250 OK"
+
+        self.port = _free_port()
+        self._ctl = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self._ctl.start()
+
+    def stop(self) -> None:
+        self._ctl.stop()
+
+
+def _wait_stopped(sim: Sim, n: int, deadline: float, proc: subprocess.Popen[str] | None = None,
+                  give_up: Path | None = None) -> dict[str, Any]:
+    """Poll the simulator until n stops completed (or the deadline, or ``give_up``'s text in the
+    log: the safety limit held the stops)."""
+    while True:
+        stats = sim.stats()
+        if stats["stops_completed"] >= n or time.time() > deadline:
+            return stats
+        if proc is not None and proc.poll() is not None:
+            return stats
+        if give_up is not None and "SAFETY LIMIT" in give_up.read_text(errors="replace"):
+            time.sleep(2.0)  # (the sweep's end)
+            return sim.stats()
+        time.sleep(0.5)
+
+
+def _end(proc: subprocess.Popen[str], sig: int) -> tuple[float, float, int]:
+    """Signal the child and reap it: (CPU s, peak RSS MB, exit code)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        _, status, ru = os.wait4(proc.pid, 0)
+        rc = os.waitstatus_to_exitcode(status)
+    except ChildProcessError:  # already reaped by poll()
+        return 0.0, 0.0, proc.returncode
+    proc.returncode = rc
+    return ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024.0, rc
+
+
+def _cold_measure(tool: str, sc: Scenario, n: int, ran_n: int, sim: Sim, t0: float, stats: dict[str, Any],
+                  cpu: float, rss: float, rc: int, inner: dict[str, Any], note: str = "") -> Measure:
+    """Wall: from the tool's start to its last stop completed ("from due": to the same from the
+    moment its first stop went out). Extrapolated culler runs scale the stop phase only."""
+    first, last = stats.get("first_stop_requested"), stats.get("last_stop_completed")
+    done = stats["stops_completed"]
+    f = n / ran_n
+    if first is not None and last is not None and done >= ran_n:
+        stopping = (last - first) * f
+        wall = (first - t0) + stopping
+    else:
+        stopping = float("nan")
+        wall = time.time() - t0
+    inner = {**inner, "sweep_s": round(wall, 3), "start_to_first_stop_s": round(first - t0, 3) if first else None,
+             "stop_phase_s": round(stopping, 3), "sweep_cpu_s": round(cpu * (f if tool == "culler" else 1), 3),
+             "max_parallel_stops": _max_parallel(stats)}
+    return Measure(tool=tool, scenario=sc.key, n=n, ran_n=ran_n, wall_s=wall, cpu_s=cpu * f if tool == "culler"
+                   else cpu, rss_mb=rss, rc=rc,
+                   requests={k: round(v * f) for k, v in stats["requests"].items()},
+                   stops_completed=round(done * f), stopped_categories={
+                       k: round(v * f) for k, v in _stopped_categories(stats).items()},
+                   inner=inner, note=note)
+
+
+def run_cold_culler(sim: Sim, sc: Scenario, n: int, ran_n: int, workdir: Path, timeout: float) -> Measure:
+    """jupyterhub-idle-culler as the hub starts it (``python -m jupyterhub_idle_culler``, its first
+    cull at start), --timeout the shipped stop_after: from its start to every server stopped."""
+    cmd = [PY, "-m", "jupyterhub_idle_culler", f"--url={sim.api_url}", f"--timeout={sc.idle_limit_s}"]
+    with open(workdir / f"cold-culler-{ran_n}.log", "w") as err:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(sim), stdout=err, stderr=err, text=True)
+        stats = _wait_stopped(sim, ran_n, t0 + timeout, proc)
+        cpu, rss, rc = _end(proc, signal.SIGTERM)
+    note = f"extrapolated ×{n / ran_n:g} from N={ran_n}: the stop phase (RSS as measured)" if ran_n != n else ""
+    return _cold_measure("culler", sc, n, ran_n, sim, t0, stats, cpu, rss, 0 if rc in (0, -15, 143) else rc,
+                         {}, note)
+
+
+def _first_final_delivered(db: Path) -> float | None:
+    """The first final notice's delivered_at (epoch seconds) in the reaper's SQLite database."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    try:
+        with sqlite3.connect(db) as con:
+            (value,) = con.execute("SELECT min(delivered_at) FROM reaper_notices WHERE kind = 'final'").fetchone()
+    except sqlite3.Error:
+        return None
+    return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp() if value else None
+
+
+def run_cold_ours(sim: Sim, sc: Scenario, n: int, workdir: Path, timeout: float) -> Measure:
+    """The service as the hub starts it (``python -m reaper.cli run``) with the shipped
+    config.yaml (cold_config), a fresh database, its page served: from its start (migrations,
+    first sweep: the final notices, e-mailed to the sink) through min_notice to every server
+    stopped."""
+    overrides = json.loads(os.environ.get("BENCH_COLD_CONFIG") or "{}")
+    folder = Path(tempfile.mkdtemp(prefix="cold-", dir=workdir))
+    sink = SmtpSink()
+    import yaml
+
+    (folder / "config.yaml").write_text(yaml.safe_dump(cold_config(sink.port, overrides)))
+    env = child_env(sim)
+    env["JUPYTERHUB_SERVICE_URL"] = f"http://127.0.0.1:{_free_port()}/services/reaper/"
+    env["JUPYTERHUB_SERVICE_PREFIX"] = "/services/reaper/"
+    env["JUPYTERHUB_PUBLIC_URL"] = sim.url
+    # this tree's code, not the installed one (the service runs in its own folder, for its database)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    log_path = workdir / f"cold-ours-{n}.log"
+    cmd = [PY, "-m", "reaper.cli", "run", "--config", str(folder / "config.yaml")]
+    try:
+        with open(log_path, "w") as err:
+            t0 = time.time()
+            proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=err, stderr=err, text=True)
+            stats = _wait_stopped(sim, n, t0 + timeout, proc, give_up=log_path)
+            cpu, rss, rc = _end(proc, signal.SIGTERM)
+    finally:
+        sink.stop()
+    mails = sink.times
+    from reaper.units import parse_duration
+
+    notice = parse_duration(cold_config(0, overrides)["defaults"]["min_notice"]).total_seconds()
+    last = sim.stats().get("last_stop_completed")
+    delivered = _first_final_delivered(folder / "reaper.sqlite")
+    inner = {"mails": len(mails),
+             "min_notice_s": notice,
+             # from the moment the first stops fell due (the first final notice's delivered_at, as
+             # the reaper recorded it, + min_notice) to the last stop done
+             "due_to_done_s": round(last - (delivered + notice), 3) if delivered and last else None,
+             "first_mail_s": round(mails[0] - t0, 3) if mails else None,
+             "last_mail_s": round(mails[-1] - t0, 3) if mails else None,
+             "safety_tripped": "SAFETY LIMIT" in log_path.read_text(errors="replace"),
+             "overrides": overrides}
+    note = f"shipped config + {json.dumps(overrides, separators=(',', ':'))}" if overrides else "shipped config"
+    if inner["safety_tripped"]:
+        note += "; SAFETY LIMIT: stops held"
+    return _cold_measure("ours", sc, n, n, sim, t0, stats, cpu, rss, 0 if rc in (0, -15, 143) else rc, inner,
+                         note)
+
+
 # -------------------------------------------------------------------------------------- report
 
 _SHORT = {
@@ -593,6 +791,32 @@ def table(rows: list[Measure]) -> str:
     return "\n".join(out)
 
 
+def cold_table(rows: list[Measure]) -> str:
+    """Scenario 5's own table: each tool from its start, and from its first stop ("from due")."""
+    head = ("N", "tool", "start → all stopped s", "start → first stop s", "stop phase s", "due → all stopped s",
+            "mails (first–last s)",
+            "CPU s", "peak RSS MB", "stops done (max parallel)", "culler/ours from start",
+            "culler (start → done) / ours (due → done)")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    culler = {m.n: m for m in rows if m.scenario == "5" and m.tool == "culler"}
+    for m in rows:
+        if m.scenario != "5":
+            continue
+        i, c = m.inner, culler.get(m.n)
+        mails = f"{i['mails']} ({i['first_mail_s']}–{i['last_mail_s']})" if i.get("mails") else "–"
+        r_all = r_stop = ""
+        if m.tool == "ours" and c is not None and m.stops_completed >= m.n:
+            r_all = f"{c.sweep_s / m.sweep_s:.2f}×"
+            due = i.get("due_to_done_s") or i["stop_phase_s"]
+            r_stop = f"{c.inner['stop_phase_s'] / due:.1f}×" if due else ""
+        tool = m.tool + (f" ({m.note})" if m.note else "") + ("" if m.rc == 0 else f" [exit {m.rc}]")
+        out.append("| " + " | ".join([
+            str(m.n), tool, f"{m.sweep_s:.1f}", str(i.get("start_to_first_stop_s")), f"{i['stop_phase_s']:.1f}",
+            str(i.get("due_to_done_s", "–")), mails, f"{m.cpu_s:.2f}", f"{m.rss_mb:.0f}", f"{m.stops_completed} ({i.get('max_parallel_stops')})",
+            r_all, r_stop]) + " |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -613,14 +837,17 @@ def bench(args: argparse.Namespace) -> list[Measure]:
                 sim = Sim(sc.sim_args(ran_n) + list(args.sim_arg or []), workdir)
                 try:
                     print(f"# scenario {key} N={ran_n} {tool}: sim at {sim.url}", file=sys.stderr, flush=True)
-                    if tool == "culler":
+                    if sc.cold:
+                        m = (run_cold_culler(sim, sc, n, ran_n, workdir, args.timeout) if tool == "culler"
+                             else run_cold_ours(sim, sc, n, workdir, args.timeout))
+                    elif tool == "culler":
                         m = run_culler(sim, sc, n, ran_n, workdir, args.timeout).scaled()
                     else:
                         m = run_ours_measured(sim, sc, n, workdir, args.timeout)
                 finally:
                     sim.stop()
                 rows.append(m)
-                print(table([m]).splitlines()[-1], file=sys.stderr, flush=True)
+                print((cold_table if sc.cold else table)([m]).splitlines()[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -729,7 +956,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if t not in ("culler", "ours"):
             p.error(f"unknown tool {t!r}")
     rows = bench(args)
-    print(table(rows))
+    warm = [m for m in rows if m.scenario != "5"]
+    if warm:
+        print(table(warm))
+    if len(warm) < len(rows):
+        print(cold_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([m.__dict__ for m in rows], indent=1, default=str))
     return 0

@@ -328,7 +328,7 @@ class SafetySettings(Strict):
     max_stops_per_sweep: int = Field(default=20, ge=0)
     max_stop_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
     fraction_applies_above: int = Field(default=8, ge=0)  # the fraction only counts on hubs with more servers
-    stop_concurrency: int = Field(default=8, ge=1, le=256)
+    stop_concurrency: int = Field(default=32, ge=1, le=256)
     pending_stop_timeout: Duration = timedelta(minutes=5)
 
 

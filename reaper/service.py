@@ -51,6 +51,29 @@ def overrun_message(took: float, every: timedelta, skipped: int, next_at: dateti
             f"{skipped} tick(s) skipped; the next sweep starts {when}")
 
 
+ON_TIME_MARGIN = timedelta(seconds=1)  # a sweep moved to a stop's due time runs this much after it
+
+
+def on_time_sweep_at(next_stop: datetime | None, started: datetime, every: timedelta,
+                     next_tick: datetime | None) -> datetime | None:
+    """When the next sweep should run so that the earliest stop due after a sweep goes out on
+    time, instead of up to a whole ``sweep_every`` late (after min_notice, a reap of a whole hub
+    waited for the next tick); None: keep the next tick as it is.
+
+    The next tick moves to the stop's due time when that comes before it, or less than half an
+    interval after it (a tick a moment too early would find nothing due and the stop would wait
+    a whole interval more). Never sooner than half an interval after the sweep's start: sweeps
+    stay at most twice as frequent as ``sweep_every``, and the interval then counts from the
+    moved sweep."""
+    if next_stop is None or next_tick is None:
+        return None
+    half = every / 2
+    when = max(next_stop + ON_TIME_MARGIN, started + half)
+    if when >= next_tick + half or when == next_tick:
+        return None
+    return when
+
+
 # Settings that a running service cannot take on by SIGHUP: the store's connection, the page's
 # socket, and the hub client (shared by the sweeps and the page's login) with its pools.
 RESTART_KEYS = (
@@ -275,6 +298,7 @@ class ReaperService:
         began = time.monotonic()
         self.last_result = await self.sweeper.run_once()
         self.say_overrun(time.monotonic() - began)
+        self.sweep_on_time(self.last_result)
         from . import metrics
 
         metrics.record_sweep(self.last_result)
@@ -284,6 +308,16 @@ class ReaperService:
             metrics.count_scancel(scancels)
         if orphans:
             metrics.count_orphan(orphans)
+
+    def sweep_on_time(self, res: SweepResult) -> None:
+        """Move the next sweep to the moment the earliest stop falls due (on_time_sweep_at)."""
+        job = self.scheduler.get_job("sweep") if self.scheduler is not None else None
+        if job is None:
+            return
+        when = on_time_sweep_at(res.next_stop_at, res.started_at, self.settings.sweep_every, job.next_run_time)
+        if when is not None:
+            job.modify(next_run_time=when)
+            log.info("next sweep at %s, when the first stop falls due", when.astimezone().strftime("%H:%M:%S %Z"))
 
     def say_overrun(self, took: float) -> None:
         """One line when the sweep outlasted sweep_every (APScheduler's per-tick warnings are off)."""

@@ -120,6 +120,9 @@ class SweepResult:
     stops_failed: int = 0
     safety_tripped: bool = False
     orphans: int = 0
+    # the earliest moment after this sweep's start at which a stop (or its final notice) falls
+    # due, as decided: the service moves its next sweep there (ReaperService.sweep_on_time)
+    next_stop_at: datetime | None = None
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds spent in each step
     phases_cpu: dict[str, float] = field(default_factory=dict)  # process CPU seconds in each step
     phases_rss: dict[str, float] = field(default_factory=dict)  # peak RSS (MB) at each step's end
@@ -147,6 +150,9 @@ class SweepResult:
             st = r.obs.state.value
             self.states[st] = self.states.get(st, 0) + 1
             d = r.decision
+            if d.stop_at is not None and d.next_at == d.stop_at and d.stop_at > self.started_at and (
+                    self.next_stop_at is None or d.stop_at < self.next_stop_at):
+                self.next_stop_at = d.stop_at
             what = d.action.value + (f" ({r.outcome})" if r.outcome else "")
             entry = self.actions.get(what)
             if entry is None:
