@@ -220,10 +220,10 @@ def stop_possible() -> bool | None:
     return _can_stop.get(env[1]) if env else None
 
 
-async def _hub(method: str, url: str, token: str, timeout: float = 20) -> tuple[int, Any]:
+async def _hub(method: str, url: str, token: str, seconds: float = 20) -> tuple[int, Any]:
     req = HTTPRequest(url, method=method, headers={"Authorization": f"token {token}",
                                                     "Accept": "application/json"},
-                      request_timeout=timeout, allow_nonstandard_methods=True)
+                      request_timeout=seconds, allow_nonstandard_methods=True)
     try:
         resp = await AsyncHTTPClient().fetch(req, raise_error=False)
     except (HTTPClientError, OSError) as e:
@@ -275,7 +275,7 @@ class StopHandler(_Base):
         asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self._stop(api + path, token)))
 
     async def _stop(self, url: str, token: str) -> None:
-        status, body = await _hub("DELETE", url, token, timeout=120)
+        status, body = await _hub("DELETE", url, token, seconds=120)
         if status not in (202, 204):
             self.log.error("jupyterhub-reaper: the hub refused Stop now: HTTP %s %s", status, body)
 
