@@ -205,9 +205,9 @@ class NoticeWatcher {
         return;
       }
       const why = await messageOf(resp, `HTTP ${resp.status}`);
-      Notification.error(`This server could not be stopped from here: ${why}`, { autoClose: false });
+      Notification.error(`Could not stop this server from here: ${why}`, { autoClose: false });
     } catch (e) {
-      Notification.error(`This server could not be stopped from here: ${e}`, { autoClose: false });
+      Notification.error(`Could not stop this server from here: ${e}`, { autoClose: false });
     }
   }
 

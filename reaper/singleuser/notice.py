@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from datetime import UTC, datetime
 from typing import Any
@@ -47,6 +48,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 KINDS = ("warning", "reminder", "final", "walltime")
 SETTING = "jupyterhub_reaper_notice"
 REASON_LIMIT = 500
+log = logging.getLogger("jupyterhub_reaper.notice")
 TEXT_LIMIT = 200
 
 
@@ -249,8 +251,10 @@ async def check_stop() -> tuple[bool, str]:
             return False, f"the hub did not answer which scopes this server holds (HTTP {status})"
         ok = _can_stop[token] = may_delete(model.get("scopes"), user, server)
     if not ok:
-        return False, ("this hub does not let a server stop itself (its token lacks delete:servers for this "
-                       "server): stop it from the hub's control panel")
+        # (JupyterLab shows at most 140 characters: the why in the log, the what to do in Lab)
+        log.warning("jupyterhub-reaper: this server's token lacks delete:servers for it (Spawner.server_token_"
+                    "scopes): Stop now in JupyterLab refers the user to the hub's control panel")
+        return False, "this hub does not allow it: use File > Hub Control Panel > Stop My Server"
     return True, ""
 
 
