@@ -2,7 +2,8 @@
 
 Delivering a notice PUTs it to the server's own ``api/reaper/notice`` (reaper/singleuser/notice.py) with
 the service's token, through the hub client's probe path (the server's own address, never the proxy, and
-``?no_track_activity=1``: telling the user must not count as their activity). JupyterLab's extension
+``?no_track_activity=1``: telling the user must not count as their activity; with ``probe.via: proxy``
+the proxy itself records these requests as activity, as it does the probes). JupyterLab's extension
 (labextension/) shows it with Keep running / Stop now and a countdown.
 
 When the spell the notice belongs to ends (the reaper's look sees activity: a new spell), the sweep calls
