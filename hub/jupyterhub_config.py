@@ -3,7 +3,7 @@
 #   jupyterhub -f hub/jupyterhub_config.py
 #
 # It wires three things: a spawner (local processes for a laptop demo, or Slurm batch jobs),
-# a login (one shared password: demo and tests only), and the
+# a login (one shared password for demo and tests, or Google accounts as at Mila), and the
 # reaper itself as a hub service with the least scopes it needs.
 # Everything is driven by environment variables so that the same file serves the demo,
 # the test harness (tests/harness/hub.py) and a first real deployment:
@@ -16,12 +16,17 @@
 #   REAPER_PROXY_CMD          configurable-http-proxy executable       (default: next to python, else PATH)
 #   REAPER_HUB_SPAWNER        "local" (default) or "slurm"
 #   REAPER_HUB_HOMES          home folders for the local spawner       (default $REAPER_HUB_STATE/homes)
+#   REAPER_HUB_AUTH           "shared-password" (default) or "google" (see "login" below)
 #   REAPER_HUB_PASSWORD       the shared password of all users (8+)    (default: random, written to state)
 #   REAPER_HUB_ADMINS         comma-separated admin user names         (default none)
 #   REAPER_HUB_ADMIN_PASSWORD the admins' password (32+ characters)    (default: random, written to state)
 #   REAPER_HUB_ADMIN_TOKEN    if set: an API token with the admin role (service "hub-admin")
 #   REAPER_HUB_ACTIVITY_INTERVAL  seconds between activity updates     (default 300)
 #   REAPER_HUB_LOG_LEVEL      hub log level                            (default INFO)
+#   REAPER_HUB_COMPANION      "1": servers load the companion (reaper.singleuser); "0": never, even
+#                             when their environment enables it; unset: as that environment says
+#   REAPER_HUB_SINGLEUSER_PYTHONPATH  PYTHONPATH of the single-user servers (tests: the checkout, so a
+#                             Slurm job, which inherits nothing from the hub, loads its companion)
 #   REAPER_MANAGED            "1" (default): the hub starts and stops the reaper; "0": it does not
 #   REAPER_CONFIG             the reaper's config file                 (default config.yaml in the repo)
 #   REAPER_SERVICE_TOKEN      the reaper service's API token           (default: the hub makes one)
@@ -164,21 +169,95 @@ elif SPAWNER == "local":
 else:
     raise ValueError(f"REAPER_HUB_SPAWNER must be 'local' or 'slurm', not {SPAWNER!r}")
 
+# --- the companion extension in the single-user servers ------------------------------------------
+# `pip install jupyterhub-reaper[singleuser]` in the servers' environment enables it by itself (a
+# jupyter_server_config.d file); this switch forces it on or off, for tests and demos from one venv.
+# A command-line setting wins over the config.d files (ServerApp.find_server_extensions). The key=value
+# form has no space or quote: batchspawner joins the arguments into its batch script unquoted.
+_companion = _env("REAPER_HUB_COMPANION", "").lower()
+if _companion:
+    _on = _companion not in ("0", "false", "no", "off")
+    c.Spawner.args.append(f"--ServerApp.jpserver_extensions=reaper.singleuser={_on}")
+if _env("REAPER_HUB_SINGLEUSER_PYTHONPATH", ""):
+    c.Spawner.environment["PYTHONPATH"] = _env("REAPER_HUB_SINGLEUSER_PYTHONPATH", "")
+
 # --- login -----------------------------------------------------------------------------------
-# One shared password for every (non-admin) user name: good for a demo and for tests that log in
-# as users, never for production (use your site's authenticator). This is JupyterHub 5.3+'s
-# replacement for DummyAuthenticator's password, which is deprecated. Without
-# REAPER_HUB_PASSWORD (at least 8 characters) a random password is made and kept in
-# $REAPER_HUB_STATE/user-password; admins listed in REAPER_HUB_ADMINS log in with
-# REAPER_HUB_ADMIN_PASSWORD (at least 32 characters; default random, in admin-password).
-c.JupyterHub.authenticator_class = "shared-password"
-c.SharedPasswordAuthenticator.user_password = _env("REAPER_HUB_PASSWORD", "") or _secret_file("user-password")
-c.Authenticator.allow_all = True
-c.Authenticator.admin_users = {u.strip() for u in _env("REAPER_HUB_ADMINS", "").split(",") if u.strip()}
-if c.Authenticator.admin_users:
-    c.SharedPasswordAuthenticator.admin_password = _env("REAPER_HUB_ADMIN_PASSWORD", "") or _secret_file(
-        "admin-password"
-    )
+# REAPER_HUB_AUTH picks how users log in:
+#
+#   shared-password (default): one shared password for every (non-admin) user name: good for a
+#     demo and for tests that log in as users, never for production. This is JupyterHub 5.3+'s
+#     replacement for DummyAuthenticator's password. Without REAPER_HUB_PASSWORD (at least 8
+#     characters) a random password is made and kept in $REAPER_HUB_STATE/user-password; admins
+#     listed in REAPER_HUB_ADMINS log in with REAPER_HUB_ADMIN_PASSWORD (at least 32 characters;
+#     default random, in admin-password).
+#
+#   google: Google accounts of your organisation, as at Mila (oauthenticator's GoogleOAuthenticator):
+#     REAPER_GOOGLE_CLIENT_ID       the OAuth client's id (Google Cloud console; or $OAUTH_CLIENT_ID)
+#     REAPER_GOOGLE_CLIENT_SECRET   its secret (or $OAUTH_CLIENT_SECRET); never passed to the reaper
+#     REAPER_GOOGLE_CALLBACK_URL    https://<your hub>/hub/oauth_callback, as registered at Google
+#                                   (or $OAUTH_CALLBACK_URL)
+#     REAPER_GOOGLE_HOSTED_DOMAIN   required: the Google Workspace domain(s), comma-separated, e.g.
+#                                   mila.quebec. Only accounts of these domains sign in (Google's
+#                                   "hd" claim). With ONE domain it is stripped from the user name:
+#                                   my_username@mila.quebec => my_username; with several, user
+#                                   names are the whole addresses.
+#     REAPER_HUB_ALLOW              who of those may log in:
+#                                   existing (default): users the hub already has (made by an admin,
+#                                     or listed in REAPER_HUB_ALLOWED_USERS / REAPER_HUB_ADMINS);
+#                                   all: every account of the hosted domain(s) (Mila's page).
+#     REAPER_HUB_ALLOWED_USERS      comma-separated user names allowed besides (after the map below)
+#     REAPER_HUB_USERNAME_MAP       a JSON or YAML file {login name: cluster user name}, for people
+#                                   whose cluster login differs from their mail name
+#                                   (Authenticator.username_map; keys are the names after the
+#                                   domain is stripped, lower case)
+_AUTH = _env("REAPER_HUB_AUTH", "shared-password").lower()
+ADMINS = {u.strip() for u in _env("REAPER_HUB_ADMINS", "").split(",") if u.strip()}
+c.Authenticator.admin_users = ADMINS
+if _AUTH == "shared-password":
+    c.JupyterHub.authenticator_class = "shared-password"
+    c.SharedPasswordAuthenticator.user_password = _env("REAPER_HUB_PASSWORD", "") or _secret_file("user-password")
+    c.Authenticator.allow_all = True
+    if ADMINS:
+        c.SharedPasswordAuthenticator.admin_password = _env("REAPER_HUB_ADMIN_PASSWORD", "") or _secret_file(
+            "admin-password"
+        )
+elif _AUTH == "google":
+    c.JupyterHub.authenticator_class = "google"
+    for _trait, _var in (("client_id", "REAPER_GOOGLE_CLIENT_ID"), ("client_secret", "REAPER_GOOGLE_CLIENT_SECRET"),
+                         ("oauth_callback_url", "REAPER_GOOGLE_CALLBACK_URL")):
+        if _env(_var, ""):  # else oauthenticator's own $OAUTH_CLIENT_ID, $OAUTH_CLIENT_SECRET, $OAUTH_CALLBACK_URL
+            setattr(c.GoogleOAuthenticator, _trait, _env(_var, ""))
+    _missing = [v for v, fallback in (("REAPER_GOOGLE_CLIENT_ID", "OAUTH_CLIENT_ID"),
+                                      ("REAPER_GOOGLE_CLIENT_SECRET", "OAUTH_CLIENT_SECRET"))
+                if not _env(v, "") and not _env(fallback, "")]
+    DOMAINS = [d.strip().lower() for d in _env("REAPER_GOOGLE_HOSTED_DOMAIN", "").split(",") if d.strip()]
+    if not DOMAINS:
+        _missing.append("REAPER_GOOGLE_HOSTED_DOMAIN")
+    if _missing:
+        raise ValueError(f"REAPER_HUB_AUTH=google needs {', '.join(_missing)} (see hub/jupyterhub_config.py)")
+    c.GoogleOAuthenticator.hosted_domain = DOMAINS
+    # Google's hint: its sign-in page offers only accounts of that domain ("*": any Workspace
+    # domain); the check that counts is oauthenticator's, of the "hd" claim, after sign-in.
+    c.GoogleOAuthenticator.extra_authorize_params = {"hd": DOMAINS[0] if len(DOMAINS) == 1 else "*"}
+    _allow = _env("REAPER_HUB_ALLOW", "existing").lower()
+    if _allow == "all":
+        c.GoogleOAuthenticator.allow_all = True
+    elif _allow == "existing":
+        c.GoogleOAuthenticator.allow_existing_users = True
+    else:
+        raise ValueError(f"REAPER_HUB_ALLOW must be 'existing' or 'all', not {_allow!r}")
+    c.GoogleOAuthenticator.allowed_users = {
+        u.strip().lower() for u in _env("REAPER_HUB_ALLOWED_USERS", "").split(",") if u.strip()
+    }
+    if _env("REAPER_HUB_USERNAME_MAP", ""):
+        import yaml  # a JSON file is YAML too
+
+        _map = yaml.safe_load(Path(_env("REAPER_HUB_USERNAME_MAP", "")).read_text()) or {}
+        if not isinstance(_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in _map.items()):
+            raise ValueError("REAPER_HUB_USERNAME_MAP: the file must map login names to cluster user names")
+        c.Authenticator.username_map = {k.strip().lower(): v.strip() for k, v in _map.items()}
+else:
+    raise ValueError(f"REAPER_HUB_AUTH must be 'shared-password' or 'google', not {_AUTH!r}")
 
 # --- the reaper service ----------------------------------------------------------------------
 reaper_service: dict = {"name": "reaper"}
@@ -209,12 +288,16 @@ if _flag("REAPER_MANAGED", True):
         "REAPER_HUB_ADMIN_TOKEN",
         "REAPER_HUB_PASSWORD",
         "REAPER_HUB_ADMIN_PASSWORD",
+        "REAPER_GOOGLE_CLIENT_SECRET",
     }
     reaper_service["environment"] = {
         k: v
         for k, v in os.environ.items()
         if (k.startswith("REAPER_") and k not in _secret) or k == "SLURM_CONF"
     }
+    if _AUTH == "google" and len(DOMAINS) == 1:
+        # user names are the mail names: the notices' default address (config.yaml) follows the domain
+        reaper_service["environment"].setdefault("REAPER_MAIL_DOMAIN", DOMAINS[0])
 
 c.JupyterHub.services = [reaper_service]
 c.JupyterHub.load_roles = [

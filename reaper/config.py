@@ -97,6 +97,7 @@ class PolicyFields(Strict):
     detached: ThresholdsFields = ThresholdsFields(warn_after=timedelta(hours=1), stop_after=timedelta(hours=3))
     attached: ThresholdsFields = ThresholdsFields(warn_after=timedelta(hours=8), stop_after=timedelta(hours=24))
     computing: Literal["protect", "count"] = "protect"
+    working: Literal["protect", "count"] = "protect"  # a program running (a terminal command, a background process)
     max_age: Duration | None = None
     remind_every: Duration = timedelta(hours=1)
     min_notice: Duration = timedelta(minutes=30)
@@ -137,6 +138,7 @@ class Rule(Strict):
     detached: ThresholdsPatch | None = None
     attached: ThresholdsPatch | None = None
     computing: Literal["protect", "count"] | None = None
+    working: Literal["protect", "count"] | None = None
     max_age: Duration | None = None
     remind_every: Duration | None = None
     min_notice: Duration | None = None
@@ -154,14 +156,16 @@ def _merge(base: ThresholdsFields, patch: ThresholdsPatch | None) -> Thresholds:
     )
 
 
-def resolve(defaults: PolicyFields, rule: Rule | None) -> ResolvedRule:
+def resolve(defaults: PolicyFields, rule: Rule | None, protect_idle: timedelta = timedelta(hours=2)) -> ResolvedRule:
     if rule is None:
         return ResolvedRule(
+            protect_idle=protect_idle,
             name="defaults",
             match=Match(),
             detached=defaults.detached.core(),
             attached=defaults.attached.core(),
             computing=defaults.computing,
+            working=defaults.working,
             max_age=defaults.max_age,
             remind_every=defaults.remind_every,
             min_notice=defaults.min_notice,
@@ -174,11 +178,13 @@ def resolve(defaults: PolicyFields, rule: Rule | None) -> ResolvedRule:
         return getattr(rule, name) if name in given else getattr(defaults, name)
 
     return ResolvedRule(
+        protect_idle=protect_idle,
         name=rule.name,
         match=rule.match.core(),
         detached=_merge(defaults.detached, rule.detached),
         attached=_merge(defaults.attached, rule.attached),
         computing=pick("computing"),
+        working=pick("working"),
         max_age=pick("max_age"),
         remind_every=pick("remind_every"),
         min_notice=pick("min_notice"),
@@ -277,6 +283,45 @@ class ProbeSettings(Strict):
     token: str | None = None
     # /api/status activity younger than this means a tab is open (JupyterLab polls every ~10 s).
     attached_within: Duration = timedelta(seconds=90)
+    # A program using at least this share of one core (averaged since the last look) is working:
+    # "2%" or 0.02. The batch accounting counts the whole job, the idle server itself included
+    # (well under 1 % of a core), so the threshold sits above that.
+    working_cpu: Annotated[float, BeforeValidator(parse_cpu_share)] = 0.02
+    # Ask the companion extension (GET <server>/api/reaper/activity) what the job runs.
+    companion: bool = True
+
+    @field_validator("working_cpu")
+    @classmethod
+    def _working_cpu(cls, v: float) -> float:
+        if not 0 < v <= 1024:
+            raise ValueError('working_cpu must be a share of one core above 0, e.g. "2%" or 0.02')
+        return v
+
+
+def parse_cpu_share(v: Any) -> Any:
+    """ "2%" -> 0.02; a number is a share of one core as it is (0.02; 1.5 = one and a half cores)."""
+    if isinstance(v, bool):
+        raise ValueError('working_cpu must be a share of one core, e.g. "2%" or 0.02')
+    if isinstance(v, str):
+        text = v.strip()
+        try:
+            return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise ValueError(f'working_cpu: {v!r} is not a share of one core (e.g. "2%" or 0.02)') from None
+    return v
+
+
+class WorkingSettings(Strict):
+    # A terminal command that uses no CPU (a sleep, a hung program) protects its server this long
+    # after its last CPU use (or its start), then the server is idle again and the notices name it.
+    protect_idle: Duration = timedelta(hours=2)
+
+    @field_validator("protect_idle")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v < timedelta(0):
+            raise ValueError("protect_idle must not be negative")
+        return v
 
 
 class SafetySettings(Strict):
@@ -508,6 +553,9 @@ class WebSettings(Strict):
     dry_run_cache: Duration = timedelta(seconds=60)
     listen: str | None = None
     prefix: str | None = None
+    # Signs the notices' one-click keep links (reaper/notify/keeplinks.py): "${VAR}"; default: a
+    # secret the reaper makes once and keeps in its database.
+    link_secret: str | None = None
 
     @field_validator("listen")
     @classmethod
@@ -536,6 +584,7 @@ class WebSettings(Strict):
 class Settings(Strict):
     hub: HubSettings = HubSettings()
     probe: ProbeSettings = ProbeSettings()
+    working: WorkingSettings = WorkingSettings()
     sweep_every: Duration = timedelta(minutes=5)
     dry_run: bool = False
     database_url: str = "sqlite:///reaper.sqlite"
@@ -580,10 +629,10 @@ class Settings(Strict):
         return self
 
     def resolved_rules(self) -> list[ResolvedRule]:
-        return [resolve(self.defaults, r) for r in self.rules]
+        return [resolve(self.defaults, r, self.working.protect_idle) for r in self.rules]
 
     def default_rule(self) -> ResolvedRule:
-        return resolve(self.defaults, None)
+        return resolve(self.defaults, None, self.working.protect_idle)
 
     def keep_policy(self) -> KeepPolicy:
         return self.web.keep.policy()

@@ -8,7 +8,9 @@ systems come in as objects typed by their Protocols (reaper/ports.py): the hub c
 the notifier (outbox) and the batch guard; a missing one is ``None``.
 
 The listing is read whole (``collect``), then the servers go through in batches of ``BATCH``: a
-batch's histories are read, its servers looked at and decided (and its streamed stops issued), its
+batch's histories are read, its servers looked at and decided, the work of those about to be
+warned or stopped looked at (one batch-accounting call, one companion request each), its streamed
+stops issued, its
 notices limited, and its rows recorded, before the next batch is read. A sweep so holds the listing
 and one batch, not a row and a history per server of the hub (the service's sweeper keeps only the
 counts). Probing starts once the whole listing is in.
@@ -20,9 +22,11 @@ are the same.
 Never harm on doubt:
 * a failed or partial listing ends the sweep before anything is decided or done;
 * a failed probe makes a server ``unreachable`` (hub data only), never idle;
-* a stop follows a fresh look: streamed, the look that decided it is taken inside its stop slot
-  (and an old listing is checked against the hub); otherwise it is probed again, re-classified
-  and re-decided right before it is stopped;
+* a stop follows a fresh look: streamed, it goes out right after its batch's look (a look older
+  than a minute by then is taken again, and an old listing is checked against the hub); otherwise
+  it is probed again, re-classified and re-decided right before it is stopped;
+* the look at what the job runs (the companion extension, the batch accounting) is taken only
+  where it can change the decision; a source that fails or is absent never makes a server idle;
 * a stop's intent is durable before the hub is asked, so a crash never loses a stop (stops.py);
 * a sweep that would stop more servers than the safety limits stops none and alerts;
 * ``dry_run`` decides and reports, and changes nothing (not even the store).
@@ -41,7 +45,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings
-from .core.activity import classify, confirm_detached, continue_spell, needs_probe
+from .core.activity import classify, classify_work, confirm_detached, continue_spell, needs_probe
 from .core.model import (
     Action,
     Decision,
@@ -50,8 +54,11 @@ from .core.model import (
     NoticeKind,
     Observation,
     Probe,
+    Program,
     RunKey,
     State,
+    Where,
+    Work,
     humanize,
 )
 from .core.notices import SOFT, limit_notices, quiet_hours_end, soft_notice_counts
@@ -86,6 +93,7 @@ class Row:
     streamed: bool = False  # its stop went out during the sweep's look (see Sweeper._stop_streamed)
     stop: Asked | None = None  # a streamed stop's hub answer, recorded with its batch's rows
     answered_started: datetime | None = None  # /api/status "started" of the server that answered
+    looked_at: datetime | None = None  # when its look ended (the look at its work included)
 
 
 @dataclass
@@ -104,6 +112,8 @@ class SweepResult:
     held: int = 0  # stops held back by the safety limits
     probes: int = 0
     probes_status_only: int = 0  # looks answered by /api/status alone (probe.confirm_with_status)
+    companion_asks: int = 0  # requests to the companion extension (the look at the job's work)
+    cpu_usage_calls: int = 0  # batch accounting calls (one per batch at most)
     notices: int = 0
     stops: int = 0
     stops_pending: int = 0
@@ -175,6 +185,8 @@ class SweepResult:
             "states": self.counts(),
             "probes": self.probes,
             "probes_status_only": self.probes_status_only,
+            "companion_asks": self.companion_asks,
+            "cpu_usage_calls": self.cpu_usage_calls,
             "notices": self.notices,
             "stops": self.stops,
             "stops_pending": self.stops_pending,
@@ -245,7 +257,8 @@ class Effects:
         if not rows:
             return
         recordable = [r for r in rows if r.obs.server.run_key() is not None]
-        ids = await sw._db(sw.store.runs.record_many, [(r.obs, r.decision) for r in recordable], run.now)
+        ids = await sw._db(sw.store.runs.record_many, [(r.obs, r.decision) for r in recordable], run.now,
+                           jobs=run.jobs)  # the batch jobs: what each notice's server holds
         queued = {r.obs.server.run_key() for r, nid in zip(recordable, ids, strict=True) if nid is not None}
         del recordable, ids
         for r in rows:
@@ -339,6 +352,7 @@ class Sweeper:
         self._last_probed: dict[RunKey, datetime] = {}
         self._last_logged: dict[RunKey, tuple[str, str]] = {}
         self._target_known: set[RunKey] = set()  # runs whose address the route table had
+        self._work_noted: dict[RunKey, set[tuple[str, str]]] = {}  # source outcomes logged, per run
         self._jobs: dict[str, Job] | None = None  # the batch jobs of the last sweep (for rule_for)
         self._lock = asyncio.Lock()
         self._rules_cache: tuple[Settings, list[ResolvedRule], ResolvedRule] | None = None
@@ -482,9 +496,9 @@ class Sweeper:
         run.horizon = probe_horizon(*self._rules())
         # Streaming: a stop needs a final notice already settled (policy.could_stop). If even all
         # such runs stopping stays within the safety limits, the limits cannot trip this sweep, so
-        # each stop goes out right after the look that decided it, inside its stop slot: the look
-        # is fresh when the hub is asked, and a 10,000-server reap keeps the hub busy from the
-        # first probe on instead of after the last one. (Only the runs counted here stream: one
+        # each stop goes out right after its batch's look (and look at the jobs' work), inside its
+        # stop slot: the look is fresh when the hub is asked (else taken again), and a 10,000-server
+        # reap keeps the hub busy from the first batch on instead of after the last one. (Only the runs counted here stream: one
         # whose final notice settled since is stopped, if at all, through the safety check.)
         run.stream = (run.effects.stops is not None and bool(run.could)
                       and not self._too_many(len(run.could), len(run.servers)))
@@ -541,28 +555,149 @@ class Sweeper:
 
     async def look(self, run: SweepRun, part: list[HubServer]) -> list[Row]:
         """One batch: its histories read, each server looked at and decided (a bounded pool of
-        workers, not one task per server: 10,000 parked tasks cost ~30 MB), a streamed stop right
-        after the look that decided it."""
+        workers, not one task per server: 10,000 parked tasks cost ~30 MB), then the look at the
+        job's work for the servers whose decision it can change (:meth:`work`), then the streamed
+        stops."""
         plans = [self._plan(run, sv) for sv in part]
         run.histories = await self._db(self.store.runs.histories,
                                        [k for k in (p[0].run_key() for p in plans) if k is not None])
         s = self.settings
         rows: list[Row] = await bounded_map(self._look_and_decide, [(run, *p) for p in plans],
                                             s.probe.concurrency + s.safety.stop_concurrency)
+        await self.work(run, rows)
         if run.stream:
+            await self.stop_streamed(run, rows)
             await self._record_pending_timeouts(run.now)
         return rows
 
     async def _look_and_decide(self, run: SweepRun, server: HubServer, job: Job | None, rule: ResolvedRule,
                                should: bool) -> Row:
-        if not (run.stream and server.run_key() in run.could):
-            return self.decide(run, rule, *await self.observe(run, server, job, should))
+        row = self.decide(run, rule, *await self.observe(run, server, job, should))
+        row.looked_at = self.clock()
+        return row
+
+    async def stop_streamed(self, run: SweepRun, rows: list[Row]) -> None:
+        """The batch's stops of runs that could stop (collect), each in a stop slot, right after
+        the batch's look: a look older than a minute by then is taken again first (_recheck)."""
+        todo = [r for r in rows if r.decision.action is Action.STOP and r.obs.server.run_key() in run.could]
+        if todo:
+            await asyncio.gather(*(self._stop_in_slot(run, r) for r in todo))
+
+    async def _stop_in_slot(self, run: SweepRun, row: Row) -> None:
         assert run.slot is not None
         async with run.slot:
-            row = self.decide(run, rule, *await self.observe(run, server, job, should))
-            if row.decision.action is Action.STOP:
-                await self._stop_streamed(run, row)
-        return row
+            if row.looked_at is not None and self.clock() - row.looked_at > timedelta(seconds=60):
+                row.streamed = True  # (decided here, either way: not a held stop)
+                checked = await self._recheck(row, run.res.started_at, run.histories)
+                if checked is None:
+                    row.outcome = "gone before the stop"
+                    return
+                row.obs, row.decision = checked
+                if row.decision.action is not Action.STOP:
+                    row.outcome = "not stopped: activity on re-check"
+                    return
+            await self._stop_streamed(run, row)
+
+    # ------------------------------------------------------------------ work (what the job runs)
+
+    def wants_work(self, run: SweepRun, row: Row) -> bool:
+        """Whether the look at the job's work can change this row's decision: a notice or a stop
+        for its idle spell (not max_age's), under ``working: protect``; or the server was working
+        at its last look (to see when it ends). A busy kernel or a fresh hub activity decides
+        without it."""
+        o, d, rule = row.obs, row.decision, row.rule
+        if not (self.settings.probe.companion or self.stop_hook is not None):
+            return False
+        if rule.exempt or rule.working != "protect" or not o.probed:
+            return False
+        if o.state in (State.PENDING, State.COMPUTING, State.WORKING):
+            return False
+        if d.action in (Action.WARN, Action.REMIND, Action.FINAL, Action.STOP) and d.spell is not None:
+            return True
+        return run.history(o.server).last_state == State.WORKING.value
+
+    async def work(self, run: SweepRun, rows: list[Row]) -> None:
+        """The look at what the jobs of this batch run, for the rows it can change (wants_work):
+        the batch accounting in ONE call for all their jobs, the companion once per server (at
+        most probe.concurrency at once), both at once; then each is classified again
+        (activity.classify_work) and decided again. A source that fails or is absent shows
+        nothing (logged once per server run): it never makes a server look idle."""
+        todo = [r for r in rows if self.wants_work(run, r)]
+        if not todo:
+            return
+        s, res = self.settings, run.res
+        with res.phase("work"):
+            usage, batch_error = await self._cpu_usage(run, todo)
+            asked = [r for r in todo if s.probe.companion and r.obs.state is not State.UNREACHABLE]
+            answers = await bounded_map(self.hub.activity, [(r.obs.server,) for r in asked], s.probe.concurrency)
+            res.companion_asks += len(asked)
+            by_row = {id(r): a for r, a in zip(asked, answers, strict=True)}
+            for r in todo:
+                companion = by_row.get(id(r)) or Work(
+                    companion="off" if not s.probe.companion else "not asked (server not reachable)")
+                work = self._work_of(run, r.obs, companion, usage, batch_error)
+                self._note_sources(r.obs.server, work)
+                hist = run.history(r.obs.server)
+                obs = classify_work(r.obs, work, hist, run.now, working_cpu=s.probe.working_cpu,
+                                    protect_idle=s.working.protect_idle)
+                r.obs, r.decision = obs, decide(obs, hist, r.rule, run.now, s.tz)
+                r.looked_at = self.clock()
+
+    async def _cpu_usage(self, run: SweepRun, todo: list[Row]) -> tuple[dict[str, float], str | None]:
+        """The batch accounting of these rows' jobs, in one call: (CPU seconds by job id, None), or
+        ({}, why not)."""
+        guard = self.stop_hook
+        if guard is None:
+            return {}, "absent"
+        ids = sorted({r.obs.job_id for r in todo if r.obs.job_id})
+        if not ids:
+            return {}, None
+        run.res.cpu_usage_calls += 1
+        try:
+            return dict(await guard.cpu_usage(ids)), None
+        except Exception as e:  # BatchError, or a guard without accounting: unknown, never idle
+            why = f"failed ({type(e).__name__}: {e})"
+            log.warning("batch accounting for %d job(s) %s: their CPU is unknown this sweep, "
+                        "nothing is taken as idle for it", len(ids), why)
+            return {}, why
+
+    @staticmethod
+    def _work_of(run: SweepRun, obs: Observation, companion: Work, usage: dict[str, float],
+                 batch_error: str | None) -> Work:
+        """The companion's report and the job's CPU of one server, as one Work."""
+        job_id = obs.job_id
+        programs = companion.programs
+        if batch_error is not None:
+            batch = batch_error
+        elif job_id is None:
+            batch = "absent"
+        elif job_id not in usage:
+            batch = f"no figure for job {job_id}"
+        else:
+            batch = "ok"
+            job = run.jobs.get(job_id) if run.jobs is not None else None
+            started = job.start if job is not None and job.start is not None else obs.server.started
+            programs = (*programs, Program(name="job", where=Where.JOB, source=job_id, cpu_seconds=usage[job_id],
+                                           started=started))
+        return Work(programs=programs, companion=companion.companion, batch=batch)
+
+    def _note_sources(self, server: HubServer, work: Work) -> None:
+        """One log line per server run and source outcome that is not "ok": a server without the
+        companion (404) is told once at INFO, a failure once at WARNING."""
+        key = server.run_key()
+        noted = self._work_noted.setdefault(key, set()) if key is not None else set()
+        for source, outcome in (("companion", work.companion), ("batch accounting", work.batch)):
+            if outcome in ("ok", "off") or outcome.startswith("not asked") or (source, outcome) in noted:
+                continue
+            noted.add((source, outcome))
+            if outcome == "absent":
+                if source == "companion":
+                    log.info("%s: no companion extension in the server (404): the batch accounting alone tells "
+                             "whether a program runs", server.label)
+                continue
+            if outcome.startswith("failed") and source == "batch accounting":
+                continue  # the call's failure is logged once for the sweep (_cpu_usage)
+            log.warning("%s: %s: %s; never taken as idle, the other sources decide", server.label, source, outcome)
 
     async def observe(self, run: SweepRun, server: HubServer, job: Job | None,
                       should: bool) -> tuple[Observation, Probe | None]:
@@ -680,7 +815,7 @@ class Sweeper:
                 continue
             if now < end <= now + lead:
                 nid = await self._db(self.store.outbox.add_notice, key, NoticeKind.WALLTIME, None, now,
-                                     channels=list(r.rule.channels), context=notice_context(r.obs, r.decision, now))
+                                     channels=list(r.rule.channels), context=notice_context(r.obs, r.decision, now, self.known_job(r.obs.server)))
                 if nid is not None:
                     log.info("%s: walltime ends at %s: notice queued", r.obs.server.label, end.isoformat())
 
@@ -711,6 +846,7 @@ class Sweeper:
             self._last_probed.pop(k, None)
             self._last_logged.pop(k, None)
             self._target_known.discard(k)
+            self._work_noted.pop(k, None)
 
     # ------------------------------------------------------------------ stops
 
@@ -761,7 +897,7 @@ class Sweeper:
         assert key is not None
         done = asked.outcome.done
         return stop_record(key, asked, dec.reason, job_id=row.obs.server.job_id, end_reason="stopped by the reaper",
-                           notice_context=stopped_context(obs, dec, asked.at) if done else None,
+                           notice_context=stopped_context(obs, dec, asked.at, self.known_job(obs.server)) if done else None,
                            channels=tuple(row.rule.channels))
 
     async def stop_held(self, run: SweepRun) -> None:
@@ -926,21 +1062,23 @@ async def bounded_map(fn: Callable[..., Any], items: list[tuple[Any, ...]], work
     return out
 
 
-def stopped_context(obs: Observation, dec: Decision, now: datetime) -> NoticeContext:
+def stopped_context(obs: Observation, dec: Decision, now: datetime, job: Job | None = None) -> NoticeContext:
     """The context of a "we stopped your server" notice: the observation and decision that led to
-    the stop, plus when it ran and what it held."""
-    reclaimed = reclaimed_words(obs, now) if obs.server.started is not None else None
-    return replace(notice_context(obs, dec, now), stopped_at=now, reclaimed=reclaimed)
+    the stop, plus when it ran and what it held (its batch job's, when known)."""
+    reclaimed = reclaimed_words(obs, now, job) if obs.server.started is not None else None
+    return replace(notice_context(obs, dec, now, job), stopped_at=now, reclaimed=reclaimed)
 
 
-def reclaimed_words(obs: Observation, now: datetime) -> str:
+def reclaimed_words(obs: Observation, now: datetime, job: Job | None = None) -> str:
     """What the stop gave back, in words: "4 CPUs, 1 GPU, 16 GB (job 42; 5h20m before its walltime)",
     from the spawner's user_options in any shape reaper.units reads (ours, batchspawner's,
     slurmformspawner's)."""
     asked = read_user_options(obs.server.user_options)
-    parts = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in ((asked.cpus, "CPU"), (asked.gpus, "GPU")) if n]
-    if asked.mem_mb:
-        parts.append(format_memory(asked.mem_mb))
+    cpus, gpus, mem = (job.cpus or asked.cpus, job.gpus or asked.gpus, job.mem_mb or asked.mem_mb) if job \
+        else (asked.cpus, asked.gpus, asked.mem_mb)
+    parts = [f"{n} {unit}{'s' if n != 1 else ''}" for n, unit in ((cpus, "CPU"), (gpus, "GPU")) if n]
+    if mem:
+        parts.append(format_memory(mem))
     what = ", ".join(parts) if parts else "its CPUs and memory"
     extra = []
     if obs.job_id:
@@ -957,7 +1095,8 @@ def format_table(res: SweepResult, tz: Any, now: datetime | None = None) -> str:
     lines = []
     for r in sorted(res.rows, key=lambda r: (r.obs.server.user, r.obs.server.name)):
         o = r.obs
-        idle = humanize(now - o.idle_since) if o.idle_since and o.state is not State.COMPUTING else "-"
+        since = r.decision.spell or o.idle_since  # (the spell starts no earlier than the last working look)
+        idle = humanize(now - since) if since and o.state not in (State.COMPUTING, State.WORKING) else "-"
         action = r.decision.action.value
         if r.outcome:
             action += f" ({r.outcome})"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from reaper.core.model import HubServer, Probe
+from reaper.core.model import HubServer, Probe, Work
 from reaper.hub import HubError, HubListingError, StopResult
 
 
@@ -36,6 +36,10 @@ class FakeHub:
     codes: dict[str, dict[str, str]] = field(default_factory=dict)
     identify_calls: list[str] = field(default_factory=list)
     hub_down: bool = False  # identify and oauth_token raise HubError, as after the retries
+    # the companion extension's report per server (GET api/reaper/activity), as HubClient.activity
+    # gives it; a server without one answers as without the companion (404: "absent")
+    activities: dict[tuple[str, str], Work] = field(default_factory=dict)
+    activity_calls: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, server: HubServer, probe: Probe | None = None) -> None:
         self.servers[(server.user, server.name)] = server
@@ -76,6 +80,11 @@ class FakeHub:
         return Probe(ok=True, status_last_activity=max([la, *kernel_times]) if la else la,
                      status_connections=sum(k.connections for k in full.kernels),
                      status_kernels=len(full.kernels), status_started=full.status_started)
+
+    async def activity(self, server: HubServer) -> Work:
+        key = (server.user, server.name)
+        self.activity_calls.append(key)
+        return self.activities.get(key, Work(companion="absent"))
 
     async def get_server(self, user: str, name: str = "") -> HubServer | None:
         if callable(self.before_recheck):

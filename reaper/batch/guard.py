@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -75,6 +75,15 @@ class JobGuard:
             log.warning("cannot list the hub's batch jobs (state unknown, nothing done): %s", e)
             return None
         return {j.id: j for j in jobs}
+
+    async def cpu_usage(self, job_ids: Sequence[str]) -> dict[str, float]:
+        """Cumulative CPU seconds per job, from one batch command (a job left out: unknown);
+        BatchError when the batch system cannot tell. (Stand-in until the batch systems have
+        their accounting: the batch adapter's own cpu_usage, where it has one.)"""
+        usage = getattr(self.batch, "cpu_usage", None)
+        if usage is None:
+            return {}  # no accounting: every job unknown (the companion decides)
+        return dict(await usage(list(job_ids)))
 
     # ------------------------------------------------------------------ after a stop
 

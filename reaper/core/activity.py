@@ -10,16 +10,32 @@ The measured browser behaviour this relies on is in STACK.md ("What a real brows
   detached at about the later of the kernel and status last_activity (nothing records the close
   itself; Lab's last poll is at most ~10 s before it);
 * unreachable = the probe failed: hub data only, never a reason to stop.
+* working    = a program of the job runs (:func:`classify_work`, after the look, for the servers
+  whose decision it can change): the companion or the batch accounting shows a program using at
+  least ``probe.working_cpu`` of a core since the last look, or a terminal has a command in the
+  foreground (protected at most ``working.protect_idle`` without CPU).
 
 No I/O, no clock: ``now`` is passed in.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from .model import History, HubServer, Observation, Probe, State, humanize
+from .model import (
+    CpuSample,
+    History,
+    HubServer,
+    Observation,
+    Probe,
+    Program,
+    State,
+    Where,
+    Work,
+    WorkMemory,
+    humanize,
+)
 
 # /api/status last_activity younger than this means a tab is open and polling (Lab polls every ~10 s
 # while visible; a hidden tab stops within ~35 s). Generous on purpose: a false "attached" only delays.
@@ -209,3 +225,114 @@ def continue_spell(obs: Observation, history: History) -> Observation:
     if since is None or seen is None or (hub_la is not None and hub_la > seen):
         return obs
     return replace(obs, last_activity=since, detail=f"{obs.detail}; detached since {since:%H:%M} UTC before that")
+
+
+# --------------------------------------------------------------------------- work (a program running)
+
+# A rate measured over less than this is noise (sstat counts whole seconds): the last look's stands.
+MIN_SPAN = timedelta(seconds=60)
+WORKING_CPU = 0.02  # the default probe.working_cpu: 2 % of a core
+PROTECT_IDLE = timedelta(hours=2)  # the default working.protect_idle
+
+
+@dataclass(frozen=True, slots=True)
+class Use:
+    """One program at one look: its sample for the next look and what it did since the last."""
+
+    program: Program
+    sample: CpuSample
+    used: bool  # used at least working_cpu since the last look (first look: since its start)
+    cpu: float = 0.0  # CPU seconds used over ``span``
+    span: timedelta | None = None  # None: no rate (unknown CPU, too short)
+    first: bool = False  # measured since its start (no earlier sample)
+
+
+def measure(program: Program, prev: CpuSample | None, now: datetime, working_cpu: float) -> Use:
+    """What one program did since its last sample (first look: since it started, which can only
+    make it look busier: over-protect, never under-)."""
+    since = program.started if program.started is not None and program.started <= now else None
+    if since is None:
+        since = prev.since if prev is not None else now
+    cpu = program.cpu_seconds
+    if cpu is None or cpu < 0:
+        return Use(program, CpuSample(program.key, 0.0, now, since, prev.used_at if prev else None), used=False)
+    if prev is not None and cpu >= prev.cpu_seconds and prev.at < now:
+        span, used_cpu, first = now - prev.at, cpu - prev.cpu_seconds, False
+        if span < MIN_SPAN:  # too short to tell: the last look's verdict stands
+            used = prev.used_at is not None and prev.used_at >= prev.at
+            return Use(program, prev, used=used)
+    else:  # no sample, or the counter went back (a restarted program): since its start
+        span, used_cpu, first = now - since, cpu, True
+        if span < MIN_SPAN:
+            return Use(program, CpuSample(program.key, cpu, now, since, prev.used_at if prev else None), used=False)
+    used = used_cpu >= working_cpu * span.total_seconds()
+    used_at = now if used else (prev.used_at if prev is not None else None)
+    return Use(program, CpuSample(program.key, cpu, now, since, used_at), used=used, cpu=used_cpu, span=span,
+               first=first)
+
+
+def _source_of(key: str) -> Where:
+    """The source a sample came from: the batch accounting (JOB) or the companion (OTHER)."""
+    return Where.JOB if key.startswith("job:") else Where.OTHER
+
+
+def use_words(u: Use) -> str:
+    """ "python in terminal 1 used 14m of CPU in the last 1h" """
+    assert u.span is not None
+    when = f"since it started {humanize(u.span)} ago" if u.first else f"in the last {humanize(u.span)}"
+    return f"{u.program.label} used {humanize(timedelta(seconds=u.cpu))} of CPU {when}"
+
+
+def classify_work(
+    obs: Observation,
+    work: Work,
+    history: History,
+    now: datetime,
+    *,
+    working_cpu: float = WORKING_CPU,
+    protect_idle: timedelta = PROTECT_IDLE,
+) -> Observation:
+    """The look at the job's work, over an observation classified from the hub and the probe.
+
+    ``working`` when a program used at least ``working_cpu`` (a fraction of one core) since the
+    last look, or a terminal has a command in the foreground that used CPU (or started) less than
+    ``protect_idle`` ago. A kernel reporting idle whose CPU grows (a background thread) is working.
+    A source that failed or is absent shows nothing: it never makes a server look idle, and a
+    server working at its last look that no source answers for stays working (for at most
+    ``protect_idle`` after the last look that saw it working). A busy kernel (computing) and a
+    pending server keep their state; their programs' samples are kept for the next look."""
+    old = {s.key: s for s in history.samples}
+    uses = [measure(p, old.get(p.key), now, working_cpu) for p in work.programs]
+    answered = work.sources_ok()
+    kept = [s for s in history.samples if _source_of(s.key) not in answered]  # a failed source's: for next time
+    samples = tuple(sorted({u.sample.key: u.sample for u in uses}.values(), key=lambda s: s.key)) + tuple(kept)
+
+    busy = [use_words(u) for u in uses if u.used and u.span is not None]
+    busy += [f"{u.program.label} is using CPU" for u in uses if u.used and u.span is None]
+    waiting: list[str] = []
+    expired: list[str] = []
+    for u in uses:
+        if u.used or not u.program.foreground:
+            continue
+        quiet_since = max(u.sample.since, u.sample.used_at or u.sample.since)
+        quiet = max(now - quiet_since, timedelta(0))
+        if quiet < protect_idle:
+            waiting.append(f"{u.program.label} is running (no CPU for {humanize(quiet)}; "
+                           f"protected up to {humanize(protect_idle)} without CPU)")
+        else:
+            expired.append(f"{u.program.label} has used no CPU for {humanize(quiet)}")
+
+    if obs.state in (State.PENDING, State.COMPUTING):
+        return replace(obs, work=work, memory=WorkMemory(samples, now if busy else history.working_at))
+    if busy or waiting:
+        return replace(obs, state=State.WORKING, detached_since=None, work=work, detail="; ".join(busy + waiting),
+                       memory=WorkMemory(samples, now))
+    was = history.working_at
+    if (not work.answered and history.last_state == State.WORKING.value and was is not None
+            and now - was < protect_idle):
+        why = f"companion: {work.companion}; batch accounting: {work.batch}"
+        return replace(obs, state=State.WORKING, detached_since=None, work=work, memory=WorkMemory(samples, was),
+                       detail=f"was working at the last look ({history.last_detail or 'a program running'}); "
+                              f"no source answered this time ({why}): not taken as idle")
+    detail = "; ".join([obs.detail, *expired]) if expired else obs.detail
+    return replace(obs, work=work, detail=detail, memory=WorkMemory(samples, was))

@@ -18,6 +18,7 @@ class State(StrEnum):
     """What a server is doing, as far as the reaper can tell."""
 
     COMPUTING = "computing"  # a kernel is busy (the only signal of silent work)
+    WORKING = "working"  # a program is running: a terminal command, a background process (core.activity)
     ATTACHED = "attached"  # a browser is connected (kernel websocket or fresh /api/status)
     DETACHED = "detached"  # window closed: no connection, nothing busy, /api/status stale
     UNREACHABLE = "unreachable"  # the probe failed; hub data only
@@ -82,6 +83,7 @@ class HubServer:
     groups: tuple[str, ...] = ()
     admin: bool = False
     target: str | None = None  # the server's own address, e.g. http://10.0.0.5:53211 (from /proxy or state)
+    display_name: str | None = None  # the hub's display_name of a named server (JupyterHub 5+), when set
     # made once: a sweep keys several maps by it, and one object per server beats one per lookup
     _key: RunKey | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -131,6 +133,112 @@ class Probe:
         return cls(ok=False, error=error, via=via)
 
 
+class Where(StrEnum):
+    """Where a program of the job runs."""
+
+    TERMINAL = "terminal"  # started in terminal N (source: its name)
+    KERNEL = "kernel"  # started by kernel K (source: its id), or the kernel itself (``is_kernel``)
+    OTHER = "other"  # started some other way (nohup, a new session, the server itself)
+    JOB = "job"  # the whole batch job, as the batch system's accounting sees it (source: job id)
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """One program the job runs, as the companion or the batch accounting reports it. Only the
+    command name, never its arguments (they may hold secrets)."""
+
+    name: str  # "python", "sleep"; a kernel's spec name ("python3"); "job" for the batch job
+    where: Where
+    source: str | None = None  # terminal name, kernel id, job id
+    cpu_seconds: float | None = None  # cumulative user+system CPU; None: not known
+    started: datetime | None = None
+    pid: int | None = None
+    foreground: bool = False  # the command in the foreground of its terminal
+    is_kernel: bool = False  # a kernel process itself (its own execution_state below)
+    execution_state: str | None = None  # a kernel's, as it reports it
+
+    @property
+    def key(self) -> str:
+        """What names it across looks (its CPU samples): a pid is reused, a pid with its start is not."""
+        if self.where is Where.JOB:
+            return f"job:{self.source}"
+        if self.is_kernel:
+            return f"kernel:{self.source}"
+        if self.pid is None:
+            return f"{self.where.value}:{self.source}:{self.name}"
+        started = self.started.isoformat() if self.started is not None else "?"
+        return f"pid:{self.pid}@{started}"
+
+    @property
+    def label(self) -> str:
+        """In words: "python in terminal 1", "kernel python3 (idle)", "job 42"."""
+        if self.where is Where.JOB:
+            return f"job {self.source}"
+        if self.is_kernel:
+            state = f" ({self.execution_state})" if self.execution_state else ""
+            return f"kernel {self.name}{state}"
+        if self.where is Where.TERMINAL:
+            return f"{self.name} in terminal {self.source}"
+        if self.where is Where.KERNEL:
+            return f"{self.name} started by a kernel"
+        return f"{self.name} (pid {self.pid})" if self.pid is not None else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """What the job was seen running at one look, from the companion and the batch accounting.
+
+    ``companion`` and ``batch`` say how each source fared: "ok", "absent" (not installed, no batch
+    job), "not asked", or the reason it failed. Only the programs of the sources that answered
+    are in ``programs``."""
+
+    programs: tuple[Program, ...] = ()
+    companion: str = "not asked"
+    batch: str = "not asked"
+
+    @property
+    def answered(self) -> bool:
+        """Whether any source answered."""
+        return "ok" in (self.companion, self.batch)
+
+    @property
+    def doubt(self) -> str | None:
+        """The sources that failed, in words ("companion: activity: timeout after 5s"), or None. A
+        source that is absent (no companion installed, no batch job, no figure for the job) or
+        was not asked is no doubt: the others decide, as before the companion existed."""
+        failed = [f"{name}: {outcome}" for name, outcome in (("companion", self.companion),
+                                                             ("batch accounting", self.batch))
+                  if outcome not in ("ok", "absent", "off") and not outcome.startswith(("not asked", "no figure"))]
+        return "; ".join(failed) if failed else None
+
+    def sources_ok(self) -> set[Where]:
+        out: set[Where] = set()
+        if self.companion == "ok":
+            out |= {Where.TERMINAL, Where.KERNEL, Where.OTHER}
+        if self.batch == "ok":
+            out.add(Where.JOB)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """The per-run memory of one program across looks: its CPU at the last look."""
+
+    key: str  # Program.key
+    cpu_seconds: float
+    at: datetime  # the look
+    since: datetime  # when it started (or was first seen)
+    used_at: datetime | None = None  # the last look at which it used CPU (at least probe.working_cpu)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkMemory:
+    """What a look at the job's work leaves for the next (recorded with the observation)."""
+
+    samples: tuple[CpuSample, ...] = ()
+    working_at: datetime | None = None  # the last look at which the server was working
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     """One server at one sweep, classified."""
@@ -149,6 +257,8 @@ class Observation:
     detail: str = ""  # human summary: "2 kernels idle, no browser connected"
     probed: bool = False  # False when skipped because hub activity is fresh
     job_end: datetime | None = None  # batch walltime end, when the batch adapter knows it
+    work: Work | None = None  # what the job runs (None: not looked at: core.activity.classify_work)
+    memory: WorkMemory | None = None  # the work look's memory to record (None: leave the recorded one)
 
     @property
     def job_id(self) -> str | None:
@@ -186,6 +296,8 @@ class History:
     last_seen: datetime | None = None
     detached_since: datetime | None = None  # the last recorded start of a detached spell
     last_detail: str | None = None  # the last recorded observation's detail
+    samples: tuple[CpuSample, ...] = ()  # the programs' CPU at the last look at the job's work
+    working_at: datetime | None = None  # the last look at which the server was working
 
 
 @dataclass(frozen=True, slots=True)

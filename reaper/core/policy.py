@@ -10,6 +10,8 @@ The cycle for one idle spell (a spell starts at the server's last real activity,
 * Any real activity starts a new spell: earlier notices no longer count and nothing more is sent
   for the old one.
 * ``computing: protect`` (the default) never lets a busy kernel count as idle.
+* ``working: protect`` (the default) never lets a server running a program count as idle; when it
+  stops working, its idle spell starts no earlier than the last look that saw it working.
 * ``unreachable`` servers are judged on the hub's own last activity, may be warned about, but are
   never given a final notice or stopped on a failed probe alone (``max_age`` still applies).
 * ``max_age`` is counted from the server's start, whatever its state; it ends with a final notice
@@ -156,9 +158,22 @@ def _idle_words(obs: Observation, idle_for: timedelta) -> str:
         return f"a browser tab is open but nothing happened for {h}"
     if obs.state is State.COMPUTING:
         return f"kernel busy, counted as idle by policy; no activity for {h}"
+    if obs.state is State.WORKING:
+        return f"{obs.detail}, counted as idle by policy; no activity for {h}"
     if obs.state is State.UNREACHABLE:
         return f"server not reachable; the hub last saw activity {h} ago"
     return f"idle for {h}"
+
+
+def idle_since(obs: Observation, history: History, rule: ResolvedRule) -> datetime | None:
+    """The start of the idle spell. Under ``working: protect`` a server that stopped working is
+    idle no earlier than the last look that saw it working (never harm: the spell only moves later)."""
+    spell = obs.idle_since
+    was = history.working_at
+    if (rule.working == "protect" and was is not None and spell is not None
+            and obs.state not in (State.WORKING, State.COMPUTING, State.PENDING) and was > spell):
+        return min(was, obs.at)
+    return spell
 
 
 def decide(
@@ -191,10 +206,12 @@ def _decide(
 
     # ---- the idle path: which thresholds apply to this state
     thresholds: Thresholds | None
-    spell = obs.idle_since
+    spell = idle_since(obs, history, rule)
     if obs.state is State.COMPUTING and rule.computing == "protect":
         thresholds = None
-    elif obs.state is State.COMPUTING:
+    elif obs.state is State.WORKING and rule.working == "protect":
+        thresholds = None
+    elif obs.state in (State.COMPUTING, State.WORKING):
         thresholds = rule.attached if obs.browser_connected else rule.detached
     elif obs.state is State.ATTACHED:
         thresholds = rule.attached
@@ -244,6 +261,19 @@ def _decide(
                 )
             stop_at = max(target.stop_at, settled + rule.min_notice)
             how = "failed on every channel" if final.failed and final.delivered_at is None else "delivered"
+            doubt = obs.work.doubt if obs.work is not None and target.spell is not None else None
+            if now >= stop_at and doubt is not None and now < stop_at + rule.protect_idle:
+                # never a stop on doubt: a source of the work look failed; at most protect_idle
+                return Decision(
+                    Action.OK,
+                    f"{target.why}; final notice {how} at {local_time(settled, tz, now)}; stop held: "
+                    f"could not tell whether a program runs ({doubt}); stop by "
+                    f"{local_time(stop_at + rule.protect_idle, tz, now)} at the latest ({tag})",
+                    rule=rule.name,
+                    spell=target.spell,
+                    stop_at=stop_at,
+                    next_at=now,
+                )
             if now >= stop_at:
                 return Decision(
                     Action.STOP,
@@ -335,6 +365,8 @@ def _decide(
         why = f"kept running by the user until {local_time(history.kept_until, tz, now)}"
     elif obs.state is State.COMPUTING:
         why = f"{obs.detail}; a busy kernel is protected ({tag})"
+    elif obs.state is State.WORKING:
+        why = f"working: {obs.detail}; a running program is protected ({tag})"
     elif obs.state is State.UNREACHABLE:
         why = f"{obs.detail}; never stopped on a failed probe alone ({tag})"
     elif thresholds is None:

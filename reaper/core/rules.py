@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Literal
 
 Computing = Literal["protect", "count"]
+Working = Literal["protect", "count"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,6 @@ class ResolvedRule:
     min_notice: timedelta
     exempt: bool
     channels: tuple[str, ...]
+    working: Working = "protect"  # a program running (State.WORKING): protected, or counted as idle
+    # working.protect_idle: also how long a stop waits while a source of the work look fails
+    protect_idle: timedelta = timedelta(hours=2)

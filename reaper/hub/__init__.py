@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from reaper.core.model import HubServer, Probe
+from reaper.core.model import HubServer, Probe, Work
 
 from .api import PAGINATION_MEDIA_TYPE, HubAPI, HubError, HubListingError
 from .client import NO_TRACK, HubClient, StopResult
@@ -30,7 +30,7 @@ class Hub(Protocol):
     """What a sweep needs of the hub (HubClient over HTTP; tests' FakeHub from a table).
 
     ``list_active_servers`` raises HubListingError on a failed or partial listing; ``get_server``
-    raises HubError when the hub cannot tell; ``stop``, ``probe``, ``probe_status`` and
+    raises HubError when the hub cannot tell; ``stop``, ``probe``, ``probe_status``, ``activity`` and
     ``refresh_targets`` never raise (failures are in their answers). Arguments are positional
     (``status`` excepted): an implementation names them as it likes."""
 
@@ -43,6 +43,8 @@ class Hub(Protocol):
     async def probe(self, server: HubServer, /, *, status: Probe | None = None) -> Probe: ...
 
     async def probe_status(self, server: HubServer, /) -> Probe: ...
+
+    async def activity(self, server: HubServer, /) -> Work: ...
 
     async def refresh_targets(self) -> int: ...
 

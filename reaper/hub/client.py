@@ -30,7 +30,7 @@ from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import urlencode
 
-from reaper.core.model import HubServer, Probe
+from reaper.core.model import HubServer, Probe, Work
 
 from .api import HubAPI, HubError, HubListingError, backoff_delay
 from .models import quote_segment, servers_from_user, url_path
@@ -38,6 +38,7 @@ from .options import HubOptions, ProbeOptions
 from .probe import (
     ProbeFailure,
     needs_kernels,
+    parse_activity,
     probe_from_answers,
     probe_from_status,
     read_answer,
@@ -297,6 +298,27 @@ class HubClient:
         except Exception as exc:
             log.exception("status probe of %s crashed", server.label)
             return self._crashed(exc)
+
+    async def activity(self, server: HubServer) -> Work:
+        """The companion extension's report of what the job runs (``GET api/reaper/activity``, one
+        request, as the probes: the server's own address, the probe token, ?no_track_activity=1).
+        ``companion`` is "ok", "absent" (a 404: no companion installed there) or the reason it
+        failed (timeout, HTTP error, malformed report). NEVER raises."""
+        try:
+            async with self._probe_slots:
+                base = await self._base(server)
+                if isinstance(base, Probe):
+                    return Work(companion=base.error or "no server address")
+                try:
+                    answer = await self._get(base + "api/reaper/activity", "activity", missing_ok=True, last=True)
+                    if answer is None:
+                        return Work(companion="absent")
+                    return Work(programs=parse_activity(answer), companion="ok")
+                except ProbeFailure as exc:
+                    return Work(companion=str(exc))
+        except Exception as exc:
+            log.exception("activity request to %s crashed", server.label)
+            return Work(companion=f"crashed: {type(exc).__name__}: {self.api.redact(str(exc))}")
 
     async def call_server(self, server: HubServer, method: str, path: str,
                           body: Any = None) -> tuple[int | None, Any]:

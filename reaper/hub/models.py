@@ -60,6 +60,7 @@ def server_from_model(user_model: Mapping[str, Any], name: str, model: Mapping[s
     target = (
         server_url if isinstance(server_url, str) and server_url.startswith(("http://", "https://")) else None
     )
+    display_name = model.get("display_name")
     return HubServer(
         user=user,
         name=str(model.get("name", name) or ""),
@@ -73,6 +74,7 @@ def server_from_model(user_model: Mapping[str, Any], name: str, model: Mapping[s
         groups=tuple(str(g) for g in groups),
         admin=bool(user_model.get("admin", False)),
         target=target,
+        display_name=display_name if isinstance(display_name, str) and display_name.strip() else None,
     )
 
 

@@ -6,6 +6,9 @@ A probe asks ``/api/status``, ``/api/terminals`` and, when the status counts ker
 :func:`probe_from_status` for a look at the status alone). An answer that is not what jupyter_server
 sends makes a failed probe with the reason, never a guess: a probe that cannot be read never makes a
 server look idle.
+
+The companion extension's report (``GET api/reaper/activity``) is read by :func:`parse_activity`
+into the programs the job runs; a malformed report raises ProbeFailure (the source failed).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from reaper.core.model import Probe
+from reaper.core.model import Probe, Program, Where
 
 from .models import kernel_from_model, parse_time
 
@@ -137,3 +140,88 @@ def _full_probe(status: Any, kernels_raw: Any, terminals_raw: Any, via: str) -> 
         via=via,
         status_started=_started(status),
     )
+
+
+# --------------------------------------------------------------------------- the companion's report
+
+_STARTED_BY = {"terminal": Where.TERMINAL, "kernel": Where.KERNEL, "other": Where.OTHER}
+
+
+def _cpu(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value < 0:
+        raise ProbeFailure(f"activity: {what}: cpu_seconds is not a number of seconds")
+    return float(value)
+
+
+def _pid(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProbeFailure(f"activity: {what}: pid is not an integer")
+    return value
+
+
+def _text(value: Any, what: str, *, none: bool = False) -> str | None:
+    if value is None and none:
+        return None
+    if not isinstance(value, str):
+        raise ProbeFailure(f"activity: {what} is not a string")
+    return value
+
+
+def _when(value: Any, what: str) -> datetime | None:
+    try:
+        return parse_time(value)
+    except (ValueError, TypeError):
+        raise ProbeFailure(f"activity: {what}: invalid time") from None
+
+
+def _entries(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    items = data.get(key, [])
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise ProbeFailure(f"activity: {key} is not a list of objects")
+    return items
+
+
+def parse_activity(data: Any) -> tuple[Program, ...]:
+    """The companion's report -> the programs of the job: its kernels (with their own CPU), the
+    processes it found (where they were started, their CPU), and the terminals' foreground commands
+    (a terminal whose foreground command is not among the processes still counts, CPU unknown).
+    Raises ProbeFailure on anything malformed: the report is then not used at all."""
+    if not isinstance(data, dict):
+        raise ProbeFailure("activity: unexpected answer (not an object)")
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ProbeFailure(f"activity: unknown version {version!r}")
+    programs: list[Program] = []
+    for k in _entries(data, "kernels"):
+        kid = _text(k.get("id"), "kernel id")
+        programs.append(Program(
+            name=_text(k.get("name", "kernel"), "kernel name") or "kernel", where=Where.KERNEL, source=kid,
+            cpu_seconds=_cpu(k.get("cpu_seconds"), f"kernel {kid}"), started=_when(k.get("started"), "kernel started"),
+            pid=_pid(k.get("pid"), f"kernel {kid}"), is_kernel=True,
+            execution_state=_text(k.get("execution_state"), "kernel execution_state", none=True)))
+    foreground: dict[str, str] = {}
+    for t in _entries(data, "terminals"):
+        name = _text(t.get("name"), "terminal name")
+        fg = _text(t.get("foreground"), f"terminal {name} foreground", none=True)
+        if name is not None and fg:
+            foreground[name] = fg
+    matched: set[str] = set()
+    for p in _entries(data, "processes"):
+        name = _text(p.get("name"), "process name") or "?"
+        where = _STARTED_BY.get(p.get("started_by"))  # type: ignore[arg-type]
+        if where is None:
+            raise ProbeFailure(f"activity: process {name}: unknown started_by {p.get('started_by')!r}")
+        source = p.get("source")
+        source = None if source is None else str(source)
+        pid = _pid(p.get("pid"), f"process {name}")
+        fg = where is Where.TERMINAL and source is not None and foreground.get(source) == name
+        if fg:
+            matched.add(source)  # type: ignore[arg-type]
+        programs.append(Program(name=name, where=where, source=source, cpu_seconds=_cpu(p.get("cpu_seconds"), name),
+                                started=_when(p.get("started"), f"process {name} started"), pid=pid, foreground=fg))
+    for term, fg in sorted(foreground.items()):
+        if term not in matched:
+            programs.append(Program(name=fg, where=Where.TERMINAL, source=term, foreground=True))
+    return tuple(programs)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, urlencode, urljoin
 
 import yaml
 
@@ -20,6 +20,8 @@ from ..config import Settings
 from ..core.model import NoticeKind
 from ..store.context import NoticeContext
 from ..store.slack import SlackLookups
+from ..units import format_duration
+from .keeplinks import KeepLink, expiry, one_click, resolve_secret, sign
 from .outbox import DeliveryError, LogChannel
 from .render import RenderedNotice, TemplateContext, context_from, render
 
@@ -36,17 +38,45 @@ def keep_url(settings: Settings, user: str, server: str, *, env: Mapping[str, st
     return urljoin(settings.hub.effective_public_url() + "/", prefix) + "#" + card
 
 
+def signed_keep_url(settings: Settings, token: str, *, env: Mapping[str, str] = os.environ) -> str:
+    """The one-click keep link: the confirm page (reaper/web/keeplink.py) with the signed token."""
+    prefix = settings.web.page_prefix(env)
+    return urljoin(settings.hub.effective_public_url() + "/", prefix) + "keep-link?" + urlencode({"t": token})
+
+
+# the notices that offer to keep the server running (a stopped server, a cancelled job and a time
+# limit cannot be kept)
+KEEPABLE = frozenset({NoticeKind.WARNING, NoticeKind.REMINDER, NoticeKind.FINAL})
+
+
+def notice_keep_url(kind: NoticeKind, notice: NoticeContext, settings: Settings, now: datetime, *,
+                    secret: bytes | None, notice_id: int | None, started: datetime | None,
+                    env: Mapping[str, str] = os.environ) -> str | None:
+    """The keep link of a notice: signed for this run and notice until its scheduled stop when the
+    link secret and the run are known, else the server's card on the page (the old link)."""
+    if kind not in KEEPABLE:
+        return None
+    started = started or notice.started
+    if secret is None or notice_id is None or started is None:
+        return keep_url(settings, notice.user, notice.server, env=env)
+    link = KeepLink(user=notice.user, server=notice.server, started=started, notice=int(notice_id),
+                    expires=expiry(notice.stop_at, notice.job_end, notice.created_at or now))
+    return signed_keep_url(settings, sign(secret, link), env=env)
+
+
 def template_context(kind: NoticeKind | str, notice: NoticeContext, settings: Settings, now: datetime,
-                     *, number: int = 1) -> TemplateContext:
+                     *, number: int = 1, secret: bytes | None = None, notice_id: int | None = None,
+                     started: datetime | None = None) -> TemplateContext:
     """The template context of a stored notice, with the site's settings at delivery time."""
+    k = NoticeKind(kind)
     return context_from(
         notice,
         public_url=settings.hub.effective_public_url(),
         tz=settings.hub.timezone,
         now=now,
         hub_name=settings.hub.name,
-        keep_url=keep_url(settings, notice.user, notice.server) if NoticeKind(kind) not in (
-            NoticeKind.STOPPED, NoticeKind.ORPHAN) else None,
+        keep_url=notice_keep_url(k, notice, settings, now, secret=secret, notice_id=notice_id, started=started),
+        keep_for=format_duration(one_click(settings.web.keep.policy())),
         admin_contact=settings.notify.admin_contact,
         notice_number=number,
     )
@@ -58,11 +88,26 @@ def notice_number(kind: NoticeKind, seq: int) -> int:
     return seq + 1 if kind is NoticeKind.REMINDER and seq > 0 else 1
 
 
-def render_delivery(delivery: Any, settings: Settings, now: datetime) -> RenderedNotice:
+def render_delivery(delivery: Any, settings: Settings, now: datetime, *,
+                    secret: bytes | None = None) -> RenderedNotice:
+    """A delivery rendered; with the link ``secret`` its keep link is the signed one-click link
+    (the same on every channel of the notice: one use in all)."""
     kind = NoticeKind(delivery.kind)
     number = notice_number(kind, int(getattr(delivery, "seq", 0) or 0))
-    return render(kind, template_context(kind, delivery.context, settings, now, number=number),
-                  template_dir=settings.notify.templates)
+    run = getattr(delivery, "run", None)
+    ctx = template_context(kind, delivery.context, settings, now, number=number, secret=secret,
+                           notice_id=getattr(delivery, "notice_id", None),
+                           started=getattr(run, "started", None))
+    return render(kind, ctx, template_dir=settings.notify.templates)
+
+
+def _secret(settings: Settings, store: Any) -> bytes | None:
+    try:
+        return resolve_secret(settings.web.link_secret, store)
+    except Exception:  # a database that cannot give the secret: the notice goes out with the page's link
+        log.exception("keep links: no signing secret (web.link_secret unset, the store failed); "
+                      "notices link to the page instead")
+        return None
 
 
 def _load_map(path: str | None, what: str) -> dict[str, str]:
@@ -77,7 +122,7 @@ def _load_map(path: str | None, what: str) -> dict[str, str]:
 class EmailChannel:
     name = "email"
 
-    def __init__(self, settings: Settings, *, clock: Any = None) -> None:
+    def __init__(self, settings: Settings, *, clock: Any = None, store: Any = None) -> None:
         from .email import EmailSender
 
         cfg = settings.notify.email
@@ -99,6 +144,7 @@ class EmailChannel:
         )
         self.address_map = _load_map(cfg.address_map, "notify.email.address_map")
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.store = store
 
     def address(self, username: str) -> str | None:
         from .email import resolve_address
@@ -113,7 +159,7 @@ class EmailChannel:
         return await self.sender.send(to, rendered, cc=cc or None)
 
     async def deliver(self, delivery: Any) -> None:
-        rendered = render_delivery(delivery, self.settings, self.clock())
+        rendered = render_delivery(delivery, self.settings, self.clock(), secret=_secret(self.settings, self.store))
         await self.send(delivery.run.user, rendered, kind=NoticeKind(delivery.kind))
 
 
@@ -165,7 +211,7 @@ class SlackChannel:
 
     async def deliver(self, delivery: Any) -> None:
         user = delivery.run.user
-        rendered = render_delivery(delivery, self.settings, self.clock())
+        rendered = render_delivery(delivery, self.settings, self.clock(), secret=_secret(self.settings, self.store))
         member = await self.member_id(user)
         if member is None:
             if self.cfg.fallback_to_email and self.email is not None:
@@ -189,7 +235,7 @@ def build_channels(settings: Settings, *, store: Any = None, hub: Any = None) ->
     from .lab import LabChannel  # the open JupyterLab, through the companion (reaches servers by ``hub``)
 
     channels: dict[str, Any] = {"log": LogChannel(), "lab": LabChannel(settings, hub=hub, store=store)}
-    email = EmailChannel(settings) if settings.notify.email is not None else None
+    email = EmailChannel(settings, store=store) if settings.notify.email is not None else None
     if email is not None:
         channels["email"] = email
     if settings.notify.slack is not None:

@@ -16,10 +16,12 @@ walltime, orphan):
 =========================  =====================================================================
 
 Shared pieces: ``_layout.html`` (the HTML frame every ``<kind>.html`` extends), ``_where.txt`` and
-``_where.html`` (the "where it runs" lines), ``_actions.txt`` (how to stop it / keep it) and
+``_where.html`` (the "where it runs" lines of the details), ``_actions.txt`` and
+``_actions.slack.txt`` (how to stop it now / keep it: the last answers of the first lines) and
 ``_footer.txt`` (why you get this message). The Slack blocks are built in Python (see
 :func:`slack_blocks`) around the rendered ``<kind>.slack.txt``: a section with the text, a context
-line, and link buttons "Open my server" / "Keep running" / "Control panel". Building the structure
+line, and link buttons "Keep running for 2h" (the signed one-click link) / "Open my server" /
+"Control panel". Building the structure
 in Python keeps it valid Block Kit whatever a site puts in its text.
 
 Every template is rendered with ``StrictUndefined``: a template that uses a variable that is not
@@ -39,6 +41,7 @@ import re
 import traceback
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -58,7 +61,7 @@ CHANNEL_FILES = {
     "html": "{kind}.html",
     "slack": "{kind}.slack.txt",
 }
-SHARED_FILES = ("_layout.html", "_where.txt", "_where.html", "_actions.txt", "_footer.txt")
+SHARED_FILES = ("_layout.html", "_where.txt", "_where.html", "_actions.txt", "_actions.slack.txt", "_footer.txt")
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,16 @@ class TemplateContext:
     ====================  =====================================================================
     ``username``          the hub user name (``alice``)
     ``server_name``       the named server, ``""`` for the default server
-    ``server_label``      how we name the server, after "your": ``server`` or ``server "gpu1"``
+    ``server_label``      how we name the server, after "your": ``server``, ``server "gpu1"``, or with
+                          the hub's display name ``server "gpu1" (My GPU box)``
+    ``display_name``      the hub's display_name of the server (JupyterHub 5+), or None
     ``hub_name``          the hub's name as people know it (``Mila JupyterHub``)
     ``hub_url``           the hub's public address (``https://hub.example.org/hub/``)
     ``server_url``        the server's own address: open it again to keep it running
     ``control_panel_url`` the hub's Control Panel (``/hub/home``): Stop My Server is there
-    ``keep_url``          the reaper page's "keep running" link (``/services/reaper/...``), or None
+    ``keep_url``          the one-click "keep running" link: a signed link to the confirm page on the
+                          reaper's service (``/services/reaper/keep-link?t=...``), or None
+    ``keep_for``          how long one click keeps it running (``2h``, within ``web.keep``)
     ``state``             what we saw: ``detached`` (window closed), ``attached``, ``computing``
     ``idle_since``        aware datetime: when the idle spell started (show with ``|localtime``)
     ``idle_for``          how long it has been idle, human (``3h10m``)
@@ -93,6 +100,7 @@ class TemplateContext:
     ``walltime_end``      aware datetime the job's walltime ends, or None
     ``notice_number``     1 for the first warning, 2 for the first reminder, ...
     ``reclaimed``         for ``stopped``: what was freed, ``"4 CPUs, 1 GPU, 16 GB for 5h20m"``
+    ``stopped_at``        for ``stopped``: aware datetime the reaper stopped it, or None
     ``admin_contact``     who to write to (``support@example.org``), or ``""``
     ``user_options``      the options chosen at spawn (dict; show with ``|options``)
     ====================  =====================================================================
@@ -103,8 +111,15 @@ class TemplateContext:
     ``kind``              the notice kind being rendered (``warning``, ``final`` ...)
     ``where``             ``Slurm job 4242 on node cn-a001, partition main``, or ``""``
     ``resources``         ``4 CPUs, 1 GPU, 16 GB``, or ``""`` when nothing is known
+    ``holds``             ``resources``, or words for "not known" (never empty)
     ``why``               ``detail`` when set, else a sentence for ``state``
+    ``because``           the short why of the first lines: the policy's reason up to its first
+                          ``;`` ("window closed, no activity for 3h13m"), else a sentence for ``state``
     ====================  =====================================================================
+
+    Every ``<kind>`` template answers in its first 8 lines (see :func:`notice_lines` for what a
+    line is in HTML and Slack): what (your server X on HUB), why, when (stop at 14:00, in 42 min),
+    what it holds (CPUs, GPUs, memory), how to stop it now, how to keep it. Details come after.
     """
 
     username: str
@@ -115,6 +130,8 @@ class TemplateContext:
     server_url: str = ""
     control_panel_url: str = ""
     keep_url: str | None = None
+    keep_for: str = "2h"
+    display_name: str | None = None
     state: str = "detached"
     idle_since: datetime | None = None
     idle_for: str = ""
@@ -132,12 +149,16 @@ class TemplateContext:
     walltime_end: datetime | None = None
     notice_number: int = 1
     reclaimed: str | None = None
+    stopped_at: datetime | None = None
     admin_contact: str = ""
     user_options: dict[str, Any] = field(default_factory=dict)
 
     def label(self) -> str:
         if self.server_label:
             return self.server_label
+        shown = (self.display_name or "").strip()
+        if shown and shown != self.server_name:
+            return f'server "{self.server_name}" ({shown})' if self.server_name else f'server "{shown}"'
         return f'server "{self.server_name}"' if self.server_name else "server"
 
     def where(self) -> str:
@@ -167,7 +188,10 @@ class TemplateContext:
         out["kind"] = kind
         out["where"] = self.where()
         out["resources"] = self.resources()
+        out["holds"] = out["resources"] or "its CPUs and memory (how much is not known here)"
         out["why"] = self.detail or _STATE_TEXT.get(self.state, self.state)
+        first = self.reason.split(";", 1)[0].strip()
+        out["because"] = first or _STATE_TEXT.get(self.state, self.state)
         if out["now"] is None:
             out["now"] = datetime.now(UTC)
         return out
@@ -207,7 +231,7 @@ _STATE_TEXT = {
     "unreachable": "the server does not answer",
 }
 
-_DATETIME_FIELDS = {"idle_since", "stop_at", "now", "walltime_end"}
+_DATETIME_FIELDS = {"idle_since", "stop_at", "now", "walltime_end", "stopped_at"}
 
 
 @dataclass(frozen=True)
@@ -228,6 +252,7 @@ def context_from(
     now: datetime,
     hub_name: str = "JupyterHub",
     keep_url: str | None = None,
+    keep_for: str = "2h",
     admin_contact: str = "",
     notice_number: int = 1,
 ) -> TemplateContext:
@@ -237,7 +262,8 @@ def context_from(
     ``public_url`` is the hub's public base (``https://hub.example.org``, without ``/hub``). Where
     it runs comes from the spawner state (``job_id``; ``job_status`` "RUNNING node") and the
     spawn options, read by :func:`reaper.units.read_user_options` (our spawner's, batchspawner's and
-    slurmformspawner's names), when present.
+    slurmformspawner's names), when present. What it holds comes from the batch job as the sweep
+    saw it (``notice.held``: cpus, mem_mb, gpus), each missing one from the spawn options.
     """
     base = public_url.rstrip("/")
     path = notice.url or (f"/user/{notice.user}/{notice.server}/" if notice.server else f"/user/{notice.user}/")
@@ -249,6 +275,10 @@ def context_from(
         node = status.split()[1]
     idle_since = notice.idle_since
     asked = read_user_options(opts)
+    held = notice.held or {}
+    gpus: int | str | None = (f"{asked.gpu_type}:{asked.gpus}" if asked.gpu_type else asked.gpus) if asked.gpus else None
+    if held.get("gpus"):
+        gpus = f"{asked.gpu_type}:{held['gpus']}" if asked.gpu_type else int(held["gpus"])
     return TemplateContext(
         username=notice.user,
         server_name=notice.server,
@@ -257,6 +287,8 @@ def context_from(
         server_url=f"{base}{path}",
         control_panel_url=f"{base}/hub/home",
         keep_url=keep_url,
+        keep_for=keep_for,
+        display_name=notice.display_name,
         state=notice.state,
         idle_since=idle_since,
         idle_for=humanize(now - idle_since) if idle_since else "",
@@ -268,12 +300,13 @@ def context_from(
         job_id=notice.job_id,
         partition=asked.partition,
         node=str(node) if node else None,
-        gpus=(f"{asked.gpu_type}:{asked.gpus}" if asked.gpu_type else asked.gpus) if asked.gpus else None,
-        cpus=asked.cpus,
-        mem=format_memory(asked.mem_mb) or None,
+        gpus=gpus,
+        cpus=int(held["cpus"]) if held.get("cpus") else asked.cpus,
+        mem=format_memory(held.get("mem_mb") or asked.mem_mb) or None,
         walltime_end=notice.job_end,
         notice_number=notice_number,
         reclaimed=notice.reclaimed,
+        stopped_at=notice.stopped_at,
         admin_contact=admin_contact,
         user_options=dict(opts),
     )
@@ -447,12 +480,96 @@ def slack_blocks(kind: str, context: TemplateContext, text: str) -> list[dict[st
     if kind == NoticeKind.STOPPED.value:
         button("Start it again", context.control_panel_url, "reaper-control-panel", "primary")
     elif kind != NoticeKind.ORPHAN.value:
+        if kind != NoticeKind.WALLTIME.value:  # a time limit cannot be extended
+            button(f"Keep running for {context.keep_for}", context.keep_url, "reaper-keep", "primary")
         button("Open my server", context.server_url, "reaper-open")
-        button("Keep running", context.keep_url, "reaper-keep", "primary")
         button("Control panel", context.control_panel_url, "reaper-control-panel")
     if buttons:
         blocks.append({"type": "actions", "elements": buttons})
     return blocks
+
+
+# --- what a reader sees first -----------------------------------------------------------------
+
+FIRST_LINES = 8  # every notice answers its six questions in this many lines
+
+
+class _HTMLLines(HTMLParser):
+    """The text of an HTML body as a reader sees it: one line per block element (``p``, ``h1``-``h6``,
+    ``div``, ``li``, ``tr``, ``br``, ...), a link written as ``text <href>`` (as a text-mode mail
+    reader shows it), ``<head>`` (the title) left out."""
+
+    BLOCKS = frozenset({"p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "li", "tr", "br", "table", "hr",
+                        "ul", "ol", "section", "header", "footer", "blockquote", "body"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.lines: list[str] = []
+        self.current: list[str] = []
+        self.skip = 0
+        self.href: list[str | None] = []
+
+    def _break(self) -> None:
+        line = " ".join("".join(self.current).split())
+        if line:
+            self.lines.append(line)
+        self.current = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("head", "style", "script"):
+            self.skip += 1
+        elif tag in self.BLOCKS:
+            self._break()
+        elif tag == "a":
+            self.href.append(dict(attrs).get("href"))
+        elif tag == "td":
+            self.current.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("head", "style", "script"):
+            self.skip = max(0, self.skip - 1)
+        elif tag in self.BLOCKS:
+            self._break()
+        elif tag == "a" and self.href:
+            href = self.href.pop()
+            if href:
+                self.current.append(f" <{href}>")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.current.append(data)
+
+
+def notice_lines(rendered: RenderedNotice, channel: str) -> list[str]:
+    """The non-blank lines of one rendered notice as its reader sees them, in order. What a
+    "line" is, by channel:
+
+    - ``text``: a line of the plain-text body.
+    - ``html``: a rendered text line of the body: one per block element, links as ``text <href>``
+      (see :class:`_HTMLLines`); the ``<title>`` is not a line.
+    - ``slack``: a line of the message's mrkdwn text (the first section block's text, which is
+      also the notification fallback), then one line per button of the actions block, written
+      ``[label] <url>``.
+
+    The first :data:`FIRST_LINES` of these carry the notice's six answers (tests/adapters/test_render.py).
+    """
+    if channel == "text":
+        return [ln for ln in rendered.text.splitlines() if ln.strip()]
+    if channel == "html":
+        p = _HTMLLines()
+        p.feed(rendered.html)
+        p.close()
+        p._break()
+        return p.lines
+    if channel == "slack":
+        lines: list[str] = []
+        for b in rendered.slack_blocks:
+            if b["type"] == "section":
+                lines += [ln for ln in b["text"]["text"].splitlines() if ln.strip()]
+            elif b["type"] == "actions":
+                lines += [f"[{e['text']['text']}] <{e.get('url', '')}>" for e in b["elements"]]
+        return lines
+    raise ValueError(f"no such channel: {channel!r} (text, html, slack)")
 
 
 # --- checking a template directory ----------------------------------------------------------------
@@ -470,7 +587,9 @@ def sample_context(now: datetime | None = None) -> TemplateContext:
         hub_url=f"{hub}/hub/",
         server_url=f"{hub}/user/alice/gpu1/",
         control_panel_url=f"{hub}/hub/home",
-        keep_url=f"{hub}/services/reaper/keep/alice/gpu1",
+        keep_url=f"{hub}/services/reaper/keep-link?t=SAMPLE.TOKEN",
+        keep_for="2h",
+        display_name=None,
         state="detached",
         idle_since=now - timedelta(hours=3, minutes=13),
         idle_for="3h13m",
@@ -488,6 +607,7 @@ def sample_context(now: datetime | None = None) -> TemplateContext:
         walltime_end=now + timedelta(hours=20),
         notice_number=2,
         reclaimed="4 CPUs, 1 GPU, 16 GB for 5h20m",
+        stopped_at=now,
         admin_contact="support@example.org",
         user_options={"partition": "main", "gpus": "1"},
     )
@@ -573,6 +693,8 @@ __all__ = [
     "sample_context",
     "context_from",
     "slack_blocks",
+    "notice_lines",
+    "FIRST_LINES",
     "format_localtime",
     "format_relative",
     "mrkdwn_escape",

@@ -19,7 +19,8 @@ from ..core.model import Action, Decision, Observation, State
 SPAWNER_KEYS = ("job_id", "job_status", "node", "exechost")
 _TIMES = frozenset({"started", "last_activity", "detached_since", "idle_since", "job_end", "spell", "stop_at",
                     "next_at", "created_at", "stopped_at"})
-_ONLY_WHEN_SET = frozenset({"stopped_at", "reclaimed"})  # keys only a "stopped" notice ever stored
+# keys only some notices store (a "stopped" notice; a server with a display name; a known batch job)
+_ONLY_WHEN_SET = frozenset({"stopped_at", "reclaimed", "display_name", "held"})
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,15 @@ class NoticeContext:
     created_at: datetime | None = None
     stopped_at: datetime | None = None  # a "stopped" notice: when the reaper stopped it
     reclaimed: str | None = None  # a "stopped" notice: what the stop gave back, in words
+    display_name: str | None = None  # the hub's display_name of the server, when it has one
+    held: dict[str, Any] = field(default_factory=dict)  # the batch job's cpus, mem_mb, gpus, when known
 
     def to_json(self) -> dict[str, Any]:
         """The stored form: plain JSON, times ISO 8601 UTC; ``stopped_at`` and ``reclaimed`` only when set."""
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is None and f.name in _ONLY_WHEN_SET:
+            if v in (None, {}) and f.name in _ONLY_WHEN_SET:
                 continue
             out[f.name] = _iso(v) if f.name in _TIMES else _plain(v)
         return out
@@ -89,11 +92,22 @@ class NoticeContext:
             created_at=_time(data.get("created_at")),
             stopped_at=_time(data.get("stopped_at")),
             reclaimed=str(data["reclaimed"]) if data.get("reclaimed") else None,
+            display_name=str(data["display_name"]) if data.get("display_name") else None,
+            held=dict(data["held"]) if isinstance(data.get("held"), dict) else {},
         )
 
 
-def notice_context(obs: Observation, decision: Decision, now: datetime) -> NoticeContext:
-    """The context of a notice queued with this decision."""
+def held_by(job: Any) -> dict[str, Any]:
+    """What a batch job (reaper.batch.Job, or anything with ``cpus``, ``mem_mb``, ``gpus``) holds,
+    as a notice stores it; {} when unknown."""
+    if job is None:
+        return {}
+    out = {k: getattr(job, k, None) for k in ("cpus", "mem_mb", "gpus")}
+    return {k: v for k, v in out.items() if isinstance(v, int | float) and not isinstance(v, bool) and v > 0}
+
+
+def notice_context(obs: Observation, decision: Decision, now: datetime, job: Any = None) -> NoticeContext:
+    """The context of a notice queued with this decision (``job``: the server's batch job, when known)."""
     s = obs.server
     return NoticeContext(
         user=s.user,
@@ -116,6 +130,8 @@ def notice_context(obs: Observation, decision: Decision, now: datetime) -> Notic
         stop_at=_utc(decision.stop_at),
         next_at=_utc(decision.next_at),
         created_at=_utc(now),
+        display_name=s.display_name,
+        held=held_by(job),
     )
 
 

@@ -129,6 +129,10 @@ RUNS = Table(
     _c("kept_until", UTCDateTime(), True),
     _c("kept_by", String(NAME_LEN), True),
     _c("stop_requested_at", UTCDateTime(), True),
+    # the look at the job's work, kept across sweeps (core.model.WorkMemory): the last look at which
+    # the server was working, and its programs' CPU at the last look
+    _c("working_at", UTCDateTime(), True),
+    _c("cpu_samples", JSON(), True),
     UniqueConstraint("user", "server", "started", name="uq_reaper_runs_key"),
     Index("ix_reaper_runs_ended_at", "ended_at"),
 )
@@ -224,4 +228,24 @@ SLACK_LOOKUPS = Table(
     Column("email", String(320), primary_key=True),
     _c("user_id", String(64), True),
     _c("expires_at", UTCDateTime()),
+)
+
+# A one-click keep link that was used (reaper/notify/keeplinks.py): by its id (SHA-256 of the
+# token), so a link works once; the primary key makes two presses at the same moment one.
+KEEP_LINKS = Table(
+    "reaper_keep_links", metadata,
+    Column("id", String(64), primary_key=True),
+    _c("used_at", UTCDateTime()),
+    _c("user", String(NAME_LEN)),
+    _c("server", String(NAME_LEN)),
+    _c("notice_id", Integer, True),
+)
+
+# Secrets the reaper makes for itself once and keeps (the keep links' signing key, when
+# web.link_secret is not configured).
+SECRETS = Table(
+    "reaper_secrets", metadata,
+    Column("name", String(64), primary_key=True),
+    _c("value", String(256)),
+    _c("created_at", UTCDateTime()),
 )

@@ -91,6 +91,7 @@ class RunRow:
     kept_until: datetime | None = None
     kept_by: str | None = None
     stop_requested_at: datetime | None = None
+    working_at: datetime | None = None  # the last look at which the server was working
 
     @property
     def key(self) -> RunKey:
@@ -174,7 +175,7 @@ class Reports:
     def runs_overview(self) -> list[RunRow]:
         """The latest state of every open run, ordered by user and server."""
         q = (
-            select(RUNS)
+            select(*(c for c in RUNS.c if c.name != "cpu_samples"))  # (the work look's memory: not shown)
             .where(RUNS.c.ended_at.is_(None))
             .order_by(RUNS.c.user, RUNS.c.server, RUNS.c.started)
         )

@@ -6,7 +6,7 @@ One server run is (user, server name, started); a restarted server is a new run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.engine import Connection
 
-from ..core.model import Decision, History, NoticeKind, Observation, RunKey, SentNotice
+from ..core.model import CpuSample, Decision, History, NoticeKind, Observation, RunKey, SentNotice, WorkMemory
 from .context import NoticeContext, notice_context
 from .db import Database, jsonable
 from .models import ACTIONS, DECISIONS, NOTICES, RUNS, as_utc
@@ -30,7 +30,7 @@ _WHOLE_SWEEP = 2000  # more runs than this at once: read all open runs instead o
 _LOOKUP_COLS = tuple(
     RUNS.c[name]
     for name in ("id", "user", "server", "started", "action", "state", "rule", "first_seen", "kept_until",
-                 "stop_requested_at", "last_seen", "detached_since", "detail")
+                 "stop_requested_at", "last_seen", "detached_since", "detail", "working_at", "cpu_samples")
 )  # what run lookups need: not the reasons and options of 10,000 runs
 
 
@@ -47,6 +47,31 @@ class StopRecord:
     end_reason: str | None = None  # set when the run ended (stopped or gone)
     notice_context: NoticeContext | None = None  # set to queue the "stopped" notice
     channels: tuple[str, ...] = ("log",)
+
+
+# --------------------------------------------------------------------------- the work look's memory
+
+
+def samples_json(memory: WorkMemory) -> list[list[Any]]:
+    """CPU samples as stored: [key, cpu seconds, at, since, used_at or null] (times ISO, UTC)."""
+    def iso(t: datetime | None) -> str | None:
+        return as_utc(t).isoformat() if t is not None else None
+
+    return [[s.key, s.cpu_seconds, iso(s.at), iso(s.since), iso(s.used_at)] for s in memory.samples]
+
+
+def samples_from_json(value: Any) -> tuple[CpuSample, ...]:
+    """The stored samples; an unreadable entry is dropped (its program is then seen afresh, which
+    measures it since its start: over-protect, never under-)."""
+    out: list[CpuSample] = []
+    for item in value if isinstance(value, list) else ():
+        try:
+            key, cpu, at, since, used = item
+            out.append(CpuSample(str(key), float(cpu), datetime.fromisoformat(at), datetime.fromisoformat(since),
+                                 datetime.fromisoformat(used) if used is not None else None))
+        except (TypeError, ValueError):
+            continue
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -179,6 +204,8 @@ class Runs:
                 last_seen=r.last_seen,
                 detached_since=r.detached_since,
                 last_detail=r.detail,
+                samples=samples_from_json(r.cpu_samples),
+                working_at=r.working_at,
             )
         return out
 
@@ -187,8 +214,10 @@ class Runs:
         or None when there is no notice or it was already recorded."""
         return self.record_many([(obs, decision)], now)[0]
 
-    def record_many(self, items: list[tuple[Observation, Decision]], now: datetime) -> list[int | None]:
-        """Record a sweep's observations and decisions in one transaction (see :meth:`record`)."""
+    def record_many(self, items: list[tuple[Observation, Decision]], now: datetime,
+                    jobs: Mapping[str, Any] | None = None) -> list[int | None]:
+        """Record a sweep's observations and decisions in one transaction (see :meth:`record`).
+        ``jobs``: the batch jobs by id, so that a notice records what its server's job holds."""
         now = as_utc(now)
         results: list[int | None] = [None] * len(items)
         keyed = [(i, obs.server.run_key(), obs, dec) for i, (obs, dec) in enumerate(items)]
@@ -201,7 +230,7 @@ class Runs:
                 int(r.id): (r.action, r.state, r.rule) for r in rows.values()
             }
             for c in range(0, len(keyed), _SLICE):  # in slices: the rows' parameters are not all in memory at once
-                self._record_slice(s, keyed[c : c + _SLICE], rows, prev, now, results)
+                self._record_slice(s, keyed[c : c + _SLICE], rows, prev, now, results, jobs)
             return results
 
     def _record_slice(
@@ -212,6 +241,7 @@ class Runs:
         prev: dict[int, tuple[str | None, str | None, str | None]],
         now: datetime,
         results: list[int | None],
+        jobs: Mapping[str, Any] | None = None,
     ) -> None:
         updates: list[dict[str, Any]] = []
         log: list[dict[str, Any]] = []
@@ -255,13 +285,21 @@ class Runs:
                 )
                 prev[run_id] = now_vals
             if dec.notice is not None:
+                job = jobs.get(obs.job_id) if jobs is not None and obs.job_id else None  # what it holds
                 notices.append((i, NoticeSpec(run_id, dec.notice, dec.spell, dec.channels,
-                                              notice_context(obs, dec, now))))
+                                              notice_context(obs, dec, now, job))))
         cols = {k: k for k in updates[0] if k != "b_id"}
         s.execute(
             update(RUNS).where(RUNS.c.id == bindparam("b_id")).values({k: bindparam(k) for k in cols}),
             updates,
         )
+        # the work look's memory, for the observations that looked at the job's work (the others
+        # leave the recorded one as it is)
+        work = [{"b_id": int(rows[key_of(key)].id), "working_at": obs.memory.working_at,
+                 "cpu_samples": samples_json(obs.memory)} for _, key, obs, _ in keyed if obs.memory is not None]
+        if work:
+            s.execute(update(RUNS).where(RUNS.c.id == bindparam("b_id"))
+                      .values(working_at=bindparam("working_at"), cpu_samples=bindparam("cpu_samples")), work)
         if log:
             s.execute(DECISIONS.insert(), log)
         ids = queue_notices(self.db, s, [spec for _, spec in notices], now)

@@ -18,6 +18,7 @@ from .db import (
     sqlite_memory,
     upgrade_in_child,
 )
+from .keeplinks import KeepLinks
 from .lease import Lease
 from .outbox import Outbox
 from .reports import Reports
@@ -28,7 +29,8 @@ from .slack import SlackLookups
 class Store:
     """The repositories over one database: ``runs`` (runs, observations, stops), ``outbox``
     (notices to deliver), ``reports`` (actions, notices and runs read back, sweeps), ``lease``
-    (the single active reaper) and ``slack`` (the Slack channel's lookup cache)."""
+    (the single active reaper), ``slack`` (the Slack channel's lookup cache) and ``keeplinks`` (the
+    one-click keep links used, and their signing secret)."""
 
     def __init__(self, engine: Engine) -> None:
         self.db = Database(engine)
@@ -37,6 +39,7 @@ class Store:
         self.reports = Reports(self.db)
         self.lease = Lease(self.db)
         self.slack = SlackLookups(self.db)
+        self.keeplinks = KeepLinks(self.db)
 
     @classmethod
     def open(cls, url: str, *, upgrade: bool = True, isolated: bool = False) -> Store:

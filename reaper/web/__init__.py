@@ -1,1 +1,1 @@
-"""The reaper's page on the hub: the hub's OAuth login (login.py), JSON API, /metrics and /health."""
+"""The reaper's page on the hub: JupyterHub's HubOAuth login (auth.py), JSON API, /metrics and /health."""

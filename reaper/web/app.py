@@ -1,4 +1,4 @@
-"""The reaper's web page as a JupyterHub managed service (tornado; the hub's OAuth login, reaper.web.login).
+"""The reaper's web page as a JupyterHub managed service (tornado; JupyterHub's HubOAuth login, reaper.web.auth).
 
 The hub tells a managed service with a ``url`` where to listen (``JUPYTERHUB_SERVICE_URL``) and
 under which prefix it is proxied (``JUPYTERHUB_SERVICE_PREFIX``, e.g. ``/services/reaper/``), and
@@ -33,7 +33,6 @@ from tornado.web import Application
 
 from ..config import WebSettings
 from ..metrics import METRICS, Metrics
-from . import handlers as h
 from .context import WebContext
 
 log = logging.getLogger("reaper.web")
@@ -54,34 +53,43 @@ def make_app(
     service: Any,
     *,
     prefix: str = "/services/reaper/",
-    login: Any = None,
+    hub_auth: Any = None,
     metrics: Metrics | None = None,
     cookie_secret: bytes | None = None,
     clock: Any = None,
 ) -> Application:
-    """The tornado application (routes under ``prefix``). ``login`` defaults to the hub's OAuth
-    login, configured from the hub's environment, asking the hub over the service's hub client's API."""
-    from .login import HubAuth, HubLogin
+    """The tornado application (routes under ``prefix``). ``hub_auth`` defaults to JupyterHub's
+    HubOAuth, configured from the hub's environment, asking the hub at ``hub.api_url`` over
+    JupyterHub's own HTTP client (never the sweep's hub client)."""
+    # JupyterHub's HubOAuth (about 18 MB with the hub's ORM it imports) loads only when a page is made
+    from . import handlers as h
+    from .auth import hub_home, hub_oauth
+    from .keeplink import KeepLinkHandler
 
     if not prefix.endswith("/"):
         prefix += "/"
-    if login is None:
-        login = HubLogin.from_environment(HubAuth(service.hub.api), prefix)
-    ctx = WebContext(service=service, prefix=prefix, login=login, metrics=metrics or METRICS, clock=clock)
+    if hub_auth is None:
+        hub = service.settings.hub
+        hub_auth = hub_oauth(api_url=hub.effective_api_url(), api_token=hub.effective_token(), prefix=prefix)
+    ctx = WebContext(service=service, prefix=prefix, hub_auth=hub_auth, hub_home=hub_home(),
+                     metrics=metrics or METRICS, clock=clock)
     args = {"ctx": ctx}
     p = prefix
-    routes: list[Any] = [
-        (p, h.PageHandler, args),
-        (p + "keep", h.KeepHandler, args),
-        (p + "stop", h.StopHandler, args),
-        (p + "api/servers", h.ServersAPIHandler, args),
-        (p + r"api/servers/([^/]+)/?([^/]*)", h.ServerAPIHandler, args),
-        (p + "api/admin/summary", h.AdminSummaryAPIHandler, args),
-        (p + "api/admin/next-sweep", h.NextSweepAPIHandler, args),
-        (p + "metrics", h.MetricsHandler, args),
-        (p + "health", h.HealthHandler, args),
-        (p + "oauth_callback", h.CallbackHandler, args),
+    # (path under the prefix, handler): a new page is one more line here
+    pages: list[tuple[str, type[Any]]] = [
+        ("", h.PageHandler),
+        ("keep", h.KeepHandler),
+        ("keep-link", KeepLinkHandler),  # the notices' signed one-click link: no hub login
+        ("stop", h.StopHandler),
+        ("api/servers", h.ServersAPIHandler),
+        (r"api/servers/([^/]+)/?([^/]*)", h.ServerAPIHandler),
+        ("api/admin/summary", h.AdminSummaryAPIHandler),
+        ("api/admin/next-sweep", h.NextSweepAPIHandler),
+        ("metrics", h.MetricsHandler),
+        ("health", h.HealthHandler),
+        ("oauth_callback", h.CallbackHandler),  # JupyterHub's HubOAuthCallbackHandler
     ]
+    routes: list[Any] = [(p + path, handler, args) for path, handler in pages]
     if p != "/":
         routes.append((p.rstrip("/"), h.AddSlashHandler, args))
     return Application(
@@ -90,8 +98,8 @@ def make_app(
         static_path=str(HERE / "static"),
         static_url_prefix=p + "static/",
         cookie_secret=cookie_secret or page_secret(service.settings.hub.effective_token()),
-        xsrf_cookies=True,  # tornado calls check_xsrf_cookie on every POST: BaseHandler binds it to the login
-        login_url=p,  # replaced by the hub's OAuth URL in BaseHandler.get_login_url
+        xsrf_cookies=True,  # tornado calls check_xsrf_cookie on every POST: HubOAuth binds it to the login
+        login_url=p,  # replaced by the hub's OAuth URL in HubOAuthenticated.get_login_url
         default_handler_class=h.NotFoundHandler,
         default_handler_args=args,
         compress_response=True,

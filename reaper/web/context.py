@@ -18,7 +18,8 @@ class WebContext:
 
     service: Any  # reaper.service.ReaperService (or a test double with the same attributes)
     prefix: str
-    login: Any  # reaper.web.login.HubLogin
+    hub_auth: Any  # jupyterhub.services.auth.HubOAuth (reaper.web.auth.hub_oauth)
+    hub_home: str = "/hub/home"  # the hub's home page, linked from the page's top bar
     metrics: Metrics = METRICS
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     dry_run_at: datetime | None = None

@@ -1,9 +1,11 @@
 """Request handlers of the reaper's page, and the small pure helpers they use.
 
-Authorization, in one place (``BaseHandler.authorize``): a user sees and acts on their own servers
-only; hub admins and members of ``web.admin_group`` see and act on every server. Every POST needs
-the xsrf token (tornado ``xsrf_cookies``, bound to the login: reaper.web.login). Every action is
-logged and recorded with who did it. /metrics and /health need no login and show no user data.
+Login: JupyterHub's own HubOAuth (``BaseHandler`` is a ``HubOAuthenticated`` handler; reaper.web.auth
+configures it). Authorization, in one place (``BaseHandler.authorize``): a user sees and acts on
+their own servers only; hub admins and members of ``web.admin_group`` see and act on every server.
+Every POST needs JupyterHub's xsrf token (tornado ``xsrf_cookies``; HubOAuth binds it to the login
+and the hub session), unless it carries a token in its Authorization header. Every action is logged
+and recorded with who did it. /metrics and /health need no login and show no user data.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..core.model import History, HubServer, RunKey
 from ..metrics import CONTENT_TYPE_LATEST
 from ..units import format_duration, humanize, local_time, parse_duration, read_user_options, relative
 from ..units import utc_or_none as as_dt  # the page's name for it
+from .auth import HubOAuthCallbackHandler, HubOAuthenticated, UserNotAllowed
 from .context import WebContext
 
 if TYPE_CHECKING:
@@ -34,6 +37,7 @@ R = TypeVar("R")
 
 log = logging.getLogger("reaper.web")
 
+BUSY_STATES = ("computing", "working")  # a busy kernel, a program running: not idle, no idle time shown
 WINDOWS = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 MESSAGES = {
     "kept": "Done: your server keeps running. The new scheduled stop is shown below.",
@@ -135,12 +139,17 @@ def _jsonable(v: Any) -> Any:
 # --------------------------------------------------------------------------- handlers
 
 
-class BaseHandler(web.RequestHandler):
+class BaseHandler(HubOAuthenticated, web.RequestHandler):
+    """A page handler logged in with JupyterHub's HubOAuth (``ctx.hub_auth``). New pages subclass
+    it and decorate their methods with ``@web.authenticated``; ``api = True`` answers 403 instead of
+    sending a visitor without a login to the hub."""
+
     ctx: WebContext
     api = False
 
     def initialize(self, ctx: WebContext) -> None:
         self.ctx = ctx
+        self.hub_auth = ctx.hub_auth
 
     # ---- headers
 
@@ -157,26 +166,48 @@ class BaseHandler(web.RequestHandler):
     # ---- identity
 
     async def prepare(self) -> None:
-        if hasattr(self, "_login_user"):
+        await self.identify()
+
+    async def identify(self) -> None:
+        """Who is asking, asked of the hub asynchronously (HubOAuth's ``get_user``; tornado's
+        ``get_current_user`` is synchronous and only reads the answer). A hub user without this
+        page's access scope, or a service, gets a 403."""
+        if hasattr(self, "_hub_auth_user_cache"):
             return
-        self._login_user: dict[str, Any] | None = None
-        self._login_user = await self.ctx.login.user(self)
-        self.current_user = self._login_user
+        self._hub_auth_user_cache: dict[str, Any] | None = None
+        model = await self.hub_auth.get_user(self, sync=False)
+        if model is None:
+            return
+        try:
+            self._hub_auth_user_cache = self.check_hub_user(model)
+        except UserNotAllowed:
+            raise web.HTTPError(403, "your hub account has no access to this page") from None
+
+    def check_hub_user(self, model: dict[str, Any]) -> dict[str, Any]:
+        """HubOAuth's scope check, for users only: a service (even one named like a user) uses the
+        hub's API, not this page."""
+        if model.get("kind", "user") != "user":
+            log.warning("denied: %s %r tried the page", model.get("kind"), model.get("name"))
+            raise UserNotAllowed(model)
+        checked: dict[str, Any] = super().check_hub_user(model)
+        return checked
+
+    def check_xsrf_cookie(self) -> None:
+        """JupyterHub's xsrf check (HubOAuth's). Tornado asks it before prepare(), when no one is
+        identified yet: a request carrying its own token (Authorization header) needs no xsrf
+        token, so it is checked once identified. If its token turns out to be nobody's, HubOAuth
+        tries the login cookie, and checks the xsrf token itself before it accepts it."""
+        if not hasattr(self, "_hub_auth_user_cache") and self.hub_auth.get_token(self, in_cookie=False):
+            return
+        super().check_xsrf_cookie()
 
     def get_current_user(self) -> Any:
-        return getattr(self, "_login_user", None)  # asked of the hub in prepare(), asynchronously
+        return getattr(self, "_hub_auth_user_cache", None)  # asked of the hub in prepare()
 
     def get_login_url(self) -> str:
         if self.api:
             raise web.HTTPError(403, "log in through the hub, or send a token")
-        return str(self.ctx.login.login_url(self))
-
-    @property
-    def xsrf_token(self) -> bytes:
-        return bytes(self.ctx.login.xsrf_token(self))
-
-    def check_xsrf_cookie(self) -> None:
-        self.ctx.login.check_xsrf(self)
+        return str(super().get_login_url())
 
     @property
     def me(self) -> str:
@@ -250,7 +281,7 @@ class BaseHandler(web.RequestHandler):
             "label": f"{r.user}/{r.server}" if r.server else r.user,
             "started": t(started),
             "state": r.state or "unknown",
-            "idle_for": humanize(now - idle_since) if idle_since and r.state != "computing" else None,
+            "idle_for": humanize(now - idle_since) if idle_since and r.state not in BUSY_STATES else None,
             "last_activity": t(last),
             "job_id": r.job_id,
             "partition": res.partition,
@@ -297,19 +328,19 @@ class BaseHandler(web.RequestHandler):
     def get_template_namespace(self) -> dict[str, Any]:
         ns = super().get_template_namespace()
         ns.update(ctx=self.ctx, hub_name=self.ctx.settings.hub.name, prefix=self.ctx.prefix,
-                  hub_home=self.ctx.login.hub_home, current=getattr(self, "_login_user", None))
+                  hub_home=self.ctx.hub_home, current=self.get_current_user())
         return ns
 
 
 class NotFoundHandler(BaseHandler):
     async def prepare(self) -> None:
-        self._login_user = None
+        self._hub_auth_user_cache = None
         raise web.HTTPError(404, "no such page")
 
 
 class AddSlashHandler(BaseHandler):
     async def prepare(self) -> None:
-        self._login_user = None
+        self._hub_auth_user_cache = None
 
     def get(self) -> None:
         self.redirect(self.ctx.prefix)  # a fixed target: never an open redirect
@@ -379,47 +410,73 @@ class KeepHandler(ActionHandler):
     @web.authenticated
     async def post(self) -> None:
         user, name = self.target()
-        label = f"{user}/{name}" if name else user
-        policy = self.ctx.keep
         try:
             requested = parse_duration(self.get_body_argument("duration", ""))
         except ValueError:
             return self.done("bad-duration", {"message": "choose a duration such as 2h"}, status=400)
-        sweeper = self.ctx.service.sweeper
-        server: HubServer | None = await sweeper.hub.get_server(user, name)
-        if server is None or server.run_key() is None:
-            raise web.HTTPError(404, "that server is not running")
-        key = server.run_key()
-        assert key is not None
-        now = self.ctx.now()
-        actions = await self.db(self.store.reports.recent_actions, now - timedelta(hours=24), 1000)
-        keeps = sum(1 for a in actions if a.kind == "keep" and a.ok and a.user == user and (a.server or "") == name)
-        job = sweeper.known_job(server)
-        rule = sweeper.rule_for(server, job)  # the sweep's rule, its job's GPUs too
-        # the walltime end as the sweep knows it (the batch job), else started + requested walltime
-        record = {"started": server.started, "user_options": server.user_options,
-                  "job_end": job.end if job is not None else None}
         try:
-            until, note = keep_until(now=now, requested=requested, policy=policy, keeps_today=keeps,
-                                     started=server.started, max_age=rule.max_age, job_end=job_end_of(record))
+            kept = await apply_keep(self.ctx, user, name, requested, actor=self.me)
         except KeepRefused as e:
-            log.info("keep %s for %s refused for %s: %s", label, format_duration(requested), self.me, e)
             if self.wants_json():
                 return self.write_json({"result": "refused", "message": str(e)}, status=409)
             raise web.HTTPError(409, str(e)) from None
-        await self.db(self.store.runs.set_kept_until, key, until, by=self.me, now=now)
-        local = until.astimezone(self.tz()).strftime("%Y-%m-%d %H:%M %Z")
-        detail = f"kept running until {local} ({format_duration(requested)} asked by {self.me})"
-        if note:
-            detail += f"; {note}"
-        await self.db(self.store.reports.record_action, key, "keep", True, detail, now, actor=self.me,
-                      job_id=server.job_id)
-        log.info("%s: %s", label, detail)
-        earliest_stop = until + rule.min_notice
-        if rule.max_age is not None and server.started is not None:
-            earliest_stop = min(earliest_stop, server.started + rule.max_age)
-        self.done("kept", {"user": user, "server": name, "kept_until": until, "note": note,
-                           "earliest_stop": earliest_stop})
+        if kept is None:
+            raise web.HTTPError(404, "that server is not running")
+        self.done("kept", {"user": user, "server": name, "kept_until": kept.until, "note": kept.note,
+                           "earliest_stop": kept.earliest_stop})
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A keep applied: the new end of the keep, the note of a limit that shortened it, the earliest
+    stop after it, and what was recorded."""
+
+    until: datetime
+    note: str
+    earliest_stop: datetime
+    detail: str
+
+
+async def apply_keep(ctx: WebContext, user: str, name: str, requested: timedelta, *, actor: str,
+                     started: datetime | None = None) -> Kept | None:
+    """"Keep running" for ``requested``, as the page's Keep button does it: within the keep policy
+    (raises KeepRefused), moving the run's stop (``kept_until``) and recording the action by
+    ``actor``. None when the server is not running (or, with ``started``, runs another run)."""
+    label = f"{user}/{name}" if name else user
+    policy = ctx.keep
+    store = ctx.service.store
+    sweeper = ctx.service.sweeper
+    server: HubServer | None = await sweeper.hub.get_server(user, name)
+    if server is None or server.run_key() is None or (started is not None and server.started != started):
+        return None
+    key = server.run_key()
+    assert key is not None
+    now = ctx.now()
+    actions = await asyncio.to_thread(store.reports.recent_actions, now - timedelta(hours=24), 1000)
+    keeps = sum(1 for a in actions if a.kind == "keep" and a.ok and a.user == user and (a.server or "") == name)
+    job = sweeper.known_job(server)
+    rule = sweeper.rule_for(server, job)  # the sweep's rule, its job's GPUs too
+    # the walltime end as the sweep knows it (the batch job), else started + requested walltime
+    record = {"started": server.started, "user_options": server.user_options,
+              "job_end": job.end if job is not None else None}
+    try:
+        until, note = keep_until(now=now, requested=requested, policy=policy, keeps_today=keeps,
+                                 started=server.started, max_age=rule.max_age, job_end=job_end_of(record))
+    except KeepRefused as e:
+        log.info("keep %s for %s refused for %s: %s", label, format_duration(requested), actor, e)
+        raise
+    await asyncio.to_thread(store.runs.set_kept_until, key, until, by=actor, now=now)
+    local = until.astimezone(ctx.settings.tz).strftime("%Y-%m-%d %H:%M %Z")
+    detail = f"kept running until {local} ({format_duration(requested)} asked by {actor})"
+    if note:
+        detail += f"; {note}"
+    await asyncio.to_thread(store.reports.record_action, key, "keep", True, detail, now, actor=actor,
+                            job_id=server.job_id)
+    log.info("%s: %s", label, detail)
+    earliest_stop = until + rule.min_notice
+    if rule.max_age is not None and server.started is not None:
+        earliest_stop = min(earliest_stop, server.started + rule.max_age)
+    return Kept(until=until, note=note, earliest_stop=earliest_stop, detail=detail)
 
 
 class StopHandler(ActionHandler):
@@ -537,7 +594,7 @@ async def next_sweep(ctx: WebContext) -> dict[str, Any]:
             "user": o.server.user,
             "server": o.server.name,
             "state": o.state.value,
-            "idle_for": humanize(res.started_at - o.idle_since) if o.idle_since and o.state.value != "computing"
+            "idle_for": humanize(res.started_at - o.idle_since) if o.idle_since and o.state.value not in BUSY_STATES
             else None,
             "job_id": o.job_id,
             "action": d.action.value,
@@ -554,7 +611,7 @@ class MetricsHandler(BaseHandler):
     """Prometheus text format. No login (no user data in it), as Prometheus scrapes it."""
 
     async def prepare(self) -> None:
-        self._login_user = None
+        self._hub_auth_user_cache = None
 
     async def get(self) -> None:
         m = self.ctx.metrics
@@ -575,7 +632,7 @@ class HealthHandler(BaseHandler):
     """200 while sweeps succeed (the last one younger than 3 x sweep_every), 503 otherwise."""
 
     async def prepare(self) -> None:
-        self._login_user = None
+        self._hub_auth_user_cache = None
 
     async def get(self) -> None:
         now = self.ctx.now()
@@ -614,11 +671,6 @@ class HealthHandler(BaseHandler):
                                 "last_successful_sweep": last.isoformat() if last else None}))
 
 
-class CallbackHandler(BaseHandler):
-    """The hub's OAuth callback (reaper.web.login.HubLogin.finish_login)."""
-
-    async def prepare(self) -> None:
-        self._login_user = None  # the login is being made: finish_login asks who, if it must
-
-    async def get(self) -> None:
-        await self.ctx.login.finish_login(self)
+class CallbackHandler(BaseHandler, HubOAuthCallbackHandler):
+    """The hub's OAuth callback: JupyterHub's HubOAuthCallbackHandler (checks the state against this
+    browser's cookie, trades the code, sets the login cookie, goes back to the page asked for)."""

@@ -27,7 +27,7 @@ def test_every_kind_renders_on_every_channel_with_the_sample_context(kind: Notic
     r = render(kind, sample_context())
     assert r.kind == kind.value
     assert r.subject.startswith("[Example JupyterHub] ") and "\n" not in r.subject
-    assert r.text.startswith("Hello alice,") and r.text.endswith("\n")
+    assert "alice" in r.text and r.text.endswith("\n")
     assert "\n\n\n" not in r.text
     assert r.html.lstrip().startswith("<!DOCTYPE html>") and "Hello alice," in r.html
     assert r.slack_text and r.slack_blocks[0] == {"type": "section", "text": {"type": "mrkdwn", "text": r.slack_text}}
@@ -47,14 +47,15 @@ def test_every_kind_renders_when_optional_facts_are_unknown(kind: NoticeKind) ->
 def test_warning_says_which_server_where_why_when_and_how_to_stop_or_keep_it() -> None:
     r = render(NoticeKind.WARNING, sample_context())
     t = r.text
-    assert 'Your server "gpu1" on Example JupyterHub is still running' in t
-    assert "Slurm job 4242 on node cn-a001, partition main" in t and "4 CPUs, 1 GPU, 16 GB" in t
+    assert 'Your server "gpu1" on Example JupyterHub looks unused' in t
+    assert "Slurm job 4242 on node cn-a001, partition main" in t and "Holds: 4 CPUs, 1 GPU, 16 GB." in t
+    assert "Why: window closed 3h13m ago." in t
     assert "no browser connected since 10:05, kernels idle" in t
     assert "It has been idle for 3h13m (since 10:05 EST, Wed 25 Nov)" in t
-    assert "it will be stopped at 14:00 EST, Wed 25 Nov (in 42 min)" in t
-    assert "Control Panel > Stop My Server\n  https://hub.example.org/hub/home" in t
+    assert "When: stop at 14:00 EST, Wed 25 Nov (in 42 min)" in t
+    assert "Stop it now: Control Panel > Stop My Server, https://hub.example.org/hub/home" in t
     assert "https://hub.example.org/user/alice/gpu1/" in t
-    assert "https://hub.example.org/services/reaper/keep/alice/gpu1" in t
+    assert "one click keeps it running for 2h: https://hub.example.org/services/reaper/keep-link?t=SAMPLE.TOKEN" in t
     assert "support@example.org" in t
     assert r.subject == '[Example JupyterHub] Your server "gpu1" is still running - it will be stopped at 14:00 EST, Wed 25 Nov'
 
@@ -63,7 +64,7 @@ def test_default_server_is_called_your_server_and_no_keep_link_means_no_keep_but
     ctx = replace(sample_context(), server_name="", server_label="", keep_url=None)
     r = render(NoticeKind.REMINDER, ctx)
     assert "your server on Example JupyterHub" in r.text
-    assert "keep it running" not in r.text and "Keep running" not in r.html
+    assert "one click" not in r.text and "Keep running" not in r.html
     [actions] = [b for b in r.slack_blocks if b["type"] == "actions"]
     assert [e["text"]["text"] for e in actions["elements"]] == ["Open my server", "Control panel"]
 
@@ -73,8 +74,8 @@ def test_slack_blocks_carry_link_buttons_to_open_keep_and_control_panel() -> Non
     r = render(NoticeKind.FINAL, ctx)
     [actions] = [b for b in r.slack_blocks if b["type"] == "actions"]
     assert [(e["type"], e["text"]["text"], e["url"]) for e in actions["elements"]] == [
+        ("button", "Keep running for 2h", ctx.keep_url),
         ("button", "Open my server", ctx.server_url),
-        ("button", "Keep running", ctx.keep_url),
         ("button", "Control panel", ctx.control_panel_url),
     ]
     assert any(b["type"] == "context" for b in r.slack_blocks)
@@ -223,3 +224,136 @@ def test_context_from_a_stored_notice_names_the_server_where_it_runs_and_the_lin
     t = render(NoticeKind.WARNING, ctx).text
     assert 'Your server "gpu1" on Mila' in t and "Slurm job 77 on node cn-b002, partition long" in t
     assert "4 CPUs, 1 GPU, 16 GB" in t and "14:00 EST, Wed 25 Nov (in 42 min)" in t
+
+
+# --- the first 8 lines: what, why, when, what it holds, stop now, keep it ---------------------------
+#
+# A "line" (reaper.notify.render.notice_lines): in plain text a line of the body; in HTML a rendered
+# text line of the body (one per block element: h2, p, div, li, tr, br ...; a link as "text <href>";
+# the <title> is not one); in Slack a line of the message's mrkdwn text, then one per button
+# ("[label] <url>"). Blank lines do not count.
+
+_CTX = sample_context()
+_STOP = "14:00 EST, Wed 25 Nov"  # the sample's stop_at in the hub's zone
+_NOW = "13:18 EST, Wed 25 Nov"  # the sample's now (and stopped_at)
+_HOLDS = "4 CPUs, 1 GPU, 16 GB"
+_CP = _CTX.control_panel_url
+_KEEP = _CTX.keep_url
+_IDLE = {
+    "what": ['server "gpu1"', "Example JupyterHub"],
+    "why": ["window closed 3h13m ago"],
+    "when": [_STOP, "in 42 min"],
+    "holds": [_HOLDS],
+    "stop now": [_CP, "Stop My Server"],
+    "keep": [_KEEP, "2h"],
+}
+SIX_ANSWERS: dict[NoticeKind, dict[str, list[str]]] = {
+    NoticeKind.WARNING: _IDLE,
+    NoticeKind.REMINDER: {**_IDLE, "what": [*_IDLE["what"], "Reminder (notice 2)"]},
+    NoticeKind.FINAL: {**_IDLE, "what": [*_IDLE["what"], "Final notice"]},
+    NoticeKind.STOPPED: {
+        "what": ["stopped your server \"gpu1\"", "Example JupyterHub"],
+        "why": ["window closed 3h13m ago"],
+        "when": [f"stopped at {_NOW}"],
+        "holds": [_HOLDS],
+        "stop now": ["already stopped"],
+        "keep": ["Start it again", _CP],
+    },
+    NoticeKind.WALLTIME: {
+        "what": ['server "gpu1"', "Example JupyterHub", "time limit"],
+        "why": ["batch job with a time limit"],
+        "when": ["09:18 EST, Thu 26 Nov", "in 20h"],
+        "holds": [_HOLDS],
+        "stop now": [_CP, "Stop My Server"],
+        "keep": ["cannot be extended", "start a new server"],
+    },
+    NoticeKind.ORPHAN: {
+        "what": ["leftover batch job", "4242", "Example JupyterHub"],
+        "why": ["no server of Example JupyterHub owned it"],
+        "when": [f"cancelled at {_NOW}"],
+        "holds": [_HOLDS],
+        "stop now": ["already cancelled"],
+        "keep": ["nothing to keep", _CP],
+    },
+}
+
+
+@pytest.mark.parametrize("channel", ["text", "html", "slack"])
+@pytest.mark.parametrize("kind", list(NoticeKind))
+def test_the_first_8_lines_answer_what_why_when_holds_stop_now_and_keep(kind: NoticeKind, channel: str) -> None:
+    from reaper.notify.render import FIRST_LINES, notice_lines
+
+    lines = notice_lines(render(kind, _CTX), channel)
+    head = "\n".join(lines[:FIRST_LINES])
+    missing = {answer: [m for m in marks if m not in head] for answer, marks in SIX_ANSWERS[kind].items()}
+    assert not {a: m for a, m in missing.items() if m}, f"{kind}/{channel}: first {FIRST_LINES} lines:\n{head}"
+    # and the details come after: where it runs is not crowding the answers out
+    assert "cn-a001" in "\n".join(lines[FIRST_LINES - 2:]) or kind is NoticeKind.ORPHAN
+
+
+@pytest.mark.parametrize("channel", ["text", "html", "slack"])
+@pytest.mark.parametrize("kind", list(NoticeKind))
+def test_the_answers_keep_their_place_when_the_facts_are_unknown(kind: NoticeKind, channel: str) -> None:
+    from reaper.notify.render import FIRST_LINES, _sparse_context, notice_lines
+
+    head = notice_lines(render(kind, _sparse_context()), channel)[:FIRST_LINES]
+    labels = ["Why:", "When:", "Stop it now", "Holds:" if kind in SIX_ANSWERS and kind not in (
+        NoticeKind.STOPPED, NoticeKind.ORPHAN) else "Held:"]
+    for label in labels:
+        assert any(label in ln for ln in head), (kind, channel, label, head)
+    assert any(("Keep it" in ln or "Start it again" in ln) for ln in head), head
+    assert "None" not in "\n".join(head)
+
+
+def test_the_slack_keep_button_is_the_signed_link_and_walltime_offers_none() -> None:
+    r = render(NoticeKind.WARNING, _CTX)
+    [actions] = [b for b in r.slack_blocks if b["type"] == "actions"]
+    assert actions["elements"][0]["url"] == _KEEP and actions["elements"][0]["text"]["text"] == "Keep running for 2h"
+    w = render(NoticeKind.WALLTIME, _CTX)
+    [wa] = [b for b in w.slack_blocks if b["type"] == "actions"]
+    assert all(e["action_id"] != "reaper-keep" for e in wa["elements"])
+
+
+def test_html_lines_are_the_rendered_text_with_links_and_without_the_title() -> None:
+    from reaper.notify.render import RenderedNotice, notice_lines
+
+    html = ('<html><head><title>T</title><style>p{}</style></head><body><h2>Head</h2><p>a <a href="u">b</a>'
+            '<br>c</p><table><tr><td>x</td><td>y</td></tr></table>tail</body></html>')
+    r = RenderedNotice("warning", "", "", html, "", [])
+    assert notice_lines(r, "html") == ["Head", "a b <u>", "c", "x y", "tail"]
+
+
+def test_a_named_servers_display_name_is_shown() -> None:
+    from reaper.store import NoticeContext
+
+    now = datetime(2026, 11, 25, 18, 18, tzinfo=UTC)
+    notice = NoticeContext(user="alice", server="gpu1", started=now, display_name="My GPU box")
+    ctx = context_from(notice, public_url="https://hub.example.org", tz="UTC", now=now)
+    r = render(NoticeKind.WARNING, ctx)
+    assert r.text.startswith('Your server "gpu1" (My GPU box) on JupyterHub')
+    assert 'server "gpu1" (My GPU box)' in r.subject and 'server "gpu1" (My GPU box)' in r.slack_text
+    # the same name as the server's, or none: the server's name alone
+    for same in ("gpu1", None, ""):
+        ctx = context_from(NoticeContext(user="alice", server="gpu1", started=now, display_name=same),
+                           public_url="https://h", tz="UTC", now=now)
+        assert render(NoticeKind.WARNING, ctx).text.startswith('Your server "gpu1" on')
+
+
+def test_what_it_holds_comes_from_the_batch_job_and_the_options_fill_in() -> None:
+    """Our spawner's options have memory but no CPUs ("holding 4 GB" before); the sweep's batch
+    job knows CPUs, memory and GPUs."""
+    from reaper.store import NoticeContext
+
+    now = datetime(2026, 11, 25, 18, 18, tzinfo=UTC)
+    opts = {"partition": "gpu", "memory": "4G", "runtime": "8:00:00"}
+    before = context_from(NoticeContext(user="a", started=now, user_options=opts), public_url="https://h", tz="UTC",
+                          now=now)
+    assert before.resources() == "4 GB"
+    held = context_from(NoticeContext(user="a", started=now, user_options=opts,
+                                      held={"cpus": 8, "mem_mb": 16384, "gpus": 2}),
+                        public_url="https://h", tz="UTC", now=now)
+    assert held.resources() == "8 CPUs, 2 GPUs, 16 GB"
+    assert "Holds: 8 CPUs, 2 GPUs, 16 GB." in render(NoticeKind.WARNING, held).text
+    partial = context_from(NoticeContext(user="a", started=now, user_options=opts, held={"cpus": 2}),
+                           public_url="https://h", tz="UTC", now=now)
+    assert partial.resources() == "2 CPUs, 4 GB"

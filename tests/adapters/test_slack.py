@@ -57,10 +57,11 @@ async def test_lookup_then_dm_sends_the_documented_payloads(slack: SlackStandin)
     assert "14:00 EST, Wed 25 Nov" in section["text"]["text"]
     [actions] = [b for b in msg["blocks"] if b["type"] == "actions"]
     assert [(e["text"]["text"], e["url"]) for e in actions["elements"]] == [
+        ("Keep running for 2h", "https://hub.example.org/services/reaper/keep-link?t=SAMPLE.TOKEN"),
         ("Open my server", "https://hub.example.org/user/alice/gpu1/"),
-        ("Keep running", "https://hub.example.org/services/reaper/keep/alice/gpu1"),
         ("Control panel", "https://hub.example.org/hub/home"),
     ]
+    assert actions["elements"][0]["style"] == "primary"
     assert msg["unfurl_links"] is False
 
 

@@ -305,6 +305,12 @@ class RealHub:
     spawner: "local" (SimpleLocalProcessSpawner) or "slurm" (reaper.hubside.spawner.SlurmSpawner; pass
         SLURM_CONF and the like in extra_env).
     activity_interval: the hub's last_activity_interval and the servers' JUPYTERHUB_ACTIVITY_INTERVAL.
+    auth: the shipped config's REAPER_HUB_AUTH ("shared-password", or "google" with its
+        REAPER_GOOGLE_* settings in extra_env).
+    companion: the single-user servers load the companion extension reaper.singleuser (on by default;
+        False: never, even where their environment enables it). Servers run from this venv with this
+        process's PYTHONPATH (REAPER_HUB_SINGLEUSER_PYTHONPATH: the local spawner would keep it, a Slurm
+        job would not), so they load the checkout's reaper.singleuser.
     """
 
     def __init__(
@@ -318,6 +324,8 @@ class RealHub:
         service_url: str | None = None,
         extra_env: Mapping[str, str] | None = None,
         config_file: Path = HUB_CONFIG,
+        auth: str = "shared-password",
+        companion: bool = True,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.state_dir = self.workdir / "state"
@@ -329,6 +337,8 @@ class RealHub:
         self.service_url = service_url
         self.extra_env = dict(extra_env or {})
         self.config_file = config_file
+        self.auth = auth
+        self.companion = companion
         self.public_port, self.hub_port, self.proxy_api_port = free_ports(3)
         self.admin_token = secrets.token_hex(32)
         self.service_token = secrets.token_hex(32)
@@ -359,8 +369,12 @@ class RealHub:
                 "REAPER_SERVICE_TOKEN": self.service_token,
                 "REAPER_HUB_ACTIVITY_INTERVAL": str(self.activity_interval),
                 "REAPER_MANAGED": "1" if self.managed else "0",
+                "REAPER_HUB_AUTH": self.auth,
+                "REAPER_HUB_COMPANION": "1" if self.companion else "0",
             }
         )
+        if env.get("PYTHONPATH"):
+            env["REAPER_HUB_SINGLEUSER_PYTHONPATH"] = env["PYTHONPATH"]
         env.pop("CONFIGPROXY_AUTH_TOKEN", None)
         if self.reaper_config is not None:
             env["REAPER_CONFIG"] = str(self.reaper_config)

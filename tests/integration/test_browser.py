@@ -130,7 +130,7 @@ def test_user_keeps_then_stops_their_server_in_a_real_browser(tmp_path):
                 browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
                 try:
                     page = browser.new_page()
-                    # 2. the link leads to the hub's login, then back to the page (the hub's OAuth, reaper.web.login)
+                    # 2. the link leads to the hub's login, then back to the page (JupyterHub's HubOAuth, reaper.web.auth)
                     page.goto(url)
                     page.fill("input[name=username]", user)
                     page.fill("input[name=password]", hub.password)

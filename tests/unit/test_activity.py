@@ -1,11 +1,28 @@
 """Classification of hub data + probe results (pure), on the measured browser behaviour of STACK.md."""
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from reaper.core.activity import classify, confirm_detached, needs_probe
-from reaper.core.model import History, HubServer, Kernel, Probe, State
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reaper.core.activity import classify, classify_work, confirm_detached, needs_probe
+from reaper.core.model import (
+    CpuSample,
+    History,
+    HubServer,
+    Kernel,
+    Observation,
+    Probe,
+    Program,
+    State,
+    Where,
+    Work,
+)
+from reaper.hub.probe import ProbeFailure, parse_activity
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "api-jupyterhub-6.1.1"
 NOW = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
@@ -203,3 +220,258 @@ def test_a_failed_or_fresh_status_confirms_nothing():
                 last_detail="no browser connected, kernel idle")
     assert confirm_detached(server(), status(1), h, NOW) is None
     assert confirm_detached(server(), status(1), h, NOW, fresh_within=timedelta(seconds=30)) is not None
+
+
+# --------------------------------------------------------------------------- work: a program running
+
+M = timedelta(minutes=1)
+H = timedelta(hours=1)
+
+
+def detached(since: datetime = ts(120)) -> Observation:
+    return Observation(server=server(), state=State.DETACHED, at=NOW, last_activity=since, detached_since=since,
+                       detail="no browser connected, kernel idle", probed=True)
+
+
+def terminal_program(name="python", cpu=60.0, started=ts(60), pid=100, fg=True) -> Program:
+    return Program(name=name, where=Where.TERMINAL, source="1", cpu_seconds=cpu, started=started, pid=pid,
+                   foreground=fg)
+
+
+def companion(*programs: Program) -> Work:
+    return Work(programs=programs, companion="ok", batch="absent")
+
+
+def remember(obs: Observation, history: History = History()) -> History:
+    """The history the next look reads after recording ``obs`` (as the store keeps it)."""
+    assert obs.memory is not None
+    return replace(history, last_state=obs.state.value, last_detail=obs.detail, samples=obs.memory.samples,
+                   working_at=obs.memory.working_at)
+
+
+def test_a_silent_cpu_loop_in_a_closed_terminal_is_working_and_named():
+    # first look: measured since the process started (60 s of CPU in an hour: 1.7 % of a core... below 2 %)
+    low = classify_work(detached(), companion(terminal_program(cpu=60.0, fg=False)), History(), NOW)
+    assert low.state is State.DETACHED
+    # 3 minutes of CPU in an hour: 5 %: working
+    obs = classify_work(detached(), companion(terminal_program(cpu=180.0, fg=False)), History(), NOW)
+    assert obs.state is State.WORKING and obs.detached_since is None
+    assert obs.detail == "python in terminal 1 used 3m of CPU since it started 1h ago"
+    assert obs.memory is not None and obs.memory.working_at == NOW
+    # the next look measures since this one: 14 min of CPU in the last hour
+    later = classify_work(replace(detached(), at=NOW + H),
+                          companion(terminal_program(cpu=180.0 + 14 * 60, fg=False)), remember(obs), NOW + H)
+    assert later.state is State.WORKING
+    assert later.detail == "python in terminal 1 used 14m of CPU in the last 1h"
+
+
+def test_a_program_that_stopped_using_cpu_is_no_longer_working_unless_in_a_terminals_foreground():
+    first = classify_work(detached(), companion(terminal_program(cpu=600.0, fg=False)), History(), NOW)
+    assert first.state is State.WORKING
+    same = classify_work(detached(), companion(terminal_program(cpu=600.5, fg=False)), remember(first), NOW + H)
+    assert same.state is State.DETACHED  # 0.5 s in an hour: a background program doing nothing
+    assert same.memory is not None and same.memory.working_at == NOW  # the last look it was working
+
+
+def test_an_idle_shell_in_a_closed_terminal_is_not_working():
+    obs = classify_work(detached(), companion(), History(), NOW)  # no process, no foreground command
+    assert obs.state is State.DETACHED and obs.detail == "no browser connected, kernel idle"
+
+
+def test_a_kernel_reporting_idle_whose_cpu_grows_is_working():
+    k = Program(name="python3", where=Where.KERNEL, source="abcd", cpu_seconds=100.0, started=ts(600), pid=7,
+                is_kernel=True, execution_state="idle")
+    base = History(samples=(CpuSample(k.key, 40.0, NOW - 10 * M, ts(600)),))
+    obs = classify_work(detached(), companion(k), base, NOW)
+    assert obs.state is State.WORKING and obs.detail == "kernel python3 (idle) used 1m of CPU in the last 10m"
+    quiet = classify_work(detached(), companion(replace(k, cpu_seconds=40.5)), base, NOW)
+    assert quiet.state is State.DETACHED
+
+
+def test_sleep_in_a_terminal_is_protected_for_protect_idle_then_idle_with_the_notice_naming_it():
+    sleep = terminal_program(name="sleep", cpu=0.0, started=ts(90))
+    obs = classify_work(detached(), companion(sleep), History(), NOW, protect_idle=2 * H)
+    assert obs.state is State.WORKING
+    assert obs.detail.startswith("sleep in terminal 1 is running (no CPU for 1h30m")
+    later = NOW + 31 * M  # 2h01m after it started, without CPU
+    after = classify_work(replace(detached(), at=later), companion(sleep), remember(obs), later, protect_idle=2 * H)
+    assert after.state is State.DETACHED
+    assert "sleep in terminal 1 has used no CPU for 2h" in after.detail
+    assert after.memory is not None and after.memory.working_at == NOW  # its spell starts no earlier
+
+
+def test_a_foreground_command_the_companion_found_no_process_for_is_protected_from_when_it_was_first_seen():
+    fg = Program(name="vim", where=Where.TERMINAL, source="2", foreground=True)  # cpu unknown
+    obs = classify_work(detached(), companion(fg), History(), NOW, protect_idle=2 * H)
+    assert obs.state is State.WORKING and "vim in terminal 2" in obs.detail
+    later = NOW + 2 * H + M
+    assert classify_work(replace(detached(), at=later), companion(fg), remember(obs), later,
+                         protect_idle=2 * H).state is State.DETACHED
+
+
+def test_the_jobs_cpu_from_the_batch_accounting_counts_the_idle_server_below_the_threshold():
+    job = Program(name="job", where=Where.JOB, source="42", cpu_seconds=30.0, started=ts(600))
+    hist = History(samples=(CpuSample(job.key, 12.0, NOW - 10 * M, ts(600)),))
+    # 18 s in 10 minutes: 3 % of a core: a program runs
+    batch = Work(programs=(job,), companion="absent", batch="ok")
+    obs = classify_work(detached(), batch, hist, NOW)
+    assert obs.state is State.WORKING and obs.detail == "job 42 used 18s of CPU in the last 10m"
+    # the idle server itself: 3 s in 10 minutes (0.5 %): not working
+    idle_job = Work(programs=(replace(job, cpu_seconds=15.0),), companion="absent", batch="ok")
+    assert classify_work(detached(), idle_job, hist, NOW).state is State.DETACHED
+
+
+def test_a_restarted_program_whose_counter_went_back_is_measured_since_its_start():
+    job = Program(name="job", where=Where.JOB, source="42", cpu_seconds=100.0, started=ts(30))
+    hist = History(samples=(CpuSample(job.key, 5000.0, NOW - 10 * M, ts(600)),))
+    obs = classify_work(detached(), Work(programs=(job,), batch="ok"), hist, NOW)
+    assert obs.state is State.WORKING and "since it started 30m ago" in obs.detail
+
+
+def test_a_rate_over_less_than_a_minute_is_not_measured_the_last_looks_verdict_stands():
+    p = terminal_program(cpu=10.0, fg=False)
+    busy = History(samples=(CpuSample(p.key, 10.0, NOW - 20 * timedelta(seconds=1), ts(60), used_at=NOW - 20 * timedelta(seconds=1)),))
+    assert classify_work(detached(), companion(p), busy, NOW).state is State.WORKING
+    quiet = History(samples=(CpuSample(p.key, 9.0, NOW - 20 * timedelta(seconds=1), ts(60)),))
+    assert classify_work(detached(), companion(p), quiet, NOW).state is State.DETACHED
+
+
+def test_no_source_answering_keeps_a_server_working_at_its_last_look_for_at_most_protect_idle():
+    failed = Work(companion="activity: timeout after 5s", batch="failed (sstat: exit 1)")
+    was = History(last_state="working", last_detail="python in terminal 1 used 3m of CPU", working_at=NOW - 5 * M)
+    obs = classify_work(detached(), failed, was, NOW, protect_idle=2 * H)
+    assert obs.state is State.WORKING and "no source answered this time" in obs.detail
+    assert obs.memory is not None and obs.memory.working_at == NOW - 5 * M  # not a new working look
+    stale = replace(was, working_at=NOW - 2 * H)
+    assert classify_work(detached(), failed, stale, NOW, protect_idle=2 * H).state is State.DETACHED
+    # never working before: a failed source changes nothing
+    assert classify_work(detached(), failed, History(), NOW).state is State.DETACHED
+    assert failed.doubt == "companion: activity: timeout after 5s; batch accounting: failed (sstat: exit 1)"
+    assert Work(companion="absent", batch="no figure for job 42").doubt is None
+
+
+def test_a_failed_source_keeps_its_samples_for_the_next_look():
+    p = terminal_program(cpu=10.0, fg=False)
+    job = Program(name="job", where=Where.JOB, source="42", cpu_seconds=20.0, started=ts(600))
+    kept = CpuSample(p.key, 9.0, NOW - 10 * M, ts(60))
+    hist = History(samples=(kept, CpuSample(job.key, 10.0, NOW - 10 * M, ts(600))))
+    obs = classify_work(detached(), Work(programs=(job,), companion="activity: HTTP 500", batch="ok"), hist, NOW)
+    assert obs.memory is not None
+    assert kept in obs.memory.samples and {s.key for s in obs.memory.samples} == {p.key, job.key}
+
+
+def test_a_busy_kernel_stays_computing_and_its_samples_are_kept():
+    comp = replace(detached(), state=State.COMPUTING, detached_since=None)
+    obs = classify_work(comp, companion(terminal_program(cpu=600.0)), History(), NOW)
+    assert obs.state is State.COMPUTING and obs.memory is not None and len(obs.memory.samples) == 1
+
+
+programs = st.builds(
+    Program,
+    name=st.sampled_from(["python", "sleep", "job"]),
+    where=st.sampled_from(list(Where)),
+    source=st.sampled_from(["1", "k", "42", None]),
+    cpu_seconds=st.none() | st.floats(min_value=0, max_value=1e6),
+    started=st.none() | st.integers(min_value=-10_000, max_value=600).map(lambda m: NOW - timedelta(minutes=m)),
+    pid=st.none() | st.integers(1, 5),
+    foreground=st.booleans(),
+)
+outcomes = st.sampled_from(["ok", "absent", "activity: timeout after 5s", "not asked"])
+
+
+@given(st.lists(programs, max_size=4), outcomes, outcomes,
+       st.sampled_from([State.DETACHED, State.ATTACHED, State.UNREACHABLE, State.COMPUTING]),
+       st.sampled_from([None, "working", "detached"]), st.integers(0, 600))
+def test_the_work_look_never_makes_a_server_look_more_idle(progs, comp, batch, state, last, worked_ago):
+    base = replace(detached(), state=state)
+    hist = History(last_state=last, working_at=NOW - timedelta(minutes=worked_ago) if last else None)
+    obs = classify_work(base, Work(programs=tuple(progs), companion=comp, batch=batch), hist, NOW)
+    assert obs.state in (state, State.WORKING)
+    assert obs.last_activity == base.last_activity  # the spell never moves earlier
+    if obs.state is not State.WORKING:
+        assert obs.detached_since == base.detached_since
+    assert obs.memory is not None and all(s.at <= NOW for s in obs.memory.samples)
+
+
+# --------------------------------------------------------------------------- the companion's report (hub adapter)
+
+REPORT = {
+    "version": 1, "now": "2026-11-25T20:00:00Z", "server": {"pid": 10, "cpu_seconds": 4.5},
+    "kernels": [{"id": "k1", "name": "python3", "pid": 11, "execution_state": "idle", "cpu_seconds": 3.0,
+                 "started": "2026-11-25T19:00:00Z"}],
+    "terminals": [{"name": "1", "pid": 12, "foreground": "python"}, {"name": "2", "pid": 13, "foreground": None},
+                  {"name": "3", "pid": 14, "foreground": "sleep"}],
+    "processes": [
+        {"pid": 20, "name": "python", "started_by": "terminal", "source": "1", "cpu_seconds": 90.0,
+         "started": "2026-11-25T19:30:00Z"},
+        {"pid": 21, "name": "python", "started_by": "kernel", "source": "k1", "cpu_seconds": 5.0,
+         "started": "2026-11-25T19:40:00Z"},
+        {"pid": 22, "name": "rsync", "started_by": "other", "source": None, "cpu_seconds": 1.0,
+         "started": "2026-11-25T19:50:00Z"},
+    ],
+}
+
+
+def test_the_companions_report_becomes_the_jobs_programs():
+    kernel_, term, child, other, sleep = parse_activity(REPORT)
+    assert kernel_.is_kernel and kernel_.label == "kernel python3 (idle)" and kernel_.cpu_seconds == 3.0
+    assert term.label == "python in terminal 1" and term.foreground and term.cpu_seconds == 90.0
+    assert term.started == datetime(2026, 11, 25, 19, 30, tzinfo=UTC)
+    assert child.where is Where.KERNEL and not child.foreground and child.label == "python started by a kernel"
+    assert other.where is Where.OTHER and other.label == "rsync (pid 22)"
+    # terminal 3's foreground command is not among the processes: it still counts, CPU unknown
+    assert sleep.label == "sleep in terminal 3" and sleep.foreground and sleep.cpu_seconds is None
+    assert len({p.key for p in (kernel_, term, child, other, sleep)}) == 5
+
+
+@pytest.mark.parametrize("broken", [
+    [],
+    "not json",
+    {**REPORT, "version": None},
+    {**REPORT, "kernels": {"k1": {}}},
+    {**REPORT, "kernels": [{**REPORT["kernels"][0], "cpu_seconds": "3"}]},
+    {**REPORT, "processes": [{**REPORT["processes"][0], "cpu_seconds": -1}]},
+    {**REPORT, "processes": [{**REPORT["processes"][0], "started_by": "cron"}]},
+    {**REPORT, "processes": [{**REPORT["processes"][0], "started": "yesterday"}]},
+    {**REPORT, "processes": [{**REPORT["processes"][0], "pid": "20"}]},
+    {**REPORT, "terminals": [{"name": 1, "foreground": "python"}]},
+])
+def test_a_malformed_report_is_a_failed_source_never_a_partial_one(broken):
+    with pytest.raises(ProbeFailure, match="^activity: "):
+        parse_activity(broken)
+
+
+def test_the_hub_client_asks_the_companion_like_a_probe_and_reads_404_as_absent():
+    import asyncio
+
+    from reaper.hub import Answer, HubClient, TransportTimeout
+
+    class Scripted:
+        def __init__(self, answers):
+            self.answers, self.sent = list(answers), []
+
+        async def send(self, method, url, headers, body, seconds):
+            self.sent.append((method, url, headers.get("Authorization")))
+            a = self.answers.pop(0)
+            if isinstance(a, Exception):
+                raise a
+            return a
+
+        async def aclose(self):
+            return None
+
+    def ask(*answers):
+        probes = Scripted(answers)
+        client = HubClient("http://127.0.0.1:1/hub/api", "tok", transports=(Scripted([]), probes))
+        sv = server(target="http://127.0.0.1:5", url="/user/alice/")
+        return asyncio.run(client.activity(sv)), probes.sent
+
+    work, sent = ask(Answer(200, json.dumps(REPORT).encode()))
+    assert work.companion == "ok" and len(work.programs) == 5
+    assert sent == [("GET", "http://127.0.0.1:5/user/alice/api/reaper/activity?no_track_activity=1", "token tok")]
+    assert ask(Answer(404, b"{}"))[0] == Work(companion="absent")
+    assert ask(Answer(200, b"{not json"))[0].companion == "activity: invalid JSON"
+    assert ask(Answer(200, b'{"version": 1, "processes": 3}'))[0].companion.startswith("activity: processes")
+    slow, sent = ask(TransportTimeout("ReadTimeout", "slow"), TransportTimeout("ReadTimeout", "slow"))
+    assert slow.companion == "activity: timeout after 5s" and len(sent) == 2  # retried once, as a probe
+    assert ask(Answer(403, b""))[0].companion == "activity: HTTP 403"

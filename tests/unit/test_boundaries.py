@@ -1,4 +1,5 @@
-"""The layers' import rules: the pure core (reaper/core) imports only the standard library,
+"""The layers' import rules (and the companion's: reaper/singleuser runs in the user's environment and imports only
+the standard library, tornado, jupyter_server, psutil and itself): the pure core (reaper/core) imports only the standard library,
 itself and reaper.units (pure helpers for times and sizes, which import only the standard library); config.py imports no adapter (web, batch, notify, store, hub), so validating a file builds
 none of them. Checked twice: the import statements as written (every one, also inside functions)
 and the modules a fresh interpreter really loads."""
@@ -90,3 +91,29 @@ def test_validating_a_whole_config_builds_no_adapter():
     )
     assert "reaper.config" in loaded
     assert not {m for m in loaded if m.startswith(ADAPTERS)}
+
+
+# The companion runs in the USER's single-user environment, which has none of the reaper's dependencies.
+SINGLEUSER = ROOT / "reaper" / "singleuser"
+SINGLEUSER_MAY_IMPORT = ("tornado", "jupyter_server", "psutil")
+
+
+def test_the_companion_imports_only_the_standard_library_tornado_jupyter_server_psutil_and_itself():
+    files = sorted(SINGLEUSER.glob("*.py"))
+    assert {f.stem for f in files} >= {"__init__", "activity", "processes"}
+    for f in files:
+        for name, _ in imports(f, "reaper.singleuser"):
+            root = name.split(".")[0]
+            assert (
+                name == "reaper.singleuser" or name.startswith("reaper.singleuser.")
+                or root in SINGLEUSER_MAY_IMPORT or (root in sys.stdlib_module_names and root != "reaper")
+            ), f"{f.relative_to(ROOT)} imports {name}: the companion imports only the standard library, tornado, " \
+               "jupyter_server, psutil and reaper.singleuser"
+
+
+def test_loading_the_companion_loads_no_other_part_of_the_reaper():
+    modules = [f"reaper.singleuser.{f.stem}" for f in sorted(SINGLEUSER.glob("*.py")) if f.stem != "__init__"]
+    loaded = loaded_after("import reaper.singleuser\n" + "\n".join(f"import {m}" for m in modules))
+    assert set(modules) <= loaded
+    assert {m for m in loaded if m.startswith("reaper")} <= {"reaper", "reaper.singleuser", *modules}
+    assert not {m for m in loaded if m.split(".")[0] in ("pydantic", "yaml", "sqlalchemy", "httpx", "alembic")}

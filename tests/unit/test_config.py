@@ -192,3 +192,30 @@ def test_rules_become_the_cores_frozen_types():
     assert s.default_rule().match.is_catch_all() and not gpu.match.is_catch_all()
     with pytest.raises(FrozenInstanceError):
         gpu.name = "other"  # type: ignore[misc]
+
+
+def test_the_working_keys_are_typed_converted_to_the_cores_rule_and_shipped_with_their_defaults():
+    shipped = load_settings(ROOT / "config.yaml", env={})
+    assert shipped.probe.working_cpu == 0.02 and shipped.probe.companion is True
+    assert shipped.working.protect_idle == timedelta(hours=2)
+    assert shipped.default_rule().working == "protect"
+    s = parse_settings("probe: {working_cpu: '5%', companion: false}\nworking: {protect_idle: 30m}\n"
+                       "rules: [{name: batch, match: {groups: [hpc]}, working: count}, {name: other, match: {users: [x]}}]\n",
+                       env={})
+    assert s.probe.working_cpu == 0.05 and not s.probe.companion
+    batch, other = s.resolved_rules()
+    assert batch.working == "count" and other.working == "protect"  # unset: from defaults
+    assert batch.protect_idle == other.protect_idle == s.default_rule().protect_idle == timedelta(minutes=30)
+    assert parse_settings("probe: {working_cpu: 0.5}", env={}).probe.working_cpu == 0.5
+    assert parse_settings("probe: {working_cpu: 150%}", env={}).probe.working_cpu == 1.5
+
+
+@pytest.mark.parametrize("bad", ["0%", "-2%", "two", "true", "[1]", "0"])
+def test_a_bad_working_cpu_names_its_key_and_line(bad):
+    msg = err(f"sweep_every: 5m\nprobe:\n  working_cpu: {bad}\n")
+    assert "site.yaml:3" in msg and "probe.working_cpu" in msg
+
+
+def test_a_bad_working_mode_or_protect_idle_names_its_key():
+    assert "defaults.working" in err("defaults:\n  working: forever\n")
+    assert "working.protect_idle" in err("working:\n  protect_idle: -5m\n")

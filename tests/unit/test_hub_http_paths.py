@@ -12,7 +12,6 @@ import pytest
 from benchmarks.hubsim import HubSim, Population
 from reaper.hub import HubClient, HubError, HubOptions, ProbeOptions
 from reaper.hub.transport import AiohttpTransport
-from reaper.web.login import HubAuth
 
 TOKEN = "sim-token"
 
@@ -115,59 +114,6 @@ def test_the_default_path_never_imports_httpx() -> None:
             "print('httpx' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
-
-
-@pytest.mark.parametrize("http", ["aiohttp", "httpx"])
-async def test_the_pages_login_calls_answer_alike_on_both_paths(http: str) -> None:
-    # GET /user with the user's token (not the service's), and the code traded once, by POST with
-    # the form the hub's token endpoint reads (client secret = the service's token, PKCE verifier)
-    from aiohttp import web
-
-    seen: list[tuple[str, str, dict[str, str]]] = []
-
-    async def user(request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization", "")
-        seen.append(("GET", auth, {}))
-        if auth == "token user-token":
-            return web.json_response({"kind": "user", "name": "alice", "scopes": ["access:services"]})
-        return web.json_response({"status": 403, "message": "no such token"}, status=403)
-
-    async def token(request: web.Request) -> web.Response:
-        form = dict(await request.post())
-        seen.append(("POST", request.headers.get("Authorization", ""), form))
-        if form.get("code") == "good":
-            return web.json_response({"access_token": "user-token", "token_type": "Bearer"})
-        return web.json_response({"error": "invalid_grant"}, status=400)
-
-    app = web.Application()
-    app.router.add_get("/hub/api/user", user)
-    app.router.add_post("/hub/api/oauth2/token", token)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with client(f"http://127.0.0.1:{port}/hub/api", http) as hub_client:
-            login = HubAuth(hub_client.api)
-            got = await login.oauth_token(client_id="service-reaper", code="good",
-                                          redirect_uri="/services/reaper/oauth_callback", code_verifier="v" * 43)
-            assert got == "user-token"
-            assert (await login.identify("user-token"))["name"] == "alice"
-            assert await login.identify("unknown") is None
-            with pytest.raises(HubError, match="invalid_grant"):
-                await login.oauth_token(client_id="service-reaper", code="used", redirect_uri="/cb", code_verifier="v")
-        # a wrong API address (404) is an error, not "nobody": it must not log everyone out
-        async with client(f"http://127.0.0.1:{port}/wrong/api", http) as wrong:
-            with pytest.raises(HubError, match="HTTP 404"):
-                await HubAuth(wrong.api).identify("user-token")
-    finally:
-        await runner.cleanup()
-    posts = [s for s in seen if s[0] == "POST"]
-    assert len(posts) == 2  # a refused trade is not retried: a code is good once
-    assert posts[0][2] == {"client_id": "service-reaper", "client_secret": TOKEN, "grant_type": "authorization_code",
-                           "code": "good", "redirect_uri": "/services/reaper/oauth_callback", "code_verifier": "v" * 43}
-    assert [s[1] for s in seen if s[0] == "GET"] == ["token user-token", "token unknown"]
 
 
 @pytest.mark.parametrize("http", ["aiohttp", "httpx"])

@@ -7,7 +7,7 @@ import inspect
 
 from reaper.hub import Hub, HubClient
 
-SWEEP_NEEDS = {"list_active_servers", "get_server", "stop", "probe", "probe_status", "refresh_targets", "target_for"}
+SWEEP_NEEDS = {"list_active_servers", "get_server", "stop", "probe", "probe_status", "activity", "refresh_targets", "target_for"}
 
 
 def protocol_methods(proto: type) -> dict[str, inspect.Signature]:

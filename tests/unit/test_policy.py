@@ -15,6 +15,7 @@ from reaper.core.model import (
     Observation,
     SentNotice,
     State,
+    Work,
 )
 from reaper.core.policy import could_stop, decide, probe_horizon, select_rule
 
@@ -40,6 +41,10 @@ rules:
   - name: long-jobs
     match: {user_options: {partition: [long, "long-*"]}}
     computing: count
+  - name: batch-work
+    match: {user_options: {partition: batch}}
+    working: count
+working: {protect_idle: 2h}
 """,
     env={},
 )
@@ -206,7 +211,7 @@ def test_pending_server_is_ok():
 
 # ---------------------------------------------------------------- properties
 
-states = st.sampled_from([State.DETACHED, State.ATTACHED, State.COMPUTING, State.UNREACHABLE])
+states = st.sampled_from([State.DETACHED, State.ATTACHED, State.COMPUTING, State.UNREACHABLE, State.WORKING])
 durations = st.integers(min_value=0, max_value=80 * 3600).map(lambda s: timedelta(seconds=s))
 kinds = st.sampled_from(list(NoticeKind)[:3])
 
@@ -216,7 +221,7 @@ def scenario(draw):
     state = draw(states)
     idle = draw(durations)
     age = idle + draw(durations)
-    opts = draw(st.sampled_from([{}, {"gpus": 1}, {"partition": "long"}]))
+    opts = draw(st.sampled_from([{}, {"gpus": 1}, {"partition": "long"}, {"partition": "batch"}]))
     groups = draw(st.sampled_from([(), ("staff",), ("students",)]))
     server = srv(started=NOW - age, user_options=opts, groups=groups)
     o = obs(state, idle=idle, server=server, connected=draw(st.booleans()))
@@ -230,7 +235,8 @@ def scenario(draw):
         )
         for _ in range(draw(st.integers(0, 4)))
     )
-    return o, History(notices=notices)
+    working_at = draw(st.one_of(st.none(), durations.map(lambda t: NOW - t)))
+    return o, History(notices=notices, working_at=working_at)
 
 
 @settings(max_examples=400, deadline=None)
@@ -321,3 +327,74 @@ def test_every_decision_has_a_reason_and_a_notice_only_when_it_sends_one(sc):
         assert dec.notice is not None
     else:
         assert dec.notice is None
+
+
+
+# ---------------------------------------------------------------- working (a program running)
+
+
+def working(idle=4 * H, server=None, detail="python in terminal 1 used 14m of CPU in the last 1h") -> Observation:
+    return dc_replace(obs(State.WORKING, idle=idle, server=server), detail=detail)
+
+
+def test_a_working_server_under_protect_gets_no_notice_and_no_stop_and_its_reason_names_the_program():
+    o = working()
+    spell = o.idle_since
+    h = History(notices=(notice(NoticeKind.FINAL, spell, NOW - 2 * H),))  # a final notice long delivered
+    for hist in (History(), h):
+        dec = d(o, hist)
+        assert dec.action is Action.OK and dec.notice is None and dec.stop_at is None
+        assert dec.reason == ("working: python in terminal 1 used 14m of CPU in the last 1h; "
+                              "a running program is protected (defaults)")
+
+
+def test_max_age_still_ends_a_working_server():
+    s = srv(started=NOW - 3 * 24 * H, user_options={"gpus": 1})  # rule gpu: max_age 2d
+    o = working(server=s)
+    h = History(notices=(notice(NoticeKind.FINAL, None, NOW - 2 * H),))
+    dec = d(o, h)
+    assert dec.action is Action.STOP and dec.spell is None and "running for 3d" in dec.reason
+
+
+def test_working_count_counts_a_working_server_as_idle():
+    o = working(idle=70 * M, server=srv(user_options={"partition": "batch"}))
+    dec = d(o)
+    assert dec.action is Action.WARN and dec.rule == "batch-work"
+    assert dec.reason.startswith("python in terminal 1 used 14m of CPU in the last 1h, counted as idle by policy")
+
+
+def test_when_a_server_stops_working_its_idle_spell_starts_no_earlier_than_the_last_working_look():
+    o = obs(idle=4 * H)  # its kernels say idle for 4h ...
+    was = NOW - 20 * M  # ... but a program ran until 20 minutes ago
+    dec = d(o, History(working_at=was))
+    assert dec.action is Action.OK and dec.spell == was and "warning at 20:40" in dec.reason
+    # count: the program never counted, the spell is the kernels'
+    dec = d(dc_replace(o, server=srv(user_options={"partition": "batch"})), History(working_at=was))
+    assert dec.spell == o.idle_since and dec.action is Action.FINAL
+    # activity after the program ended starts the spell later still
+    assert d(obs(idle=10 * M), History(working_at=was)).spell == NOW - 10 * M
+
+
+def test_a_stop_waits_while_a_source_of_the_work_look_fails_for_at_most_protect_idle():
+    o = dc_replace(obs(idle=5 * H), work=Work(companion="activity: timeout after 5s", batch="absent"))
+    spell = o.idle_since
+    h = History(notices=(notice(NoticeKind.FINAL, spell, NOW - 31 * M),))  # stop due at NOW - 1 min
+    dec = d(o, h)
+    assert dec.action is Action.OK and "stop held: could not tell whether a program runs" in dec.reason
+    assert "companion: activity: timeout after 5s" in dec.reason
+    assert d(o, h, now=NOW + 2 * H).action is Action.STOP  # not forever: protect_idle after it was due
+    absent = dc_replace(o, work=Work(companion="absent", batch="no figure for job 42"))
+    assert d(absent, h).action is Action.STOP  # absent sources are no doubt: decided as before
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenario())
+def test_never_stop_a_working_server_under_protect_unless_max_age(sc):
+    o, h = sc
+    o = dc_replace(o, state=State.WORKING, detached_since=None)
+    r = rule_for(o.server)
+    for now in (NOW, NOW + 10 * H, NOW + 1000 * H):
+        dec = decide(dc_replace(o, at=now), h, r, now, UTC)
+        if r.working == "protect":
+            assert dec.action is not Action.STOP or dec.spell is None  # only the run-wide max_age
+            assert dec.notice in (None, NoticeKind.FINAL) and (dec.notice is None or dec.spell is None)

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, inspect, select, text
 
 from reaper.core.model import Action, Decision, History, HubServer, NoticeKind, Observation, RunKey, State
-from reaper.store import VERSION_TABLE, NoticeContext, Store
+from reaper.store import HEAD_REVISION, VERSION_TABLE, NoticeContext, Store
 from reaper.store.models import DECISIONS, metadata
 from tests.harness import require_real_part
 from tests.harness.postgres import PostgresUnavailable, fresh_database, postgres_available, postgres_server
@@ -142,13 +143,13 @@ def test_migrations_upgrade_to_head_and_downgrade_to_base_cleanly(db_url: str) -
     try:
         assert s.db.current_revision() is None
         s.db.upgrade()
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == HEAD_REVISION
         assert TABLES <= set(inspect(s.engine).get_table_names())
         s.db.downgrade("base")
         assert s.db.current_revision() is None
         assert set(inspect(s.engine).get_table_names()) <= {VERSION_TABLE}
         s.db.upgrade("head")  # and back up again, on the same database
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == HEAD_REVISION
         assert s.runs.open_runs() == []
     finally:
         s.close()
@@ -173,7 +174,7 @@ def test_stored_revision_reads_what_alembic_reads(db_url: str) -> None:
         s.db.upgrade("0001")
         assert s.db.stored_revision() == s.db.current_revision() == "0001"
         s.db.upgrade()
-        assert s.db.stored_revision() == s.db.current_revision() == "0002"
+        assert s.db.stored_revision() == s.db.current_revision() == HEAD_REVISION
     finally:
         s.close()
 
@@ -197,15 +198,15 @@ def _isolated_open(url: str) -> list[str]:
 def test_isolated_open_migrates_in_a_child_and_never_loads_alembic(db_url: str) -> None:
     # a new database, one a revision behind, and one at head: all end at head, and the opening
     # process (the service) has not imported alembic in any of them
-    assert _isolated_open(db_url) == ["0002", "False"]
+    assert _isolated_open(db_url) == [HEAD_REVISION, "False"]
     s = Store.open(db_url, upgrade=False)
     s.db.downgrade("0001")
     s.close()
-    assert _isolated_open(db_url) == ["0002", "False"]
-    assert _isolated_open(db_url) == ["0002", "False"]
+    assert _isolated_open(db_url) == [HEAD_REVISION, "False"]
+    assert _isolated_open(db_url) == [HEAD_REVISION, "False"]
     s = Store.open(db_url, upgrade=False)
     try:
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == HEAD_REVISION
         assert s.runs.open_runs() == []
     finally:
         s.close()
@@ -224,7 +225,7 @@ def test_isolated_open_reports_a_failed_migration(tmp_path: Path) -> None:
 def test_in_memory_database_is_migrated_in_process() -> None:
     s = Store.open("sqlite://", isolated=True)  # no other process could see it
     try:
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == HEAD_REVISION
     finally:
         s.close()
 
@@ -262,7 +263,7 @@ def test_alembic_command_line_takes_the_url_from_the_environment(tmp_path: Path)
     assert p.returncode == 0, p.stderr
     s = Store.open(f"sqlite:///{db}", upgrade=False)
     try:
-        assert s.db.current_revision() == "0002"
+        assert s.db.current_revision() == HEAD_REVISION
     finally:
         s.close()
 
@@ -840,3 +841,34 @@ def test_could_stop_runs_is_could_stop_over_generated_histories(
         asked = [RunKey(k.user, k.server, k.started.astimezone(CEST)) for k in asked]
     histories = store.runs.histories(asked)
     assert store.runs.could_stop_runs(asked) == {k for k in asked if could_stop(histories[k])}
+
+
+def test_the_work_looks_memory_survives_a_restart_and_a_look_without_it_leaves_it_alone(db_url: str) -> None:
+    from reaper.core.model import CpuSample, WorkMemory
+
+    sv = server()
+    key = sv.run_key()
+    assert key is not None
+    at = T0 + timedelta(hours=1)
+    samples = (CpuSample("pid:20@2026-11-25T11:30:00+00:00", 90.5, at, T0 - timedelta(minutes=30), at),
+               CpuSample("job:42", 12.0, at, T0.astimezone(CEST)))
+    obs = replace(observe(sv, at, State.WORKING), detail="python in terminal 1 used 1m of CPU",
+                  memory=WorkMemory(samples, at))
+    s = Store.open(db_url)
+    try:
+        s.runs.record(obs, decision(Action.OK, None, None), at)
+    finally:
+        s.close()
+    s = Store.open(db_url)  # a restart
+    try:
+        h = s.runs.histories([key])[key]
+        assert h.samples == samples and h.working_at == at and h.last_state == "working"
+        assert all(x.since.utcoffset() == timedelta(0) for x in h.samples)
+        later = at + timedelta(minutes=5)
+        s.runs.record(observe(sv, later), decision(Action.OK, None, None), later)  # no work look this time
+        h = s.runs.histories([key])[key]
+        assert h.samples == samples and h.working_at == at and h.last_state == "detached"
+        (row,) = s.reports.runs_overview()
+        assert row.working_at == at
+    finally:
+        s.close()

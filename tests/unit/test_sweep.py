@@ -6,11 +6,13 @@ from dataclasses import replace as dc_replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
 from reaper.config import parse_settings
-from reaper.core.model import Action, HubServer, Kernel, NoticeKind, Probe, State
+from reaper.core.model import Action, HubServer, Kernel, NoticeKind, Probe, Program, State, Where, Work
 from reaper.notify.outbox import LogChannel, Outbox
 from reaper.store import Store
+from reaper.store.models import NOTICES
 from reaper.sweep import Sweeper, format_table
 from tests.fakes import Clock, FakeHub
 
@@ -207,6 +209,9 @@ async def test_streamed_stop_goes_out_right_after_its_own_look_and_is_recorded_a
 
         async def reconcile(self, servers, jobs, now, *, dry_run=False):
             return []
+
+        async def cpu_usage(self, job_ids):  # no batch accounting: every job unknown
+            return {}
 
         async def after_stop(self, server, outcome, now):
             # by the time the batch-system guard looks, the stop is durable
@@ -634,3 +639,69 @@ async def test_status_alone_can_be_turned_off(store):
         await sw.run_once()
         clock.advance(5 * M)
     assert hub.probe_calls == [("alice", "")] * 3 and hub.status_calls == []
+
+
+# --------------------------------------------------------------------------- working: a program running
+
+
+def sleep_in_terminal(started: datetime) -> Work:
+    """`sleep 100000` in terminal 1, its tab closed: in the foreground, using no CPU."""
+    return Work(programs=(Program("sleep", Where.TERMINAL, "1", 0.0, started, 321, foreground=True),),
+                companion="ok")
+
+
+async def test_sleep_in_a_terminal_is_protected_for_protect_idle_only_then_warned_and_stopped_naming_it(store):
+    hub, clock, srv, sw = one_detached(store, T0 - 2 * timedelta(hours=1))
+    key = srv.run_key()
+    hub.activities[("alice", "")] = sleep_in_terminal(T0 - 30 * M)
+
+    r = await sw.run_once()  # due for a warning, but a command runs in terminal 1
+    assert r.rows[0].obs.state is State.WORKING and r.rows[0].decision.action is Action.OK
+    assert "sleep in terminal 1 is running (no CPU for 30m" in r.rows[0].decision.reason
+    assert kinds(store, key) == []
+
+    clock.advance(85 * M)  # 1h55m without CPU: still protected; a new process (the memory is the store's)
+    sw = make(store, hub, clock)
+    r = await sw.run_once()
+    assert r.rows[0].obs.state is State.WORKING and kinds(store, key) == []
+    assert store.runs.histories([key])[key].working_at == clock.now
+
+    clock.advance(10 * M)  # 2h05m: no longer protected; idle from the last look that saw it working
+    r = await sw.run_once()
+    row = r.rows[0]
+    assert row.obs.state is State.DETACHED and "sleep in terminal 1 has used no CPU for 2h05m" in row.obs.detail
+    assert row.decision.action is Action.OK and row.decision.spell == T0 + 85 * M
+    assert kinds(store, key) == []
+
+    clock.advance(60 * M)  # 1h after the spell began: the warning names it
+    r = await sw.run_once()
+    assert r.rows[0].decision.action is Action.WARN
+    assert kinds(store, key) == [NoticeKind.WARNING]
+    (notice,) = store.reports.recent_notices(T0)
+    with store.db.read() as s:  # what the notice will say: its context, as queued
+        ctx = s.execute(select(NOTICES.c.context).where(NOTICES.c.id == notice.id)).scalar_one()
+    assert "sleep in terminal 1 has used no CPU for 3h05m" in ctx["detail"]
+
+    for _ in range(8):  # reminders, the final notice, the stop: as for any idle server
+        clock.advance(30 * M)
+        await sw.run_once()
+    assert hub.stops == [("alice", "")]
+    assert NoticeKind.FINAL in kinds(store, key)
+
+
+async def test_a_python_loop_in_a_closed_terminal_is_never_stopped_and_the_companion_is_asked_once_a_sweep(store):
+    hub, clock, srv, sw = one_detached(store, T0 - 4 * timedelta(hours=1))
+    cpu = 0.0
+    for i in range(12):  # 6 hours: past warn_after and stop_after many times over
+        cpu += 0.1 * 30 * 60  # 10 % of a core
+        hub.activities[("alice", "")] = Work(
+            programs=(Program("python", Where.TERMINAL, "1", cpu, T0 - 30 * M, 99),), companion="ok")
+        r = await sw.run_once()
+        assert r.rows[0].obs.state is State.WORKING, r.rows[0].obs.detail
+        assert r.rows[0].decision.action is Action.OK
+        assert len(hub.activity_calls) == i + 1  # one request per sweep for this server
+        clock.advance(30 * M)
+    assert hub.stops == [] and kinds(store, srv.run_key()) == []
+    assert "python in terminal 1 used 3m of CPU in the last 30m" in r.rows[0].decision.reason
+    line = format_table(r, UTC).splitlines()[1]  # the dry-run table: no idle time, what runs
+    assert line.split()[2:4] == ["working", "-"] and "python in terminal 1 used 3m of CPU" in line

@@ -5,16 +5,29 @@ no database, and a dry run must write nothing."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from reaper.batch.base import Job, JobState
+from reaper.batch.base import BatchError, Job, JobState
 from reaper.batch.guard import JobGuard
 from reaper.config import parse_settings
-from reaper.core.model import Action, History, HubServer, Kernel, NoticeKind, Probe, SentNotice, State
+from reaper.core.model import (
+    Action,
+    History,
+    HubServer,
+    Kernel,
+    NoticeKind,
+    Probe,
+    Program,
+    SentNotice,
+    State,
+    Where,
+    Work,
+)
 from reaper.hub import HubListingError
 from reaper.stops import Asked, StopOutcome, Stops, stop_record
 from reaper.sweep import DryEffects, Effects, Row, Sweeper, SweepResult, SweepRun
@@ -79,10 +92,20 @@ class ReadOnlyStore:
 class JobsGuard:
     """A batch guard (reaper.ports.Guard) that knows the hub's jobs and records what it was asked."""
 
-    def __init__(self, jobs: dict[str, Job] | None = None) -> None:
+    def __init__(self, jobs: dict[str, Job] | None = None, cpu: dict[str, float] | None = None,
+                 cpu_error: str | None = None) -> None:
         self.jobs = jobs
         self.after: list[tuple[str, str]] = []
         self.reconciled: list[bool] = []
+        self.cpu = cpu or {}  # the batch accounting: cumulative CPU seconds per job
+        self.cpu_error = cpu_error  # cpu_usage raises BatchError with it
+        self.cpu_calls: list[list[str]] = []
+
+    async def cpu_usage(self, job_ids):
+        self.cpu_calls.append(list(job_ids))
+        if self.cpu_error is not None:
+            raise BatchError(self.cpu_error)
+        return {j: self.cpu[j] for j in job_ids if j in self.cpu}
 
     async def hub_jobs(self):
         return self.jobs
@@ -446,3 +469,141 @@ def test_the_stopped_notice_names_what_the_job_held_in_any_spawners_words():
     assert words({"nprocs": 2, "memory": 4096, "gpus": "gpu:a100:2"}).startswith("2 CPUs, 2 GPUs, 4 GB")
     assert words({}).startswith("its CPUs and memory")
     assert "5h before its walltime" in words({}, job_end=now + timedelta(hours=5))
+
+
+# --------------------------------------------------------------------------- work (what the job runs)
+
+
+def loop_in_terminal(cpu: float, started: datetime = T0 - H) -> Work:
+    """The companion's report of a silent python loop in terminal 1 (its shell closed)."""
+    return Work(programs=(Program("python", Where.TERMINAL, "1", cpu, started, 100),), companion="ok")
+
+
+def final_for(since: datetime) -> History:
+    """A run whose final notice for the spell since ``since`` went out 40 minutes ago: due to stop."""
+    return History(notices=(SentNotice(NoticeKind.FINAL, since, T0 - 40 * M, T0 - 40 * M),),
+                   last_state="detached", detached_since=since)
+
+
+async def looked(sw: Sweeper, run: SweepRun) -> dict[str, Row]:
+    await sw.collect(run)
+    return {r.obs.server.user: r for r in await sw.look(run, run.servers)}
+
+
+async def test_the_work_look_asks_only_where_it_can_change_the_decision_and_the_accounting_once_per_batch():
+    hub = FakeHub()
+    hub.add(srv("due", job="1"), idle(T0 - 2 * H))  # past warn_after: a warning without it
+    hub.add(srv("early", job="2", la=T0 - 10 * M), idle(T0 - 10 * M))  # nothing due yet
+    hub.add(srv("busy", job="3"), Probe(ok=True, status_last_activity=T0 - 2 * H,
+                                        kernels=(Kernel("k", "python3", "busy", 0, T0 - 2 * H),)))
+    hub.add(srv("was", job="4", la=T0 - 10 * M), idle(T0 - 10 * M))  # working at its last look
+    hub.add(srv("nojob", job=""), idle(T0 - 2 * H))  # due, but no batch job: the companion only
+    hub.activities[("due", "")] = loop_in_terminal(cpu=600.0)
+    guard = JobsGuard(cpu={"1": 10.0, "4": 10.0})
+    hists = {srv("was").run_key(): History(last_state="working", working_at=T0 - 5 * M)}
+    sw = sweeper(ReadOnlyStore(hists), hub, guard=guard)
+    run = run_of(sw, dry=True)
+    rows = await looked(sw, run)
+    assert sorted(hub.activity_calls) == [("due", ""), ("nojob", ""), ("was", "")]
+    assert guard.cpu_calls == [["1", "4"]] and run.res.cpu_usage_calls == 1 and run.res.companion_asks == 3
+    due = rows["due"]
+    assert due.obs.state is State.WORKING and due.decision.action is Action.OK and due.decision.notice is None
+    assert due.decision.reason == ("working: python in terminal 1 used 10m of CPU since it started 1h ago; "
+                                   "a running program is protected (defaults)")
+    assert rows["early"].obs.work is None and rows["busy"].obs.state is State.COMPUTING
+    # the program that was running has ended: idle again, from the last look that saw it working
+    assert rows["was"].obs.state is State.DETACHED and rows["was"].decision.spell == T0 - 5 * M
+
+
+async def test_nothing_is_asked_under_working_count_nor_with_the_companion_off_and_no_batch_guard():
+    hub = FakeHub()
+    hub.add(srv(), idle(T0 - 2 * H))
+    sw = sweeper(ReadOnlyStore(), hub, "  working: count\n")
+    rows = await looked(sw, run_of(sw, dry=True))
+    assert hub.activity_calls == [] and rows["alice"].decision.action is Action.WARN
+    sw = Sweeper(parse_settings(POLICY.replace("probe: {skip_fresh: false}",
+                                               "probe: {skip_fresh: false, companion: false}"), env={}),
+                 hub, ReadOnlyStore(), clock=Clock(T0))
+    rows = await looked(sw, run_of(sw, dry=True))
+    assert hub.activity_calls == [] and rows["alice"].decision.action is Action.WARN
+
+
+async def test_a_server_without_the_companion_is_told_once_per_run_and_the_batch_accounting_decides(caplog):
+    hub = FakeHub()
+    hub.add(srv(), idle(T0 - 2 * H))  # no companion report: 404, "absent"
+    job = Job("7", "alice", "jupyterhub-reaper", JobState.RUNNING, start=T0 - 5 * H)
+    guard = JobsGuard({"7": job}, cpu={"7": 5 * 3600 * 0.2})  # 20 % of a core since the job began
+    sw = sweeper(ReadOnlyStore(), hub, guard=guard)
+    with caplog.at_level(logging.INFO, logger="reaper.sweep"):
+        for _ in range(2):
+            row = (await looked(sw, run_of(sw, dry=True)))["alice"]
+            sw._log_decision(row)  # the sweep's line for the decision
+    told = [r for r in caplog.records if "no companion extension" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelno == logging.INFO
+    assert row.obs.state is State.WORKING and row.obs.detail == "job 7 used 1h of CPU since it started 5h ago"
+    assert any("alice (default): working job 7 -> ok: working: job 7 used 1h" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("companion,cpu_error", [
+    ("activity: timeout after 5s", None),  # slow
+    ("activity: invalid JSON", None),  # malformed
+    ("activity: HTTP 500", "sstat: exit 1: slurm_load_jobs error"),  # both failing
+    ("absent", "sstat: garbage on line 1"),  # no companion, the accounting failing
+])
+async def test_a_failing_source_is_one_clear_log_line_and_never_a_stop(caplog, companion, cpu_error):
+    hub = FakeHub()
+    s = srv(la=T0 - 5 * H)
+    hub.add(s, idle(T0 - 5 * H))
+    hub.activities[("alice", "")] = Work(companion=companion)
+    guard = JobsGuard(cpu_error=cpu_error)
+    store = ReadOnlyStore({s.run_key(): final_for(T0 - 5 * H)}, could={s.run_key()})
+    with caplog.at_level(logging.INFO, logger="reaper.sweep"):
+        res = await sweeper(store, hub, guard=guard).run_once(dry_run=True)
+    (row,) = res.rows
+    assert row.decision.action is Action.OK and "stop held: could not tell whether a program runs" in row.decision.reason
+    assert hub.stops == []
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if companion != "absent":
+        assert any(f"alice: companion: {companion}; never taken as idle" in m for m in lines)
+    if cpu_error:
+        assert any("batch accounting for 1 job(s) failed" in m and cpu_error in m for m in lines)
+    # without any failure, the same run is stopped (a dry run says so)
+    hub.activities[("alice", "")] = Work(companion="absent")
+    res = await sweeper(store, hub, guard=JobsGuard()).run_once(dry_run=True)
+    assert res.rows[0].decision.action is Action.STOP
+
+
+async def test_a_failure_is_logged_once_per_server_run(caplog):
+    hub = FakeHub()
+    hub.add(srv(), idle(T0 - 2 * H))
+    hub.activities[("alice", "")] = Work(companion="activity: timeout after 5s")
+    sw = sweeper(ReadOnlyStore(), hub)
+    with caplog.at_level(logging.INFO, logger="reaper.sweep"):
+        for _ in range(3):
+            await looked(sw, run_of(sw, dry=True))
+    assert sum("activity: timeout after 5s" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_server_working_at_its_last_look_that_no_source_answers_for_stays_working():
+    hub = FakeHub()
+    s = srv(la=T0 - 5 * H)
+    hub.add(s, idle(T0 - 5 * H))
+    hub.activities[("alice", "")] = Work(companion="activity: timeout after 5s")
+    was = History(last_state="working", working_at=T0 - 5 * M, last_detail="python in terminal 1 used 3m of CPU")
+    sw = sweeper(ReadOnlyStore({s.run_key(): was}), hub, guard=JobsGuard(cpu_error="sstat: timeout"))
+    row = (await looked(sw, run_of(sw, dry=True)))["alice"]
+    assert row.obs.state is State.WORKING and row.decision.action is Action.OK and row.decision.notice is None
+
+
+async def test_a_streamed_stop_waits_for_the_work_look_and_a_running_program_cancels_it():
+    hub = FakeHub()
+    s = srv(la=T0 - 5 * H)
+    hub.add(s, idle(T0 - 5 * H))
+    hub.activities[("alice", "")] = loop_in_terminal(cpu=1200.0)
+    store = ReadOnlyStore({s.run_key(): final_for(T0 - 5 * H)}, could={s.run_key()})
+    sw = sweeper(store, hub)
+    run = run_of(sw)
+    rows = await looked(sw, run)
+    assert run.stream and hub.stops == [] and rows["alice"].obs.state is State.WORKING
+    assert rows["alice"].decision.action is Action.OK

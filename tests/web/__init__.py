@@ -1,9 +1,10 @@
 """Shared fixtures of the web tests (import them: `from tests.web import make_web, web`).
 
-A started web app (real tornado server on 127.0.0.1, the real login (reaper.web.login), real
-SQLite store, real Sweeper) with a scripted hub (tests/fakes.py FakeHub, whose ``identities`` answer
-who holds a token, as GET /hub/api/user would), so cookies, xsrf and authorization run the real
-code."""
+A started web app (real tornado server on 127.0.0.1, the real login: JupyterHub's HubOAuth as
+reaper.web.auth configures it, real SQLite store, real Sweeper) with a scripted hub (tests/fakes.py
+FakeHub). The login reaches the hub over HTTP, as in production: :class:`HubAPI` serves FakeHub's
+``identities`` at GET /hub/api/user and its code trade at POST /hub/api/oauth2/token, on a port of
+its own, so cookies, xsrf, scopes and authorization run JupyterHub's code and ours."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ from typing import Any
 
 import httpx
 import pytest
+from jupyterhub.services.auth import HubOAuth
 from tornado.httpserver import HTTPServer
-from tornado.web import create_signed_value
+from tornado.web import Application, RequestHandler, create_signed_value
 
 from reaper.config import parse_settings
 from reaper.core.model import HubServer, Kernel, Probe
+from reaper.hub import HubError
 from reaper.metrics import Metrics
 from reaper.notify.outbox import LogChannel, Outbox
 from reaper.store import Store
 from reaper.sweep import Sweeper, SweepResult
 from reaper.web.app import make_app
-from reaper.web.login import HubLogin
+from reaper.web.auth import hub_oauth
 from tests.fakes import FakeHub
 from tests.harness.hub import free_ports
 
@@ -88,7 +91,7 @@ class Web:
     hub: FakeHub
     store: Store
     metrics: Metrics
-    login: HubLogin
+    hub_auth: HubOAuth
     client: httpx.AsyncClient
     ctx: Any  # reaper.web.context.WebContext of the running app
     cookies: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -99,7 +102,8 @@ class Web:
     def cookie_header(self, who: str | None) -> dict[str, str]:
         jar = dict(self.cookies.get(who or "", {}))
         if who:
-            jar[self.login.cookie_name] = create_signed_value(SECRET, self.login.cookie_name, f"tok-{who}").decode()
+            name = self.hub_auth.cookie_name
+            jar[name] = create_signed_value(SECRET, name, f"tok-{who}").decode()
         return {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
 
     async def get(self, path: str, who: str | None, **kw: Any) -> httpx.Response:
@@ -125,6 +129,50 @@ class Web:
         return await self.client.post(self.url(path), data=data, headers=headers, **kw)
 
 
+class _HubUser(RequestHandler):
+    """GET /hub/api/user as the hub answers it: the model of whoever holds the request's token, 403
+    for a token it does not know."""
+
+    def initialize(self, hub: FakeHub) -> None:
+        self.hub = hub
+
+    def check_xsrf_cookie(self) -> None:  # an API, called with tokens
+        return None
+
+    async def get(self) -> None:
+        token = self.request.headers.get("Authorization", "").partition(" ")[2]
+        try:
+            model = await self.hub.identify(token)
+        except HubError:
+            self.set_status(503)
+            return self.finish({"status": 503, "message": "hub down"})
+        if model is None:
+            self.set_status(403)
+            return self.finish({"status": 403, "message": "no such token"})
+        self.finish(model)
+
+
+class _HubToken(_HubUser):
+    """POST /hub/api/oauth2/token: FakeHub.oauth_token checks the code as the hub does."""
+
+    async def post(self) -> None:
+        form = {k: self.get_body_argument(k, "") for k in
+                ("client_id", "client_secret", "grant_type", "code", "redirect_uri", "code_verifier")}
+        self.hub.token_forms.append(form)  # type: ignore[attr-defined]
+        try:
+            if form["client_secret"] != SERVICE_TOKEN or form["grant_type"] != "authorization_code":
+                raise HubError("bad client", status=400)
+            token = await self.hub.oauth_token(client_id=form["client_id"], code=form["code"],
+                                               redirect_uri=form["redirect_uri"], code_verifier=form["code_verifier"])
+        except HubError as e:
+            self.set_status(400 if getattr(e, "status", None) == 400 else 503)
+            return self.finish({"error": "invalid_grant"})
+        self.finish({"access_token": token, "token_type": "Bearer"})
+
+
+SERVICE_TOKEN = "service-token"
+
+
 def settings(extra: str = "") -> Any:
     return parse_settings(POLICY + extra, env={})
 
@@ -132,6 +180,8 @@ def settings(extra: str = "") -> Any:
 @pytest.fixture
 async def make_web(tmp_path):
     made: list[tuple[HTTPServer, httpx.AsyncClient, Store]] = []
+    apis: list[HTTPServer] = []
+    from jupyterhub.httpclient import JupyterHubHTTPClient
 
     async def make(extra: str = "", servers: list[HubServer] | None = None, *, sweep: bool = True) -> Web:
         st = settings(extra)
@@ -143,16 +193,24 @@ async def make_web(tmp_path):
         service = Service(settings=st, store=store, hub=hub, sweeper=sweeper)
         if sweep:
             service.last_result = await sweeper.run_once()
-        login = HubLogin(hub, prefix=PREFIX, client_id=CLIENT_ID, authorize_url="/hub/api/oauth2/authorize",
-                         redirect_uri=f"{HUB}{PREFIX}oauth_callback", access_scopes={ACCESS})
+        hub.token_forms = []  # type: ignore[attr-defined]
+        api_port, port = free_ports(2)
+        api = HTTPServer(Application([("/hub/api/user", _HubUser, {"hub": hub}),
+                                      ("/hub/api/oauth2/token", _HubToken, {"hub": hub})]))
+        api.listen(api_port, address="127.0.0.1")
+        env = {"JUPYTERHUB_CLIENT_ID": CLIENT_ID, "JUPYTERHUB_SERVICE_NAME": "reaper",
+               "JUPYTERHUB_OAUTH_CALLBACK_URL": f"{HUB}{PREFIX}oauth_callback",
+               "JUPYTERHUB_OAUTH_ACCESS_SCOPES": f'["{ACCESS}"]'}
+        hub_auth = hub_oauth(api_url=f"http://127.0.0.1:{api_port}/hub/api", api_token=SERVICE_TOKEN,
+                             prefix=PREFIX, env=env)
         metrics = Metrics()
-        app = make_app(service, prefix=PREFIX, login=login, metrics=metrics, cookie_secret=SECRET)
-        port = free_ports(1)[0]
+        app = make_app(service, prefix=PREFIX, hub_auth=hub_auth, metrics=metrics, cookie_secret=SECRET)
         server = HTTPServer(app)
         server.listen(port, address="127.0.0.1")
         client = httpx.AsyncClient(timeout=30, follow_redirects=False)
         made.append((server, client, store))
-        return Web(f"http://127.0.0.1:{port}", service, hub, store, metrics, login, client,
+        apis.append(api)
+        return Web(f"http://127.0.0.1:{port}", service, hub, store, metrics, hub_auth, client,
                    app.settings["reaper_ctx"])
 
     yield make
@@ -160,6 +218,9 @@ async def make_web(tmp_path):
         server.stop()
         await client.aclose()
         store.close()
+    for api in apis:
+        api.stop()
+    await JupyterHubHTTPClient.loop_instance().close()  # HubOAuth's connections, of this test's loop
 
 
 @pytest.fixture

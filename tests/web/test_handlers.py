@@ -1,6 +1,6 @@
 # ruff: noqa: F811  (pytest fixtures imported from tests.web are parameters here)
 """The reaper's page: authorization, xsrf, keep running, stop now, admin views, escaping, headers,
-/health. A real tornado server, the real login (cookies, xsrf: reaper.web.login), a real SQLite store
+/health. A real tornado server, the real login (JupyterHub's HubOAuth: cookies, xsrf; reaper.web.auth), a real SQLite store
 and a real Sweeper; the hub is scripted (tests/fakes.py). The OAuth flow itself: tests/web/test_login.py."""
 
 from __future__ import annotations
