@@ -115,6 +115,11 @@ _singleuser = BIN / "jupyterhub-singleuser"
 if _singleuser.exists():
     c.Spawner.cmd = [str(_singleuser)]
 c.Spawner.ip = "127.0.0.1"
+# The server's own token (JUPYTERHUB_API_TOKEN) may stop that one server: JupyterLab's "Stop now" on the
+# reaper's notice asks the hub with it (reaper/singleuser/notice.py). The first two are JupyterHub's
+# default server role; the hub turns "!server" into this server (delete:servers!server=USER/NAME). A site
+# that leaves delete:servers out gets a clear "stop it from the hub's control panel" in JupyterLab instead.
+c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server", "delete:servers!server"]
 c.Spawner.start_timeout = 120  # a Slurm job may wait in the queue a little
 c.Spawner.http_timeout = 60
 

@@ -88,7 +88,7 @@ class ThresholdsPatch(Strict):
     stop_after: Duration | None = None
 
 
-Channel = Literal["email", "slack", "log"]
+Channel = Literal["email", "slack", "log", "lab"]
 
 
 class PolicyFields(Strict):

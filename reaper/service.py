@@ -138,12 +138,12 @@ def make_hub_client(settings: Settings) -> HubClient:
     return HubClient(hub.effective_api_url(), token, options, probes)
 
 
-def make_outbox(settings: Settings, store: Any, *, observer: Any = None) -> Outbox:
+def make_outbox(settings: Settings, store: Any, *, observer: Any = None, hub: Any = None) -> Outbox:
     from .notify.channels import build_channels  # log, and e-mail and Slack when configured
 
     return Outbox(
         store,
-        build_channels(settings, store=store),
+        build_channels(settings, store=store, hub=hub),
         max_attempts=settings.notify.max_attempts,
         base_delay=settings.notify.retry_base,
         observer=observer,
@@ -205,7 +205,7 @@ class ReaperService:
         self.hub = make_hub_client(s)
         from .metrics import count_notice
 
-        self.outbox = make_outbox(s, self.store, observer=count_notice)
+        self.outbox = make_outbox(s, self.store, observer=count_notice, hub=self.hub)
         self.sweeper = Sweeper(s, self.hub, self.store, notifier=self.outbox, stop_hook=make_stop_hook(s, self.store),
                               keep_rows=False)  # counts, not 10,000 rows (dry runs keep theirs)
         self.schedule(s)
@@ -373,7 +373,7 @@ class ReaperService:
         from .notify.channels import build_channels
 
         try:
-            channels = build_channels(new, store=self.store)
+            channels = build_channels(new, store=self.store, hub=self.hub)
         except Exception as e:
             log.error("SIGHUP: notice channels not rebuilt, keeping the old ones: %s", e)
             return

@@ -277,6 +277,9 @@ class Effects:
                     r.outcome = _shared(f"{r.decision.notice.value} already queued")
         if sw.settings.slurm.walltime_notice is not None:
             await sw._walltime_notices(rows, run.now)
+        lab = getattr(sw.notifier, "channels", {}).get("lab")
+        if lab is not None:  # a spell that ended: its notice leaves the user's JupyterLab (reaper/notify/lab.py)
+            await lab.spells_ended(rows, run.histories, run.now)
 
     async def note(self, kind: str, ok: bool, detail: str, now: datetime) -> None:
         """An action of the sweep itself (no run), e.g. the safety limit."""

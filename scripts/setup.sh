@@ -42,6 +42,14 @@ log "pip install -e .[$extras]"
 "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || log "pip self-upgrade skipped"
 "$VENV/bin/pip" install -q -e "$here[$extras]" 2>&1 | { grep -vE "^WARNING: Location|BuildBackendWarning|^ *!!|^ *\*+$|^ *corresp|^\s*$" || true; }
 
+# The JupyterLab extension, built by the install above (setup.py's build_py, with npm): an editable
+# install leaves data files out, so link the built folder where JupyterLab looks for it.
+labext="$VENV/share/jupyter/labextensions/jupyterhub-reaper"
+if [[ -f "$here/labextension/prebuilt/package.json" ]] && { [[ -L "$labext" ]] || [[ ! -e "$labext" ]]; }; then
+  mkdir -p "$(dirname "$labext")"
+  ln -sfn "$here/labextension/prebuilt" "$labext"
+fi
+
 if [[ ! -x "$NODE_PREFIX/node_modules/.bin/configurable-http-proxy" ]]; then
   log "npm install configurable-http-proxy"
   mkdir -p "$NODE_PREFIX"

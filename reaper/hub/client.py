@@ -21,6 +21,7 @@ must not act (notify, stop) on anyone until the iterator has finished without er
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -318,6 +319,28 @@ class HubClient:
         except Exception as exc:
             log.exception("activity request to %s crashed", server.label)
             return Work(companion=f"crashed: {type(exc).__name__}: {self.api.redact(str(exc))}")
+
+    async def call_server(self, server: HubServer, method: str, path: str,
+                          body: Any = None) -> tuple[int | None, Any]:
+        """One request to the single-user server itself (as the probes reach it: its own address,
+        the service's token, ``?no_track_activity=1``), e.g. the companion's ``api/reaper/notice``.
+        Returns (HTTP status, parsed JSON or None) or (None, why no answer). NEVER raises."""
+        try:
+            base = await self._base(server)
+            if isinstance(base, Probe):
+                return None, base.error
+            data = None if body is None else json.dumps(body).encode()
+            headers = {**self._probe_closing, "Content-Type": "application/json"} if data else self._probe_closing
+            answer = await self._probe_transport.send(method, f"{base}{path}?{_NO_TRACK_QUERY}", headers, data,
+                                                      self.probes.timeout)
+        except TransportFailure as exc:
+            return None, f"{exc.kind} ({self.api.redact(str(exc))[:100]})"
+        except Exception as exc:  # a notice must never break the outbox
+            return None, f"{type(exc).__name__}: {self.api.redact(str(exc))[:100]}"
+        try:
+            return answer.status, answer.json()
+        except ValueError:
+            return answer.status, None
 
     def _crashed(self, exc: Exception) -> Probe:
         return Probe.failed(f"probe crashed: {type(exc).__name__}: {self.api.redact(str(exc))}", via=self.probes.via)

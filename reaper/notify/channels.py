@@ -231,8 +231,10 @@ class SlackChannel:
         await self.sender.send(member, rendered)
 
 
-def build_channels(settings: Settings, *, store: Any = None) -> dict[str, Any]:
-    channels: dict[str, Any] = {"log": LogChannel()}
+def build_channels(settings: Settings, *, store: Any = None, hub: Any = None) -> dict[str, Any]:
+    from .lab import LabChannel  # the open JupyterLab, through the companion (reaches servers by ``hub``)
+
+    channels: dict[str, Any] = {"log": LogChannel(), "lab": LabChannel(settings, hub=hub, store=store)}
     email = EmailChannel(settings, store=store) if settings.notify.email is not None else None
     if email is not None:
         channels["email"] = email

@@ -20,11 +20,14 @@ log = logging.getLogger("reaper.notify")
 
 
 class DeliveryError(Exception):
-    """A channel could not deliver. ``permanent``: retrying will not help (bad address, bad token)."""
+    """A channel could not deliver. ``permanent``: retrying will not help (bad address, bad token).
+    ``quiet``: the channel has said why once already (the "lab" channel's server without the
+    companion): the failure is logged at DEBUG only."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool = False, quiet: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.quiet = quiet
 
 
 class Channel(Protocol):
@@ -131,7 +134,7 @@ class Outbox:
             self._observe(d.channel, d.kind, "failed" if permanent else "retry")
             if permanent:
                 self.failed += 1
-                log.error("notice %s for %s via %s FAILED permanently: %s", d.kind, d.run.label, d.channel, e)
+                (log.debug if e.quiet else log.error)("notice %s for %s via %s FAILED permanently: %s", d.kind, d.run.label, d.channel, e)
             else:
                 log.warning("notice %s for %s via %s failed (attempt %d), retry at %s: %s",
                             d.kind, d.run.label, d.channel, attempts, retry_at, e)

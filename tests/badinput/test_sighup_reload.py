@@ -266,14 +266,15 @@ def test_sighup_rebuilds_the_channels_and_the_guard_and_names_each_setting_that_
 
     svc, cfg, db = reload_service(tmp_path)
     outbox = svc.outbox
-    assert set(outbox.channels) == {"log"} and svc.sweeper.stop_hook is None
+    assert set(outbox.channels) == {"log", "lab"} and svc.sweeper.stop_hook is None
     cfg.write_text(RELOAD_B.format(db=db))
     with caplog.at_level("INFO", logger="reaper.service"):
         svc.reload()
     try:
         assert svc.settings is svc.sweeper.settings and svc.settings.hub.timeout.total_seconds() == 20
         # the same outbox (its drain lock), with the new channels
-        assert svc.outbox is outbox and set(outbox.channels) == {"log", "email"}
+        assert svc.outbox is outbox and set(outbox.channels) == {"log", "lab", "email"}
+        assert outbox.channels["lab"].hub is svc.hub  # the notice in JupyterLab reaches servers by the hub client
         guard = svc.sweeper.stop_hook
         assert isinstance(guard, JobGuard) and guard.job_name == "hub-jobs" and guard.channels == ["log", "email"]
         assert svc.sweeper.stops.guard is guard  # the stops (and the page's Stop now) use it too

@@ -5,6 +5,7 @@ configured sources when the interpreter's own is too old for pyproject.toml)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -96,3 +97,38 @@ def test_the_alembic_folder_does_not_shadow_the_alembic_library() -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert not Path(done.stdout.strip()).is_relative_to(REPO)
+
+
+LABEXT = "share/jupyter/labextensions/jupyterhub-reaper/"
+
+
+def test_the_wheel_ships_the_prebuilt_jupyterlab_extension(wheel: Path) -> None:
+    """Built from labextension/ when the wheel is built (the copy has no labextension/prebuilt/: the
+    build made it), shipped as data files where JupyterLab looks for prebuilt extensions."""
+    z = zipfile.ZipFile(wheel)
+    data = next(n.split("/data/")[0] + "/data/" for n in z.namelist() if "/data/" + LABEXT in n)
+    names = {n.removeprefix(data) for n in z.namelist() if n.startswith(data)}
+    meta = json.loads(z.read(data + LABEXT + "package.json"))
+    assert meta["name"] == "jupyterhub-reaper"
+    assert LABEXT + meta["jupyterlab"]["_build"]["load"] in names  # static/remoteEntry.<hash>.js
+    code = "".join(z.read(data + n).decode() for n in names if n.endswith(".js"))
+    assert "jupyterhub-reaper:notice" in code and "no_track_activity" in code and "api/reaper/keep" in code
+
+
+def test_an_installed_wheel_gives_jupyterlab_the_extension_without_node(wheel: Path, tmp_path: Path) -> None:
+    """(--ignore-installed: pip must not touch this interpreter's own install of the reaper, editable or not)"""
+    prefix = tmp_path / "prefix"
+    before = subprocess.run([sys.executable, "-m", "pip", "show", "-f", "jupyterhub-reaper"], capture_output=True,
+                            text=True).stdout
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", "--prefix",
+                           str(prefix), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert subprocess.run([sys.executable, "-m", "pip", "show", "-f", "jupyterhub-reaper"], capture_output=True,
+                          text=True).stdout == before
+    assert (prefix / LABEXT / "package.json").exists()
+    no_node = {**os.environ, "PATH": str(Path(sys.executable).parent), "JUPYTER_PATH": str(prefix / "share/jupyter")}
+    listed = subprocess.run([sys.executable, "-m", "jupyterlab.labextensions", "list"], env=no_node,
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    line = next((x for x in (listed.stdout + listed.stderr).splitlines() if "jupyterhub-reaper" in x), "")
+    assert "enabled" in line and "OK" in line, listed.stdout + listed.stderr  # (colours: words between codes)
