@@ -24,6 +24,7 @@ from typing import Any
 
 HANDLER_MODULES: tuple[str, ...] = (
     "reaper.singleuser.activity",
+    "reaper.singleuser.notice",  # the pending notice for JupyterLab, keep and stop (issue 15)
 )
 
 # Set in the server's own environment when the extension loads (before any kernel or terminal starts):

@@ -44,8 +44,6 @@ WRAPPER = """
 c = get_config()  # noqa: F821
 load_subconfig({shipped!r})  # noqa: F821
 c.Spawner.environment.update({{"JUPYTER_PATH": {share!r}, "PYTHONPATH": {root!r}}})
-# (key=value: the shipped config may pass --ServerApp.jpserver_extensions=reaper.singleuser=... too)
-c.Spawner.args = [*c.Spawner.args, "--ServerApp.jpserver_extensions=reaper.singleuser.notice=True"]
 _shipped_scopes = list(c.Spawner.server_token_scopes)
 c.Spawner.server_token_scopes = lambda spawner: (
     [s for s in _shipped_scopes if not s.startswith("delete:")] if spawner.name == {refused!r} else _shipped_scopes)
