@@ -107,6 +107,7 @@ class SlurmCluster:
         memory_mb: int = 16000,
         gpus: int = 4,
         min_job_age: int = 5,
+        acct_frequency: int = 2,
         extra_conf: Sequence[str] = (),
     ) -> None:
         if base is None:
@@ -117,6 +118,7 @@ class SlurmCluster:
         self.memory_mb = memory_mb
         self.gpus = gpus
         self.min_job_age = min_job_age
+        self.acct_frequency = acct_frequency
         self.extra_conf = list(extra_conf)
         self.node = short_hostname()
         self.ctld_port = 0
@@ -175,7 +177,9 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "AccountingStorageType=accounting_storage/none",
-            "JobAcctGatherType=jobacct_gather/none",
+            # CPU accounting for sstat (reaper.batch.slurm.SlurmBatch.cpu_usage): no slurmdbd needed.
+            "JobAcctGatherType=jobacct_gather/linux",
+            f"JobAcctGatherFrequency=task={self.acct_frequency}",
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={b}/log/jobcomp.txt",
             "MpiDefault=none",
