@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 
 from reaper.batch import BatchError, JobState, make_batch_system
 from reaper.batch.base import parse_cpu_seconds
+from reaper.batch.pbs import PbsBatch
 from reaper.batch.slurm import FORMAT, SlurmBatch, parse_slurm_time, parse_squeue
 from tests.harness import require_real_part
 from tests.harness.slurm import SlurmCluster, create_unix_user, missing_parts
@@ -306,6 +308,102 @@ async def test_cpu_usage_with_the_controller_stopped_is_a_batch_error(slurm: Slu
     finally:
         slurm.start_controller()
     assert job_id in await poll_cpu(batch, [job_id], lambda c: job_id in c)
+
+
+# --- PBS through Debian's slurm-wlm-torque wrappers (qstat/qdel in Perl over the real Slurm) ----------
+
+
+def torque_wrappers() -> tuple[str, str]:
+    found = [shutil.which(c) for c in ("qstat", "qdel")]
+    ok = all(found) and "Slurm" in Path(str(found[0])).read_text(errors="replace")
+    require_real_part(bool(ok), "Debian's slurm-wlm-torque (qstat/qdel wrappers over Slurm)")
+    return str(found[0]), str(found[1])
+
+
+def pbs_for(slurm: SlurmCluster, **kwargs: Any) -> PbsBatch:
+    qstat, qdel = torque_wrappers()
+    kwargs.setdefault("format", "text")
+    return PbsBatch(qstat=qstat, qdel=qdel, env=slurm.env, timeout=30, **kwargs)
+
+
+@pytest.mark.integration
+async def test_pbs_text_reads_the_slurm_torque_wrappers_qstat(slurm: SlurmCluster) -> None:
+    name = unique_name()
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=name, partition="gpu", time_limit="90", cpus=2)
+    held = slurm.sbatch("sleep 300", user=OTHER, name=name, extra=["--hold"])
+    slurm.wait_state(job_id, ["RUNNING"])
+    batch = pbs_for(slurm)
+
+    jobs = {j.id: j for j in await batch.jobs(name=name)}
+
+    assert sorted(jobs) == sorted([job_id, held])
+    job = jobs[job_id]
+    assert (job.user, job.name, job.state, job.partition, job.node, job.cpus) == (
+        OWNER, name, JobState.RUNNING, "gpu", slurm.node, 2)
+    assert (jobs[held].user, jobs[held].state, jobs[held].node) == (OTHER, JobState.PENDING, None)
+    assert await batch.job(job_id) == job
+    assert [j.id for j in await batch.jobs(name=name, user=OTHER)] == [held]
+    assert await batch.job("99999999") is None  # the wrapper: exit 153, nothing printed
+    assert await batch.cpu_usage([job_id]) == {}  # the wrapper prints no resources_used: unknown
+
+
+@pytest.mark.integration
+async def test_pbs_qdel_through_the_wrapper_cancels_and_refuses_another_user(slurm: SlurmCluster) -> None:
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=unique_name())
+    slurm.wait_state(job_id, ["RUNNING"])
+    as_user = pbs_for(slurm, prefix="runuser -u {username} --")
+
+    with pytest.raises(BatchError, match="Access/permission denied"):  # printed on stdout, exit 1
+        await as_user.cancel(job_id, user=OTHER)
+    assert slurm.squeue_state(job_id) == "RUNNING"
+
+    await as_user.cancel(job_id, user=OWNER)
+    deadline = time.monotonic() + 20
+    while await as_user.job(job_id) is not None:  # the wrapper lists it as C until Slurm purges it
+        assert time.monotonic() < deadline, "still running after qdel"
+        await asyncio.sleep(0.3)
+    assert slurm.squeue_state(job_id) in ("CANCELLED", "COMPLETING", None)
+    await as_user.cancel(job_id)  # already gone: the wrapper exits 1 silently, qstat says C -> success
+    await as_user.cancel("99999999")  # unknown: exit 1 silently, qstat exit 153 -> success
+
+
+@pytest.mark.integration
+async def test_pbs_auto_finds_the_text_format_and_a_dead_controller_is_a_batch_error(
+    slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    qstat, _ = torque_wrappers()
+    log = tmp_path / "qstat-calls"
+    script = tmp_path / "qstat"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {qstat} "$@"\n')
+    script.chmod(0o755)
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=unique_name())
+    slurm.wait_state(job_id, ["RUNNING"])
+    batch = pbs_for(slurm, format="auto")
+    batch.qstat = str(script)
+
+    assert [j.id for j in await batch.jobs()] == [job_id]
+    assert (await batch.job(job_id)) is not None
+    assert log.read_text().splitlines() == ["-f -F json", "-x", "-f", f"-f {job_id}"]
+
+    dead = PbsBatch(qstat=qstat, env={"SLURM_CONF": str(slurm.broken_conf())}, format="text", timeout=30)
+    with pytest.raises(BatchError, match="Problem loading jobs"):
+        await dead.jobs()
+    with pytest.raises(BatchError, match="Problem loading jobs"):
+        await dead.job(job_id)
+    with pytest.raises(BatchError, match="Problem loading jobs"):
+        await dead.cpu_usage([job_id])
+
+
+@pytest.mark.integration
+async def test_pbs_with_no_job_at_all_lists_nothing_though_the_wrapper_exits_153(slurm: SlurmCluster) -> None:
+    qstat, _ = torque_wrappers()
+    slurm.cancel_all()
+    deadline = time.monotonic() + 60
+    while slurm.run([qstat, "-f"]).returncode != 153:  # until Slurm has purged every ended job
+        assert time.monotonic() < deadline, "Slurm still lists jobs"
+        await asyncio.sleep(1)
+    assert await pbs_for(slurm).jobs() == []
+    assert await pbs_for(slurm).cpu_usage(["1"]) == {}
 
 
 @pytest.mark.integration
