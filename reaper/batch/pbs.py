@@ -1,6 +1,6 @@
 """PBS Professional / OpenPBS and Torque over the command line: `qstat` to list, `qdel` to cancel.
 
-Two documented output formats, chosen with `format`:
+Three output formats, chosen with `format` (or "auto": json, else xml, else text; see PbsBatch):
 - "json" (PBS Pro 18+ / OpenPBS): `qstat -f -F json [ID]` ->
   `{"timestamp":..., "pbs_version":..., "pbs_server":..., "Jobs": {"123.server": {"Job_Name",
   "Job_Owner": "user@host", "job_state": "R", "queue", "exec_host": "node1/0*2+node2/0*2",
@@ -12,6 +12,19 @@ Two documented output formats, chosen with `format`:
   node1/0-1+node2/0</exec_host><Resource_List><nodes>1:ppn=2:gpus=1</nodes><mem>4gb</mem>
   <walltime>01:00:00</walltime></Resource_List><start_time>1594828373</start_time></Job></Data>`.
   start_time is epoch seconds; finished jobs stay listed in state C for keep_completed seconds.
+- "text": the classic `qstat -f [ID]` every PBS and Torque prints (text_records has the layout):
+  `Job Id: 123.server` blocks of `    key = value` lines, long values wrapped onto tab-indented
+  lines; times in ctime format, local. Start: `stime` (PBS Pro) or `start_time` (Torque).
+  Debian's slurm-wlm-torque wrapper (Perl over Slurm) prints it too, with tabs for indents, no
+  start time, no resources_used, `euser = name(uid)`, Slurm's unlimited walltime as
+  71582788:15:00 (read as no limit), and `C` for every ended job; it has no -F and no -x; for an
+  unknown id and for an empty listing alike it exits 153 printing nothing (read as "none"), and
+  its qdel exits 1 silently for a gone job (success once qstat confirms it) and prints its errors
+  ("Access/permission denied") on stdout.
+
+All three are read into one flat shape (`Resource_List.walltime`, `resources_used.cput`, ...).
+CPUs: the largest of Resource_List.ncpus, procs and the nodes spec (Torque prints ncpus = 1 beside
+nodes=1:ppn=4). CPU accounting: `resources_used.cput` (cpu_usage), from one listing of all jobs.
 
 Gone (None / success): `qstat: Unknown Job Id ...` (exit 153; Torque adds "Error"),
 `... Job has finished, use -x or -H ...` (PBS Pro, exit 35), state F/C/X; for qdel also

@@ -17,6 +17,8 @@ The GPUs are fake: gres.conf lists `File=` entries that are symlinks to /dev/nul
 requires a character device for a GPU gres and binds nothing with task/none), so jobs can
 request `--gres=gpu:N` (or `--gpus=N`) with N <= 4 and squeue reports the request as usual.
 Partitions: `cpu` (default) and `gpu`, both on the one node.
+Job accounting: `JobAcctGatherType=jobacct_gather/linux`, sampled every `acct_frequency` seconds
+(default 2), so `sstat` reports the jobs' CPU (no slurmdbd: AccountingStorageType stays none).
 
 Requires root (daemons, useradd) and the Debian packages `slurm-wlm munge`.
 """
