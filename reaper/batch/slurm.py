@@ -28,6 +28,8 @@ sstat exits 0 in all of these (measured), so stderr decides:
 - `problem getting step_layout for StepId=N.batch: Communication connection failure` (slurmd
   down): N is left out (its sum would be short); with nothing answered at all, a BatchError.
 - `sstat: fatal: ...`, `Unable to process configuration file`: exit 1, BatchError.
+- `JobAcctGatherType=jobacct_gather/none`: `42.batch||213503982334-14:25:51|0` (NTasks 0, no
+  TRES): no figure; with no job answered, a BatchError that names the setting.
 
 Errors (Slurm 22.05.8, measured):
 - `squeue -j ID -t all` for a job the controller has purged (older than MinJobAge): exit 1,
@@ -210,26 +212,26 @@ _TRES_CPU = re.compile(r"(?:^|,)cpu=([^,]*)")
 
 def _step_cpu(tres: str, ave: str, ntasks: str, line: str) -> float | None:
     """One step's CPU seconds: TRESUsageInTot's cpu= (all tasks), else AveCPU x NTasks; None:
-    the step printed no figure (just started)."""
+    the step printed no figure (just started, or not gathered: NTasks 0)."""
     m = _TRES_CPU.search(tres.strip())
     if m and m.group(1).strip():
         value = parse_cpu_seconds(m.group(1))
         if value is None:
             raise BatchError(f"cannot read the cpu= of TRESUsageInTot in sstat line {line!r}")
         return value
-    if not ave.strip():
+    tasks = _int(ntasks) if ntasks.strip() else 1
+    if tasks is None or tasks < 0:
+        raise BatchError(f"cannot read NTasks in sstat line {line!r}")
+    if not ave.strip() or tasks == 0:
+        # NTasks 0 (with AveCPU a huge NO_VAL): jobacct_gather/none gathers nothing (measured)
         return None
     value = parse_cpu_seconds(ave)
-    tasks = _int(ntasks) if ntasks.strip() else 1
-    if value is None or tasks is None or tasks < 0:
-        raise BatchError(f"cannot read AveCPU/NTasks in sstat line {line!r}")
-    return value * max(tasks, 1)
+    if value is None:
+        raise BatchError(f"cannot read AveCPU in sstat line {line!r}")
+    return value * tasks
 
 
-def parse_sstat(stdout: str) -> dict[str, float]:
-    """CPU seconds by job id, summed over the job's steps, from the output of
-    `sstat -a -j IDS --noheader -P --format=SSTAT_FORMAT`. A job with a step that printed no
-    figure is left out (its sum would be short). A line of another shape raises BatchError."""
+def _parse_sstat(stdout: str) -> tuple[dict[str, float], set[str]]:
     total: dict[str, float] = {}
     short: set[str] = set()
     for line in stdout.splitlines():
@@ -248,7 +250,14 @@ def parse_sstat(stdout: str) -> dict[str, float]:
             short.add(job)
             continue
         total[job] = total.get(job, 0.0) + cpu
-    return {job: cpu for job, cpu in total.items() if job not in short}
+    return {job: cpu for job, cpu in total.items() if job not in short}, short
+
+
+def parse_sstat(stdout: str) -> dict[str, float]:
+    """CPU seconds by job id, summed over the job's steps, from the output of
+    `sstat -a -j IDS --noheader -P --format=SSTAT_FORMAT`. A job with a step that printed no
+    figure is left out (its sum would be short). A line of another shape raises BatchError."""
+    return _parse_sstat(stdout)[0]
 
 
 _NO_STEPS = re.compile(r"No steps running for job (\d+(?:[_+]\d+)?)")
@@ -379,11 +388,17 @@ class SlurmBatch:
                 command=res.argv, stderr=res.stderr, returncode=res.returncode,
             )
         try:
-            cpu = parse_sstat(res.stdout)
+            cpu, short = _parse_sstat(res.stdout)
         except BatchError as e:
             raise BatchError(str(e), command=res.argv, stderr=res.stderr, returncode=0) from None
         no_steps, no_job, doubtful, other = _sstat_stderr(res.stderr)
         answered = {j for j in asked if j in cpu}
+        if not answered and short:
+            raise BatchError(
+                f"sstat gave no CPU figure for job(s) {', '.join(sorted(short))}: is slurm.conf's "
+                "JobAcctGatherType jobacct_gather/none? (the accounting needs jobacct_gather/linux)",
+                command=res.argv, stderr=res.stderr, returncode=0,
+            )
         if not answered and not no_steps and (doubtful or other or no_job):
             # Nothing came back that proves the controller and nodes were asked: "couldn't get
             # steps" for every job is also what an unreachable slurmctld prints (exit 0).
