@@ -194,3 +194,18 @@ async def test_a_missing_sstat_and_a_bad_id_are_batch_errors(tmp_path: Path) -> 
     with pytest.raises(BatchError, match="not a Slurm job id"):
         await fake_sstat(tmp_path, RECORDED).cpu_usage(["1", "2;rm -rf /"])
     assert not (tmp_path / "calls").exists()
+
+
+async def test_the_guard_passes_the_accounting_through_errors_included(tmp_path: Path) -> None:
+    from reaper.batch.guard import JobGuard
+    from reaper.ports import Guard
+
+    guard = JobGuard(fake_sstat(tmp_path, RECORDED, PENDING), store=None)
+    assert isinstance(guard, Guard)
+    assert await guard.cpu_usage(["1", "4"]) == {"1": 7.0}
+    assert await guard.cpu_usage([]) == {}
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1
+    (tmp_path / "failing").mkdir()
+    failing = JobGuard(fake_sstat(tmp_path / "failing", "", "sstat: fatal: oops\n", 1), store=None)
+    with pytest.raises(BatchError, match="oops"):
+        await failing.cpu_usage(["1"])
