@@ -96,7 +96,10 @@ def _walltime(value: Any) -> timedelta | None:
         nums.insert(0, 0)
     h, m, s = nums[-3], nums[-2], nums[-1]
     d = nums[-4] if len(nums) >= 4 else 0
-    return timedelta(days=d, hours=h, minutes=m, seconds=s)
+    try:
+        return timedelta(days=d, hours=h, minutes=m, seconds=s)
+    except OverflowError:  # beyond any real limit: none
+        return None
 
 
 def _first_host(exec_host: Any) -> str | None:
@@ -169,7 +172,7 @@ def _record_to_job(job_id: str, attrs: Mapping[str, Any], tz: tzinfo | None) -> 
     wall = _walltime(res("walltime"))
     start = None if pending else _ctime(attrs.get("stime") or attrs.get("start_time"), tz)
     end = None
-    if start is not None and wall is not None and wall < _UNLIMITED:
+    if start is not None and wall is not None and timedelta(0) <= wall < _UNLIMITED:
         with contextlib.suppress(OverflowError):
             end = start + wall
     return Job(

@@ -405,11 +405,14 @@ def test_garbage_text_never_raises_anything_but_batch_error(text: str) -> None:
 
 
 @given(st.lists(st.sampled_from(["Job Id: 1.s", "Job Id:\t2", "    job_state = R", "\tjob_state = Q",
-                                 "    Resource_List.walltime = 99999999:00:00", "    stime = Tue Jun 11 14:02:12 2024",
+                                 "    Resource_List.walltime = 99999999:00:00",
+                                 "    Resource_List.walltime = 99999999999999999:00:00",
+                                 "    Resource_List.walltime = -5:-1", "    stime = Tue Jun 11 14:02:12 2024",
                                  "    start_time = 99999999999999", "    Resource_List.nodes = 3:ppn=x:gpus=",
                                  "    resources_used.cput = 1-00:00:00", "    Resource_List.mem = 10000000000000tb",
                                  "\tcontinued", "", "    exec_host = ", "    euser = (0)"]), max_size=30))
 def test_odd_but_well_formed_blocks_never_raise_anything_but_batch_error(lines: list[str]) -> None:
+    # found so: a walltime beyond timedelta's range raised OverflowError
     text = "\n".join(lines)
     try:
         parse_qstat_text(text, ZoneInfo("UTC"))
