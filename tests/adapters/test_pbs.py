@@ -29,11 +29,13 @@ from hypothesis import strategies as st
 from reaper.batch import BatchError, JobState, make_batch_system
 from reaper.batch.pbs import (
     PbsBatch,
+    json_records,
     parse_pbs_json,
     parse_qstat_text,
     parse_torque_xml,
     pbs_cpu_seconds,
     text_records,
+    xml_records,
 )
 from tests.harness import require_real_part
 from tests.harness.slurm import create_unix_user
@@ -417,5 +419,38 @@ def test_odd_but_well_formed_blocks_never_raise_anything_but_batch_error(lines: 
     try:
         parse_qstat_text(text, ZoneInfo("UTC"))
         pbs_cpu_seconds(text_records(text))
+    except BatchError:
+        pass
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(), st.text(max_size=20),
+                     st.sampled_from(["99999999999999999:00:00", "Tue Jun 11 14:02:12 2024", "1:ppn=2:gpus=1", "R", "F"]))
+_ATTRS = st.dictionaries(
+    st.sampled_from(["job_state", "Job_Owner", "euser", "Job_Name", "queue", "exec_host", "stime", "x"]),
+    _SCALARS)
+_RES = st.dictionaries(st.sampled_from(["ncpus", "ngpus", "mem", "walltime", "nodes", "procs", "cput"]),
+                       st.one_of(_SCALARS, st.lists(_SCALARS, max_size=2)))
+
+
+@given(st.dictionaries(st.text(max_size=8), st.one_of(
+    st.tuples(_ATTRS, _RES, _RES).map(lambda t: {**t[0], "Resource_List": t[1], "resources_used": t[2]}),
+    _SCALARS), max_size=3))
+def test_any_json_answer_never_raises_anything_but_batch_error(jobs: dict) -> None:
+    text = json.dumps({"Jobs": jobs})
+    try:
+        parse_pbs_json(text)
+        pbs_cpu_seconds(json_records(text))
+    except BatchError:
+        pass
+
+
+@given(st.lists(st.sampled_from(["<Data>", "</Data>", "<Job>", "</Job>", "<Job_Id>1</Job_Id>", "<job_state>R",
+                                 "</job_state>", "<Resource_List><walltime>99999999999999999:0:0</walltime>",
+                                 "</Resource_List>", "<start_time>1e99</start_time>", "<resources_used><cput>x",
+                                 "</cput></resources_used>", "<", ">", "&", "text"]), max_size=30).map("".join))
+def test_any_xml_answer_never_raises_anything_but_batch_error(text: str) -> None:
+    try:
+        parse_torque_xml(text)
+        pbs_cpu_seconds(xml_records(text))
     except BatchError:
         pass
