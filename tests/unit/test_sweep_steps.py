@@ -110,9 +110,6 @@ class JobsGuard:
     async def hub_jobs(self):
         return self.jobs
 
-    async def cpu_usage(self, job_ids):
-        return {}  # no accounting: unknown
-
     async def after_stop(self, server, outcome, now):
         self.after.append((server.user, outcome))
         return "gone"
