@@ -14,7 +14,7 @@ request: `tres-per-job` (`--gpus=N`), `tres-per-node` x nodes (`--gres=gpu:N`, `
 `tres-per-task` x tasks (`--gpus-per-task`).
 
 CPU accounting (`cpu_usage`): one `sstat -a -j A,B,C --noheader -P --format=JobID,TRESUsageInTot,
-AveCPU,NTasks` for all jobs. It needs `JobAcctGatherType=jobacct_gather/linux` (or cgroup) in
+AveCPU,NTasks` for all jobs. It needs `JobAcctGatherType=jobacct_gather/linux` (cgroup untried) in
 slurm.conf and works without slurmdbd (sstat asks the nodes' slurmstepd through slurmd). One line
 per running step (`42.batch`, `42.0`, `42.extern`...); a job's CPU is the sum over its steps of
 `TRESUsageInTot`'s `cpu=` (all tasks of the step: for `srun -n2`, AveCPU 00:00:04 and NTasks 2 read
