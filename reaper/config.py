@@ -413,7 +413,7 @@ ResolvedSystem = Literal["slurm", "pbs", "torque", "none"]
 
 # The commands of each system (batch.commands); auto and none accept them all.
 SYSTEM_COMMANDS: dict[str, tuple[str, ...]] = {
-    "slurm": ("squeue", "scancel"),
+    "slurm": ("squeue", "scancel", "sstat"),
     "pbs": ("qstat", "qdel"),
     "torque": ("qstat", "qdel"),
 }
@@ -438,6 +438,7 @@ class BatchCommands(Strict):
 
     squeue: str | None = None
     scancel: str | None = None
+    sstat: str | None = None  # CPU accounting (cpu_usage)
     qstat: str | None = None
     qdel: str | None = None
 
@@ -452,7 +453,10 @@ class BatchSettings(Strict):
     env: dict[str, str] = Field(default_factory=dict)  # e.g. {SLURM_CONF: /etc/slurm/slurm.conf}
     timeout: float = Field(default=30.0, gt=0)  # seconds per command
     timezone: str = ""  # the zone the batch system prints times in ("" = local)
-    pbs_format: Literal["json", "xml"] | None = None  # default: xml for torque, else json
+    # json (PBS Pro `qstat -f -F json`) | xml (Torque `qstat -x`) | text (classic `qstat -f`) |
+    # auto (json, else xml, else text, moving on when qstat refuses the option); null: xml for
+    # torque, else json
+    pbs_format: Literal["json", "xml", "text", "auto"] | None = None
 
     @field_validator("env", mode="before")
     @classmethod
@@ -484,7 +488,7 @@ class BatchSettings(Strict):
         """The path to run for one of the system's commands (squeue, scancel, qstat, qdel)."""
         return getattr(self.commands, name) or name
 
-    def pbs_output(self, system: str) -> Literal["json", "xml"]:
+    def pbs_output(self, system: str) -> Literal["json", "xml", "text", "auto"]:
         return self.pbs_format or ("xml" if system == "torque" else "json")
 
 

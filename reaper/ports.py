@@ -73,7 +73,7 @@ class Notifier(Protocol):
 @runtime_checkable
 class Guard(Protocol):
     """The batch-system guard (reaper.batch.guard.JobGuard): the hub's jobs, the look after a stop,
-    the orphans, the jobs' CPU."""
+    the orphans, the jobs' CPU accounting (absent from its answer = unknown, never idle)."""
 
     async def hub_jobs(self) -> dict[str, Job] | None: ...
     async def after_stop(self, server: HubServer, outcome: str, now: datetime) -> str: ...

@@ -17,7 +17,8 @@ apt_pkgs=(python3-venv python3-dev)
 # Node.js may come from elsewhere (e.g. nodesource, which bundles npm): only ask Debian when absent.
 command -v npm >/dev/null 2>&1 || apt_pkgs+=(nodejs npm)
 if (( want_test )); then
-  apt_pkgs+=(slurm-wlm munge postgresql chromium)
+  # slurm-wlm-torque: PBS-style qstat/qdel over Slurm, for the PBS adapter's real-command tests
+  apt_pkgs+=(slurm-wlm slurm-wlm-torque munge postgresql chromium)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -3,6 +3,7 @@
     from reaper.batch import make_batch_system
     batch = make_batch_system({"system": "slurm", "env": {"SLURM_CONF": "/etc/slurm/slurm.conf"}})
     jobs = await batch.jobs(name="jupyterhub-reaper")
+    cpu = await batch.cpu_usage(["42", "43"])   # {"42": 118.0}: CPU seconds so far; absent = unknown
     job = await batch.job("42")          # None only when Slurm says it is gone
     await batch.cancel("42", user="alice")
 
@@ -11,12 +12,13 @@ validates it; a plain mapping is validated the same way):
 
     batch:
       system: auto             # auto | slurm | pbs | torque | none
-      commands: {squeue: squeue, scancel: scancel}   # or {qstat: ..., qdel: ...}; paths allowed
+      commands: {squeue: squeue, scancel: scancel, sstat: sstat}   # or {qstat: ..., qdel: ...}; paths allowed
       prefix: ""               # e.g. "sudo -n -u {username}" / "runuser -u {username} --" (cancel as the user)
       env: {SLURM_CONF: /etc/slurm/slurm.conf}
       timeout: 30              # seconds per command; the child is killed after it
       timezone: ""             # zone the batch system prints times in ("" = local)
       pbs_format: json         # pbs only: json (PBS Pro `qstat -f -F json`) | xml (Torque `qstat -x`)
+                               #   | text (classic `qstat -f`) | auto (json, else xml, else text)
 
 `auto` is decided by reaper.config.choose_batch_system (pure) from `command_runs` (the probe:
 does `squeue --version`, then `qstat --version`, run with the service's environment and
@@ -104,6 +106,7 @@ def make_batch_system(
         return SlurmBatch(
             squeue=section.command("squeue"),
             scancel=section.command("scancel"),
+            sstat=section.command("sstat"),
             prefix=section.prefix,
             env=section.env,
             timeout=section.timeout,

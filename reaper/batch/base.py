@@ -1,9 +1,12 @@
 """The batch-system interface the reaper uses, and the command runner the adapters share.
 
-An adapter lists the hub's jobs and cancels one. Its one hard rule: **doubt is never "gone"**.
+An adapter lists the hub's jobs, cancels one, and tells the CPU time jobs have used so far (their
+accounting). Its one hard rule: **doubt is never "gone"**, and never "idle".
 `job()` returns None only when the batch system positively says the job does not exist or has
 finished; a command that fails, times out or prints something unexpected raises `BatchError`
 (state unknown), so that no caller ever forgets a job that may still hold CPUs and GPUs.
+`cpu_usage()` likewise raises `BatchError` when its command fails or answers garbage: an empty
+answer that would read as "no CPU used" is never made up.
 
 Commands run as asyncio subprocesses (the event loop never blocks) with a timeout; on timeout
 the child's whole process group is killed. Every command can be given an explicit path and a
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shlex
 import signal
 from collections.abc import Mapping, Sequence
@@ -32,6 +36,7 @@ __all__ = [
     "CommandRunner",
     "Job",
     "JobState",
+    "parse_cpu_seconds",
 ]
 
 
@@ -109,6 +114,33 @@ class BatchSystem(Protocol):
     async def cancel(self, job_id: str, *, user: str | None = None) -> None:
         """Cancel the job (as `user` through the prefix, when given). Gone already is success."""
         ...
+
+    async def cpu_usage(self, job_ids: Sequence[str]) -> dict[str, float]:
+        """CPU seconds (user + system, every step/task of the job) each job has used so far, by the
+        ids asked, from ONE command for all of them. A job the batch system does not account for
+        (finished, pending, unknown, or whose figure could not be read whole) is absent: absence
+        means "unknown", never "idle". A failing, timed-out or unreadable command raises BatchError.
+        Figures are cumulative and coarse (Slurm: whole seconds, sampled): compare across looks."""
+        ...
+
+
+_CPU_TIME = re.compile(
+    r"(?:(?:(?P<d>\d+)-)?(?P<h>\d+):)?(?P<m>\d+):(?P<s>\d+(?:\.\d*)?)|(?P<secs>\d+(?:\.\d*)?)"
+)
+
+
+def parse_cpu_seconds(value: str) -> float | None:
+    """A CPU time as batch systems print it -> seconds; None when it is not one.
+
+    `[D-]HH:MM:SS[.fff]` (Slurm's sstat, PBS/Torque's resources_used.cput), `MM:SS.fff` (Slurm
+    under an hour), or plain seconds (`123`, Torque's XML on some versions). Days need hours."""
+    m = _CPU_TIME.fullmatch(value.strip())
+    if m is None:
+        return None
+    if m.group("secs") is not None:
+        return float(m.group("secs"))
+    d, h = int(m.group("d") or 0), int(m.group("h") or 0)
+    return ((d * 24 + h) * 60 + int(m.group("m"))) * 60 + float(m.group("s"))
 
 
 @dataclass(frozen=True)

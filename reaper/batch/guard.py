@@ -77,13 +77,15 @@ class JobGuard:
         return {j.id: j for j in jobs}
 
     async def cpu_usage(self, job_ids: Sequence[str]) -> dict[str, float]:
-        """Cumulative CPU seconds per job, from one batch command (a job left out: unknown);
-        BatchError when the batch system cannot tell. (Stand-in until the batch systems have
-        their accounting: the batch adapter's own cpu_usage, where it has one.)"""
-        usage = getattr(self.batch, "cpu_usage", None)
-        if usage is None:
-            return {}  # no accounting: every job unknown (the companion decides)
-        return dict(await usage(list(job_ids)))
+        """CPU seconds each job has used so far, from the batch system's accounting (one command
+        for all the ids; BatchSystem.cpu_usage). Passed through: a failing or unreadable command
+        raises BatchError for the caller to log. A job absent from the answer (finished, pending,
+        not accounted, or no batch system at all, where there is no guard to ask) means UNKNOWN,
+        never "idle": the caller must not take absence, or an empty dict, as "no CPU used"."""
+        ids = [j for j in job_ids if j]
+        if not ids:
+            return {}
+        return await self.batch.cpu_usage(ids)
 
     # ------------------------------------------------------------------ after a stop
 

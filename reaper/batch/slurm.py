@@ -13,6 +13,25 @@ GPUs: from the allocated TRES (`tres-alloc`, `gres/gpu=N`, when accounting track
 request: `tres-per-job` (`--gpus=N`), `tres-per-node` x nodes (`--gres=gpu:N`, `%b`),
 `tres-per-task` x tasks (`--gpus-per-task`).
 
+CPU accounting (`cpu_usage`): one `sstat -a -j A,B,C --noheader -P --format=JobID,TRESUsageInTot,
+AveCPU,NTasks` for all jobs. It needs `JobAcctGatherType=jobacct_gather/linux` (cgroup untried) in
+slurm.conf and works without slurmdbd (sstat asks the nodes' slurmstepd through slurmd). One line
+per running step (`42.batch`, `42.0`, `42.extern`...); a job's CPU is the sum over its steps of
+`TRESUsageInTot`'s `cpu=` (all tasks of the step: for `srun -n2`, AveCPU 00:00:04 and NTasks 2 read
+`cpu=00:00:08`), else AveCPU x NTasks. `TotalCPU`, `UserCPU` and `SystemCPU` are sacct-only
+("Invalid field requested"). Resolution one second, sampled every JobAcctGatherFrequency.
+sstat exits 0 in all of these (measured), so stderr decides:
+- `No steps running for job N` (pending, or between steps): the controller answered; N absent.
+- `couldn't get steps for job N`: N is unknown to the controller (finished, purged) -- OR the
+  controller is unreachable (a stopped slurmctld or a wrong port print exactly this). So when no
+  asked job got an answer and all say so, that is a BatchError, not "all gone".
+- `problem getting step_layout for StepId=N.batch: Communication connection failure` (slurmd
+  down): N is left out (its sum would be short); with nothing answered at all, a BatchError.
+- `sstat: fatal: ...`, `Unable to process configuration file`: exit 1, BatchError.
+- `JobAcctGatherType=jobacct_gather/none`: `42.batch||213503982334-14:25:51|0` (NTasks 0, no
+  TRES, AveCPU NO_VAL). A step's first look before its first sample can read the same, so it is
+  no error: that job is absent (unknown), every time when nothing is gathered.
+
 Errors (Slurm 22.05.8, measured):
 - `squeue -j ID -t all` for a job the controller has purged (older than MinJobAge): exit 1,
   `slurm_load_jobs error: Invalid job id specified` -> the job is gone.
@@ -26,13 +45,15 @@ Errors (Slurm 22.05.8, measured):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 
-from reaper.batch.base import BatchError, CommandRunner, Job, JobState
+from reaper.batch.base import BatchError, CommandRunner, Job, JobState, parse_cpu_seconds
 from reaper.units import parse_gres, parse_memory_mb
 
-__all__ = ["SlurmBatch", "parse_gpus", "parse_mem_mb", "parse_slurm_time", "parse_squeue"]
+__all__ = [
+    "SSTAT_FORMAT", "SlurmBatch", "parse_gpus", "parse_mem_mb", "parse_slurm_time", "parse_squeue", "parse_sstat",
+]
 
 # (squeue --Format field, our key). The name stays last.
 FIELDS: tuple[tuple[str, str], ...] = (
@@ -185,10 +206,91 @@ def parse_squeue(stdout: str, tz: tzinfo | None = None) -> list[Job]:
     return jobs
 
 
+SSTAT_FORMAT = "JobID,TRESUsageInTot,AveCPU,NTasks"
+_STEP_ID = re.compile(r"^(?P<job>\d+(?:[_+]\d+)?)(?:\.(?P<step>[\w-]+))?$")
+_TRES_CPU = re.compile(r"(?:^|,)cpu=([^,]*)")
+
+
+def _step_cpu(tres: str, ave: str, ntasks: str, line: str) -> float | None:
+    """One step's CPU seconds: TRESUsageInTot's cpu= (all tasks), else AveCPU x NTasks; None:
+    the step printed no figure (just started, or not gathered: NTasks 0)."""
+    m = _TRES_CPU.search(tres.strip())
+    if m and m.group(1).strip():
+        value = parse_cpu_seconds(m.group(1))
+        if value is None:
+            raise BatchError(f"cannot read the cpu= of TRESUsageInTot in sstat line {line!r}")
+        return value
+    tasks = _int(ntasks) if ntasks.strip() else 1
+    if tasks is None or tasks < 0:
+        raise BatchError(f"cannot read NTasks in sstat line {line!r}")
+    if not ave.strip() or tasks == 0:
+        # NTasks 0 (with AveCPU a huge NO_VAL): not sampled yet, or jobacct_gather/none (measured)
+        return None
+    value = parse_cpu_seconds(ave)
+    if value is None:
+        raise BatchError(f"cannot read AveCPU in sstat line {line!r}")
+    return value * tasks
+
+
+def _parse_sstat(stdout: str) -> tuple[dict[str, float], set[str]]:
+    total: dict[str, float] = {}
+    short: set[str] = set()
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) != 4:
+            raise BatchError(f"cannot read sstat line ({len(parts)} fields, want 4): {line!r}")
+        step, tres, ave, ntasks = parts
+        m = _STEP_ID.match(step.strip())
+        if m is None:
+            raise BatchError(f"not a Slurm step id in sstat line: {line!r}")
+        job = m.group("job")
+        cpu = _step_cpu(tres, ave, ntasks, line)
+        if cpu is None:
+            short.add(job)
+            continue
+        total[job] = total.get(job, 0.0) + cpu
+    return {job: cpu for job, cpu in total.items() if job not in short}, short
+
+
+def parse_sstat(stdout: str) -> dict[str, float]:
+    """CPU seconds by job id, summed over the job's steps, from the output of
+    `sstat -a -j IDS --noheader -P --format=SSTAT_FORMAT`. A job with a step that printed no
+    figure is left out (its sum would be short). A line of another shape raises BatchError."""
+    return _parse_sstat(stdout)[0]
+
+
+_NO_STEPS = re.compile(r"No steps running for job (\d+(?:[_+]\d+)?)")
+_NO_JOB = re.compile(r"couldn't get steps for job (\d+(?:[_+]\d+)?)")
+_NAMED = re.compile(r"(?:StepId=|job |step )(\d+(?:[_+]\d+)?)")
+
+
+def _sstat_stderr(stderr: str) -> tuple[set[str], set[str], set[str], list[str]]:
+    """(jobs with no steps, jobs the controller did not give, jobs named in another error,
+    error lines that name no job)."""
+    no_steps: set[str] = set()
+    no_job: set[str] = set()
+    doubtful: set[str] = set()
+    other: list[str] = []
+    for line in stderr.splitlines():
+        if not line.strip():
+            continue
+        if m := _NO_STEPS.search(line):
+            no_steps.add(m.group(1))
+        elif m := _NO_JOB.search(line):
+            no_job.add(m.group(1))
+        elif named := _NAMED.findall(line):
+            doubtful.update(named)
+        else:
+            other.append(line.strip())
+    return no_steps, no_job, doubtful, other
+
+
 class SlurmBatch:
     """`BatchSystem` for Slurm.
 
-    squeue/scancel: command paths (or names on PATH). prefix: e.g. "sudo -n -u {username}",
+    squeue/scancel/sstat: command paths (or names on PATH). prefix: e.g. "sudo -n -u {username}",
     "runuser -u {username} --" or "" — used for `cancel(..., user=...)` only when set.
     env: extra environment for the commands (SLURM_CONF). timeout: seconds per command.
     tz: the zone Slurm prints times in (None: this process's local zone).
@@ -199,6 +301,7 @@ class SlurmBatch:
         *,
         squeue: str = "squeue",
         scancel: str = "scancel",
+        sstat: str = "sstat",
         prefix: str = "",
         env: Mapping[str, str] | None = None,
         timeout: float = 30.0,
@@ -206,6 +309,7 @@ class SlurmBatch:
     ) -> None:
         self.squeue = squeue
         self.scancel = scancel
+        self.sstat = sstat
         self.tz = tz
         self.runner = CommandRunner(timeout=timeout, prefix=prefix, env=env)
 
@@ -267,6 +371,43 @@ class SlurmBatch:
             stderr=res.stderr,
             returncode=res.returncode,
         )
+
+    async def cpu_usage(self, job_ids: Sequence[str]) -> dict[str, float]:
+        """CPU seconds each job has used so far (BatchSystem.cpu_usage), from one sstat for all."""
+        asked = list(dict.fromkeys(str(j).strip() for j in job_ids))
+        if not asked:
+            return {}
+        bad = [j for j in asked if not _JOB_ID.match(j)]
+        if bad:
+            raise BatchError(f"not a Slurm job id: {bad[0]!r}")
+        cmd = [self.sstat, "-a", "-j", ",".join(asked), "--noheader", "-P", f"--format={SSTAT_FORMAT}"]
+        res = await self.runner.run(cmd)
+        err = res.stderr.strip()
+        if res.returncode != 0:
+            raise BatchError(
+                f"sstat failed (exit {res.returncode}): {err}",
+                command=res.argv, stderr=res.stderr, returncode=res.returncode,
+            )
+        try:
+            cpu = parse_sstat(res.stdout)
+        except BatchError as e:
+            raise BatchError(str(e), command=res.argv, stderr=res.stderr, returncode=0) from None
+        no_steps, no_job, doubtful, other = _sstat_stderr(res.stderr)
+        answered = {j for j in asked if j in cpu}
+        if not answered and not no_steps and (doubtful or other or no_job):
+            # Nothing came back that proves the controller and nodes were asked: "couldn't get
+            # steps" for every job is also what an unreachable slurmctld prints (exit 0).
+            raise BatchError(
+                f"sstat answered for none of the {len(asked)} jobs (slurmctld or slurmd unreachable, "
+                f"or all ended): {err or 'no output'}",
+                command=res.argv, stderr=res.stderr, returncode=0,
+            )
+        if other and not doubtful:
+            raise BatchError(
+                f"sstat printed an error naming no job, so any figure may be short: {other[0]}",
+                command=res.argv, stderr=res.stderr, returncode=0,
+            )
+        return {j: cpu[j] for j in asked if j in cpu and j not in doubtful}
 
 
 _DOUBT = re.compile(

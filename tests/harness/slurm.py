@@ -17,6 +17,8 @@ The GPUs are fake: gres.conf lists `File=` entries that are symlinks to /dev/nul
 requires a character device for a GPU gres and binds nothing with task/none), so jobs can
 request `--gres=gpu:N` (or `--gpus=N`) with N <= 4 and squeue reports the request as usual.
 Partitions: `cpu` (default) and `gpu`, both on the one node.
+Job accounting: `JobAcctGatherType=jobacct_gather/linux`, sampled every `acct_frequency` seconds
+(default 2), so `sstat` reports the jobs' CPU (no slurmdbd: AccountingStorageType stays none).
 
 Requires root (daemons, useradd) and the Debian packages `slurm-wlm munge`.
 """
@@ -107,6 +109,7 @@ class SlurmCluster:
         memory_mb: int = 16000,
         gpus: int = 4,
         min_job_age: int = 5,
+        acct_frequency: int = 2,
         extra_conf: Sequence[str] = (),
     ) -> None:
         if base is None:
@@ -117,6 +120,7 @@ class SlurmCluster:
         self.memory_mb = memory_mb
         self.gpus = gpus
         self.min_job_age = min_job_age
+        self.acct_frequency = acct_frequency
         self.extra_conf = list(extra_conf)
         self.node = short_hostname()
         self.ctld_port = 0
@@ -175,7 +179,9 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "AccountingStorageType=accounting_storage/none",
-            "JobAcctGatherType=jobacct_gather/none",
+            # CPU accounting for sstat (reaper.batch.slurm.SlurmBatch.cpu_usage): no slurmdbd needed.
+            "JobAcctGatherType=jobacct_gather/linux",
+            f"JobAcctGatherFrequency=task={self.acct_frequency}",
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={b}/log/jobcomp.txt",
             "MpiDefault=none",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from reaper.batch import BatchError, JobState, make_batch_system
+from reaper.batch.base import parse_cpu_seconds
+from reaper.batch.pbs import PbsBatch
 from reaper.batch.slurm import FORMAT, SlurmBatch, parse_slurm_time, parse_squeue
 from tests.harness import require_real_part
 from tests.harness.slurm import SlurmCluster, create_unix_user, missing_parts
@@ -200,6 +203,207 @@ async def test_a_stopped_controller_is_a_batch_error_and_the_job_is_still_there_
         slurm.start_controller()
     job = await batch.job(job_id)
     assert job is not None and job.state is JobState.RUNNING
+
+
+# --- CPU accounting: sstat (JobAcctGatherType=jobacct_gather/linux, no slurmdbd) ---------------------
+
+BUSY = "python3 -c 'while True: pass'"
+
+
+def counting_sstat(tmp_path: Path) -> Path:
+    """The real sstat behind a script that records each call (to count the commands)."""
+    script = tmp_path / "sstat"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sstat-calls\nexec sstat "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+async def poll_cpu(batch: SlurmBatch, ids: list[str], until: Any, timeout: float = 40) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        cpu = await batch.cpu_usage(ids)
+        if until(cpu):
+            return cpu
+        if time.monotonic() > deadline:
+            raise AssertionError(f"sstat never showed what was awaited: {cpu}")
+        await asyncio.sleep(1)
+
+
+@pytest.mark.integration
+async def test_cpu_usage_grows_for_a_busy_job_stays_near_zero_for_a_sleeping_one_in_one_sstat(
+    slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    busy = slurm.sbatch(BUSY, user=OWNER, name=unique_name())
+    asleep = slurm.sbatch("sleep 300", user=OWNER, name=unique_name())
+    held = slurm.sbatch("sleep 300", user=OWNER, name=unique_name(), extra=["--hold"])
+    for job_id in (busy, asleep):
+        slurm.wait_state(job_id, ["RUNNING"])
+    batch = batch_for(slurm, sstat=str(counting_sstat(tmp_path)))
+
+    first = await poll_cpu(batch, [busy, asleep, held], lambda c: c.get(busy, 0) >= 1 and asleep in c)
+    second = await poll_cpu(batch, [busy, asleep, held], lambda c: c.get(busy, 0) > first[busy])
+
+    assert second[busy] > first[busy] >= 1
+    assert second[asleep] <= 1  # `sleep` uses no CPU (sstat counts whole seconds)
+    assert held not in second  # pending: no steps, so no figure (unknown, not zero)
+    calls = (tmp_path / "sstat-calls").read_text().splitlines()
+    assert all(c.startswith(f"-a -j {busy},{asleep},{held} ") for c in calls)  # one command per look
+
+
+@pytest.mark.integration
+async def test_cpu_usage_leaves_out_a_finished_job(slurm: SlurmCluster) -> None:
+    done = slurm.sbatch("true", user=OWNER, name=unique_name())
+    busy = slurm.sbatch(BUSY, user=OWNER, name=unique_name())
+    slurm.wait_state(busy, ["RUNNING"])
+    slurm.wait_state(done, ["COMPLETED", None])
+    batch = batch_for(slurm)
+
+    cpu = await poll_cpu(batch, [done, busy], lambda c: busy in c)
+
+    assert list(cpu) == [busy]
+
+
+@pytest.mark.integration
+async def test_cpu_usage_sums_the_steps_of_a_job_not_only_its_batch_step(slurm: SlurmCluster) -> None:
+    # The batch script only waits for srun; the CPU is used by step 0's two tasks.
+    job_id = slurm.sbatch(f"srun -n2 {BUSY}", user=OWNER, name=unique_name(), extra=["-n2"])
+    slurm.wait_state(job_id, ["RUNNING"])
+    batch = batch_for(slurm)
+
+    cpu = await poll_cpu(batch, [job_id], lambda c: c.get(job_id, 0) >= 4)
+
+    r = slurm.run(["sstat", "-j", f"{job_id}.batch", "--noheader", "-P", "--format=AveCPU"])
+    assert r.returncode == 0 and (parse_cpu_seconds(r.stdout.strip()) or 0) <= 1, r.stdout
+    assert cpu[job_id] >= 4
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["dead-controller", "unparsable"])
+async def test_cpu_usage_of_a_broken_slurm_is_a_batch_error_never_an_empty_answer(
+    slurm: SlurmCluster, kind: str
+) -> None:
+    job_id = slurm.sbatch(BUSY, user=OWNER, name=unique_name())
+    slurm.wait_state(job_id, ["RUNNING"])
+    await poll_cpu(batch_for(slurm), [job_id], lambda c: job_id in c)
+    broken = SlurmBatch(env={"SLURM_CONF": str(slurm.broken_conf(kind))}, timeout=20)
+
+    # dead-controller: sstat exits 0 and says "couldn't get steps for job N", as for an ended job
+    with pytest.raises(BatchError, match="none of the 1 jobs" if kind == "dead-controller" else "exit 1"):
+        await broken.cpu_usage([job_id])
+    with pytest.raises(BatchError, match="cannot run"):
+        await batch_for(slurm, sstat="/nonexistent/sstat").cpu_usage([job_id])
+
+
+@pytest.mark.integration
+async def test_cpu_usage_with_the_controller_stopped_is_a_batch_error(slurm: SlurmCluster) -> None:
+    job_id = slurm.sbatch(BUSY, user=OWNER, name=unique_name())
+    slurm.wait_state(job_id, ["RUNNING"])
+    batch = batch_for(slurm, timeout=10)
+    await poll_cpu(batch, [job_id], lambda c: job_id in c)
+    slurm.stop_controller()
+    try:
+        # sstat either gives up ("couldn't get steps", exit 0) or is killed at the timeout
+        with pytest.raises(BatchError, match="none of the 1 jobs|timed out"):
+            await batch.cpu_usage([job_id])
+    finally:
+        slurm.start_controller()
+    assert job_id in await poll_cpu(batch, [job_id], lambda c: job_id in c)
+
+
+# --- PBS through Debian's slurm-wlm-torque wrappers (qstat/qdel in Perl over the real Slurm) ----------
+
+
+def torque_wrappers() -> tuple[str, str]:
+    found = [shutil.which(c) for c in ("qstat", "qdel")]
+    ok = all(found) and "Slurm" in Path(str(found[0])).read_text(errors="replace")
+    require_real_part(bool(ok), "Debian's slurm-wlm-torque (qstat/qdel wrappers over Slurm)")
+    return str(found[0]), str(found[1])
+
+
+def pbs_for(slurm: SlurmCluster, **kwargs: Any) -> PbsBatch:
+    qstat, qdel = torque_wrappers()
+    kwargs.setdefault("format", "text")
+    return PbsBatch(qstat=qstat, qdel=qdel, env=slurm.env, timeout=30, **kwargs)
+
+
+@pytest.mark.integration
+async def test_pbs_text_reads_the_slurm_torque_wrappers_qstat(slurm: SlurmCluster) -> None:
+    name = unique_name()
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=name, partition="gpu", time_limit="90", cpus=2)
+    held = slurm.sbatch("sleep 300", user=OTHER, name=name, extra=["--hold"])
+    slurm.wait_state(job_id, ["RUNNING"])
+    batch = pbs_for(slurm)
+
+    jobs = {j.id: j for j in await batch.jobs(name=name)}
+
+    assert sorted(jobs) == sorted([job_id, held])
+    job = jobs[job_id]
+    assert (job.user, job.name, job.state, job.partition, job.node, job.cpus) == (
+        OWNER, name, JobState.RUNNING, "gpu", slurm.node, 2)
+    assert (jobs[held].user, jobs[held].state, jobs[held].node) == (OTHER, JobState.PENDING, None)
+    assert await batch.job(job_id) == job
+    assert [j.id for j in await batch.jobs(name=name, user=OTHER)] == [held]
+    assert await batch.job("99999999") is None  # the wrapper: exit 153, nothing printed
+    assert await batch.cpu_usage([job_id]) == {}  # the wrapper prints no resources_used: unknown
+
+
+@pytest.mark.integration
+async def test_pbs_qdel_through_the_wrapper_cancels_and_refuses_another_user(slurm: SlurmCluster) -> None:
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=unique_name())
+    slurm.wait_state(job_id, ["RUNNING"])
+    as_user = pbs_for(slurm, prefix="runuser -u {username} --")
+
+    with pytest.raises(BatchError, match="Access/permission denied"):  # printed on stdout, exit 1
+        await as_user.cancel(job_id, user=OTHER)
+    assert slurm.squeue_state(job_id) == "RUNNING"
+
+    await as_user.cancel(job_id, user=OWNER)
+    deadline = time.monotonic() + 20
+    while await as_user.job(job_id) is not None:  # the wrapper lists it as C until Slurm purges it
+        assert time.monotonic() < deadline, "still running after qdel"
+        await asyncio.sleep(0.3)
+    assert slurm.squeue_state(job_id) in ("CANCELLED", "COMPLETING", None)
+    await as_user.cancel(job_id)  # already gone: the wrapper exits 1 silently, qstat says C -> success
+    await as_user.cancel("99999999")  # unknown: exit 1 silently, qstat exit 153 -> success
+
+
+@pytest.mark.integration
+async def test_pbs_auto_finds_the_text_format_and_a_dead_controller_is_a_batch_error(
+    slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    qstat, _ = torque_wrappers()
+    log = tmp_path / "qstat-calls"
+    script = tmp_path / "qstat"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {qstat} "$@"\n')
+    script.chmod(0o755)
+    job_id = slurm.sbatch("sleep 300", user=OWNER, name=unique_name())
+    slurm.wait_state(job_id, ["RUNNING"])
+    batch = pbs_for(slurm, format="auto")
+    batch.qstat = str(script)
+
+    assert [j.id for j in await batch.jobs()] == [job_id]
+    assert (await batch.job(job_id)) is not None
+    assert log.read_text().splitlines() == ["-f -F json", "-x", "-f", f"-f {job_id}"]
+
+    dead = PbsBatch(qstat=qstat, env={"SLURM_CONF": str(slurm.broken_conf())}, format="text", timeout=30)
+    with pytest.raises(BatchError, match="Problem loading jobs"):
+        await dead.jobs()
+    with pytest.raises(BatchError, match="Problem loading jobs"):
+        await dead.job(job_id)
+    with pytest.raises(BatchError, match="Problem loading jobs"):
+        await dead.cpu_usage([job_id])
+
+
+@pytest.mark.integration
+async def test_pbs_with_no_job_at_all_lists_nothing_though_the_wrapper_exits_153(slurm: SlurmCluster) -> None:
+    qstat, _ = torque_wrappers()
+    slurm.cancel_all()
+    deadline = time.monotonic() + 60
+    while slurm.run([qstat, "-f"]).returncode != 153:  # until Slurm has purged every ended job
+        assert time.monotonic() < deadline, "Slurm still lists jobs"
+        await asyncio.sleep(1)
+    assert await pbs_for(slurm).jobs() == []
+    assert await pbs_for(slurm).cpu_usage(["1"]) == {}
 
 
 @pytest.mark.integration

@@ -170,7 +170,7 @@ def test_batch_section_is_typed_and_its_errors_name_key_and_line():
     assert err("batch:\n  systm: slurm\n").startswith("site.yaml:2: batch.systm: unknown key")
     assert "site.yaml:2: batch.system: Input should be 'auto', 'slurm', 'pbs', 'torque' or 'none'" in err(
         "batch:\n  system: lsf\n")
-    assert "site.yaml:3: batch.commands.qstat: not a command of slurm (its commands: squeue, scancel)" in err(
+    assert "site.yaml:3: batch.commands.qstat: not a command of slurm (its commands: squeue, scancel, sstat)" in err(
         "batch:\n  system: slurm\n  commands: {qstat: /x}\n")
     assert "site.yaml:2: batch.timeout:" in err("batch:\n  timeout: 0\n")
     assert "site.yaml:2: batch.timezone: unknown time zone 'Mars/X'" in err("batch:\n  timezone: Mars/X\n")
