@@ -3,7 +3,7 @@
 Connection errors, timeouts, 5xx and 429 are retried with exponential backoff and jitter; any other
 answer (2xx, 3xx, 4xx) goes back to the caller as it came. The service's token is sent as
 ``Authorization: token ...`` and never appears in logs or exception text. Used by the hub client
-(listing, stop, route table) and by the page's login (``reaper.web.login``).
+(listing, stop, route table, the page's keep and stop). The page's login is JupyterHub's HubOAuth (reaper.web.auth).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 NO_TRACK = {"no_track_activity": "1"}  # on every probe: looking must not count as activity
 _NO_TRACK_QUERY = urlencode(NO_TRACK)
-LOGIN_CALLS = 2  # the page's hub calls at once (reaper.web.login.HUB_SLOTS): connections kept for them
+PAGE_CALLS = 2  # the page's own hub calls (keep, stop now: get_server, stop): connections kept for them
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class StopResult:
 
 def open_transports(hub: HubOptions, probes: ProbeOptions) -> tuple[Transport, Transport]:
     """(hub API transport, probe transport) for these options. httpx is imported only for it."""
-    hub_conns = hub.concurrency + max(hub.stop_concurrency, 1) + LOGIN_CALLS
+    hub_conns = hub.concurrency + max(hub.stop_concurrency, 1) + PAGE_CALLS
     probe_conns = (3 if probes.terminals else 2) * probes.concurrency
     direct = probes.via == "direct"
     if hub.http == "httpx":
