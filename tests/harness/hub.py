@@ -633,7 +633,7 @@ class RealHub:
     def spawn_form(self, user: str, name: str = "") -> str:
         """The spawn form the hub shows `user` (the spawner's options_form, rendered), as HTML."""
         path = f"/hub/spawn/{quote(user)}" + (f"/{quote(name)}" if name else "")
-        with self.login(user) as browser:
+        with contextlib.closing(self.login(user)) as browser:
             r = browser.get(path, follow_redirects=False)
             if r.status_code != 200:
                 raise HubError(f"GET {path} -> {r.status_code} {r.text[:300]}")
@@ -646,7 +646,7 @@ class RealHub:
         (the form's inputs, as a browser sends them); wait until ready and return the model.
         Spawners whose options come only from their form (slurmformspawner) are driven this way."""
         path = f"/hub/spawn/{quote(user)}" + (f"/{quote(name)}" if name else "")
-        with self.login(user) as browser:
+        with contextlib.closing(self.login(user)) as browser:
             r = browser.get(path, follow_redirects=False)
             if r.status_code != 200:
                 raise HubError(f"GET {path} -> {r.status_code} {r.text[:300]}")
