@@ -651,9 +651,7 @@ class RealHub:
             if r.status_code != 200:
                 raise HubError(f"GET {path} -> {r.status_code} {r.text[:300]}")
             xsrf = browser.cookies.get("_xsrf", path="/hub/") or ""
-            data: list[tuple[str, str]] = [("_xsrf", xsrf)]
-            for key, value in fields.items():
-                data.extend((key, v) for v in (value if isinstance(value, list) else [value]))
+            data: dict[str, str | list[str]] = {"_xsrf": xsrf, **fields}
             r = browser.post(path, data=data, follow_redirects=False)
             if r.status_code not in (200, 302, 303):
                 raise HubError(f"POST {path} -> {r.status_code} {r.text[:500]}\n--- hub log ---\n{self.log_tail(60)}")
