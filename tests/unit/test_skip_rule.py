@@ -114,6 +114,7 @@ SITES = [
     "tests/faults/test_database_faults.py",  # PostgreSQL, and the real hub
     "tests/integration/test_browser.py",  # the real hub, chromium, playwright
     "tests/integration/test_slurm_batch.py",  # Slurm, and the real hub on Slurm
+    "tests/integration/test_site_spawners.py",  # the sites' spawners: a hub of each version on Slurm
     "tests/integration/test_managed_service.py",  # the real hub (tests/integration/conftest.py)
     "tests/adapters/test_pbs.py",  # root, to run qdel as another user
 ]
