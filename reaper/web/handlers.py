@@ -392,7 +392,7 @@ class PageHandler(BaseHandler):
             mine=mine,
             others=others,
             message=msg,
-            error_text=KEEP_ERRORS.get(err, ""),
+            error_text=KEEP_ERRORS.get(err) or (MESSAGES.get(err, "") if err.startswith("stop-") else ""),
             keep=self.ctx.keep,
             fmt=format_duration,
             admin_view=admin_view,
@@ -511,8 +511,9 @@ class StopHandler(ActionHandler):
         outcome = await self.ctx.service.sweeper.stops.stop_now(user, name, actor=self.me)
         if outcome is not StopOutcome.GONE:
             self.ctx.metrics.count_stop(outcome.value)
+        # refused: the hub said no on purpose (409), not a failure to reach it or of it (502)
         self.done(outcome.page_code, {"user": user, "server": name, "outcome": outcome.value},
-                  status=200 if outcome.ok else 502)
+                  status=200 if outcome.ok else 409 if outcome is StopOutcome.REFUSED else 502)
 
 
 class ServersAPIHandler(BaseHandler):
