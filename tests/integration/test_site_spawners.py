@@ -58,7 +58,7 @@ defaults:
 rules:
   - name: gpu-jobs
     match: {{partitions: [gpu], min_gpus: 1}}
-    detached: {{warn_after: 2s, stop_after: 6s}}
+    detached: {{warn_after: 1s, stop_after: 4s}}
 batch:
   system: slurm
   env: {{SLURM_CONF: "{conf}"}}
