@@ -61,9 +61,9 @@ if (( want_test )); then
     mkdir -p "$(dirname "$VENV54")"
     /usr/bin/python3 -m venv "$VENV54"
   fi
-  log "pip install jupyterhub==5.4.* -e .[demo,sites] into $VENV54"
+  log "pip install jupyterhub==5.4.* -e .[demo,singleuser,sites] into $VENV54"
   "$VENV54/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || log "pip self-upgrade skipped"
-  "$VENV54/bin/pip" install -q "jupyterhub==5.4.*" -e "$here[demo,sites]" 2>&1 \
+  "$VENV54/bin/pip" install -q "jupyterhub==5.4.*" -e "$here[demo,singleuser,sites]" 2>&1 \
     | { grep -vE "^WARNING: Location|BuildBackendWarning|^ *!!|^ *\*+$|^ *corresp|^\s*$" || true; }
   ln -sf "$NODE_PREFIX/node_modules/.bin/configurable-http-proxy" "$VENV54/bin/configurable-http-proxy"
   chmod -R a+rX "$(dirname "$VENV54")"
