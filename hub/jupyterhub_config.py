@@ -14,7 +14,15 @@
 #   REAPER_HUB_API_PORT       port of the hub process itself           (default 8081)
 #   REAPER_PROXY_API_PORT     REST port of configurable-http-proxy     (default 8001)
 #   REAPER_PROXY_CMD          configurable-http-proxy executable       (default: next to python, else PATH)
-#   REAPER_HUB_SPAWNER        "local" (default) or "slurm"
+#   REAPER_HUB_SPAWNER        "local" (default), or a Slurm spawner: "slurm" (ours, hardened),
+#                             "batchspawner" (stock batchspawner.SlurmSpawner), "slurmform"
+#                             (slurmformspawner.SlurmFormSpawner), "profiles" (wrapspawner's
+#                             ProfilesSpawner over batchspawner.SlurmSpawner)
+#   REAPER_HUB_POLL_INTERVAL  seconds between the hub's squeue polls    (default 30)
+#   REAPER_HUB_EXEC_PREFIX    how batchspawner runs sbatch/scancel as the user
+#                             (default "sudo -E -u {username}", or runuser where there is no sudo)
+#   REAPER_HUB_SLURM_BIN      slurmform: folder of sbatch/scancel       (default: where sbatch is)
+#   REAPER_HUB_SLURMFORM_TEMPLATE  slurmform: the job script template   (default hub/slurmform_submit.sh)
 #   REAPER_HUB_HOMES          home folders for the local spawner       (default $REAPER_HUB_STATE/homes)
 #   REAPER_HUB_AUTH           "shared-password" (default) or "google" (see "login" below)
 #   REAPER_HUB_PASSWORD       the shared password of all users (8+)    (default: random, written to state)
@@ -124,13 +132,17 @@ c.Spawner.start_timeout = 120  # a Slurm job may wait in the queue a little
 c.Spawner.http_timeout = 60
 
 SPAWNER = _env("REAPER_HUB_SPAWNER", "local").lower()
-if SPAWNER == "slurm":
-    # Notebooks run as Slurm batch jobs, through the hardened spawner we ship.
+SPAWNERS = ("local", "slurm", "batchspawner", "slurmform", "profiles")
+if SPAWNER not in SPAWNERS:
+    raise ValueError(f"REAPER_HUB_SPAWNER must be one of {', '.join(SPAWNERS)}, not {SPAWNER!r}")
+LOOPBACK = IP in ("127.0.0.1", "localhost")
+
+if SPAWNER != "local":
+    # Every other choice runs notebooks as Slurm batch jobs through batchspawner.
     # Importing batchspawner registers /hub/api/batchspawner, which the job calls to report
     # its host and port back to the hub.
     import batchspawner  # noqa: F401
 
-    c.JupyterHub.spawner_class = "reaper.hubside.spawner.SlurmSpawner"
     # The job starts the server through batchspawner's wrapper (it reports the port back to the
     # hub); name it by full path, as the job's PATH need not contain this venv.
     _wrapper = BIN / "batchspawner-singleuser"
@@ -140,8 +152,24 @@ if SPAWNER == "slurm":
     # SLURM_CONF there they fail with a DNS SRV lookup error on machines configured that way.
     if os.environ.get("SLURM_CONF"):
         c.Spawner.environment["SLURM_CONF"] = os.environ["SLURM_CONF"]
+    # How often the hub polls each job (squeue); the default 30 s is fine on a real cluster.
+    c.Spawner.poll_interval = int(_env("REAPER_HUB_POLL_INTERVAL", "30"))
     # batchspawner ignores Spawner.ip and binds 0.0.0.0: keep the server on loopback unless
     # the site sets REAPER_HUB_IP to something else (real clusters need the node's address).
+    if LOOPBACK:
+        c.Spawner.args = ["--ServerApp.ip=127.0.0.1"]
+    # Stock batchspawner runs its commands as the user with `sudo -E -u {username}` (real sites);
+    # where there is no sudo (containers, these test machines, as root) runuser does the same.
+    import shutil as _shutil
+
+    _EXEC_PREFIX = _env(
+        "REAPER_HUB_EXEC_PREFIX",
+        "sudo -E -u {username}" if _shutil.which("sudo") else "runuser -u {username} --",
+    )
+
+if SPAWNER == "slurm":
+    # Notebooks run as Slurm batch jobs, through the hardened spawner we ship.
+    c.JupyterHub.spawner_class = "reaper.hubside.spawner.SlurmSpawner"
     # What users may ask for (the spawn form, and user_options over the REST API); anything
     # else is refused before a job is submitted. Policy rules in the reaper's config.yaml can
     # match on these options (partition, gpus).
@@ -152,11 +180,66 @@ if SPAWNER == "slurm":
     c.SlurmSpawner.memory_choices = ["4G", "16G", "32G"]
     # The name the reaper looks for to find the hub's jobs (its slurm.job_name).
     c.SlurmSpawner.job_name = "jupyterhub-reaper"
-    # How often the hub polls each job (squeue); the default 30 s is fine on a real cluster.
-    c.Spawner.poll_interval = int(_env("REAPER_HUB_POLL_INTERVAL", "30"))
-    if IP in ("127.0.0.1", "localhost"):
-        c.Spawner.args = ["--ServerApp.ip=127.0.0.1"]
-elif SPAWNER == "local":
+elif SPAWNER in ("batchspawner", "profiles"):
+    # Stock batchspawner.SlurmSpawner (batchspawner 1.3), as most sites run it: its own batch
+    # script (job name "spawner-jupyterhub": set the reaper's slurm.job_name to it), the job id
+    # in the spawner state, no server address there (the reaper reads it from the proxy table).
+    # user_options over the REST API fill the script's variables (partition, runtime, memory,
+    # nprocs, gres ...): batchspawner does not check them, so only admins should use that.
+    c.BatchSpawnerBase.exec_prefix = _EXEC_PREFIX
+    if LOOPBACK:
+        # the hub connects to the node squeue names; on one machine that is loopback
+        c.SlurmSpawner.state_exechost_exp = "127.0.0.1"
+    if SPAWNER == "batchspawner":
+        c.JupyterHub.spawner_class = "batchspawner.SlurmSpawner"
+    else:
+        # wrapspawner's ProfilesSpawner: the user picks a profile (user_options {"profile": KEY});
+        # each profile is the stock SlurmSpawner with its own resources. The hub keeps the child
+        # spawner's state nested ({"profile", "child_conf": {req_*}, "child_state": {"job_id"...}});
+        # the reaper reads the job id and the requested resources from there.
+        c.JupyterHub.spawner_class = "wrapspawner.ProfilesSpawner"
+        c.ProfilesSpawner.profiles = [
+            ("CPU: 1 core, 2 GB, 2 hours", "cpu", "batchspawner.SlurmSpawner",
+             {"req_partition": "cpu", "req_nprocs": "1", "req_memory": "2G", "req_runtime": "2:00:00"}),
+            ("GPU: 1 GPU, 4 GB, 4 hours", "gpu", "batchspawner.SlurmSpawner",
+             {"req_partition": "gpu", "req_nprocs": "1", "req_memory": "4G", "req_runtime": "4:00:00",
+              "req_gres": "gpu:1"}),
+        ]
+elif SPAWNER == "slurmform":
+    # slurmformspawner's SlurmFormSpawner (2.11, as the Alliance runs it): a form built from the
+    # cluster (runtime in hours, cores, memory in MB, GPUs "gpu:N", partition ...). It takes its
+    # options from that form only (user_options sent over the REST API are ignored), and the
+    # hub's server model shows them as the spawner converts them: runtime in MINUTES, memory MB.
+    from slurmformspawner.spawner import SlurmFormSpawner
+
+    class ReaperSlurmFormSpawner(SlurmFormSpawner):
+        """SlurmFormSpawner with its commands run through the exec prefix above: the stock class
+        hard-codes `sudo` in its sbatch/scancel command lines (class attributes, not config)."""
+
+        batch_submit_cmd = (
+            _EXEC_PREFIX.replace("sudo -E", "sudo --preserve-env={keepvars}")
+            + " {slurm_bin_path}/sbatch --parsable"
+        )
+        batch_cancel_cmd = _EXEC_PREFIX + " {slurm_bin_path}/scancel {job_id}"
+
+    c.JupyterHub.spawner_class = ReaperSlurmFormSpawner
+    _sbatch = _shutil.which("sbatch")
+    c.SlurmFormSpawner.slurm_bin_path = _env(
+        "REAPER_HUB_SLURM_BIN", os.path.dirname(_sbatch) if _sbatch else "/usr/bin"
+    )
+    # The stock submit template activates the Alliance's own paths (/opt/ipython-kernel,
+    # /opt/jupyterhub); ours keeps its #SBATCH lines and starts the server from this venv.
+    c.SlurmFormSpawner.submit_template_path = _env(
+        "REAPER_HUB_SLURMFORM_TEMPLATE", str(REPO / "hub" / "slurmform_submit.sh")
+    )
+    if LOOPBACK:
+        c.SlurmSpawner.state_exechost_exp = "127.0.0.1"
+    # The form: partitions the user may pick (the stock form locks it to the default), the
+    # runtime in hours.
+    c.SbatchForm.partition = {"lock": False, "def": "cpu", "choices": ["cpu", "gpu"]}
+    c.SbatchForm.runtime = {"min": 0.25, "def": 1.0, "max": 24.0, "step": 0.25}
+    c.SbatchForm.ui = {"lock": False, "def": "lab", "choices": ["lab", "notebook"]}
+else:
     # Every user's server is a local process of the hub's own unix user (no isolation: demo
     # and tests only), with its home folder under the state folder.
     c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
@@ -166,8 +249,6 @@ elif SPAWNER == "local":
     # jupyter_server refuses to run as root without this flag; we are root on the test machines.
     if os.geteuid() == 0:
         c.Spawner.args = ["--allow-root"]
-else:
-    raise ValueError(f"REAPER_HUB_SPAWNER must be 'local' or 'slurm', not {SPAWNER!r}")
 
 # --- the companion extension in the single-user servers ------------------------------------------
 # `pip install jupyterhub-reaper[singleuser]` in the servers' environment enables it by itself (a

@@ -11,7 +11,14 @@ recorded with one outcome vocabulary, and has its batch job checked afterwards.
 * **record**: the outcome's action row, the end of the run when it stopped, and (for the reaper's
   own stops) the "stopped" notice; many in one transaction.
 * **guard**: the batch system's look after the stop (is the job gone? cancel it if not), bounded
-  by ``safety.stop_concurrency``; a failure is logged, never raised.
+  by ``safety.stop_concurrency``; a failure is logged, never raised. Not after a *refused* stop:
+  the hub said no on purpose (e.g. ``refresh_pre_stop`` until the user logs in again), and
+  cancelling the job behind its back would overrule it.
+
+A refused stop is a state, not a silent retry: the first refusal of a server run is logged as an
+ERROR with the hub's words, each one is recorded (action ``stop-refused``, shown on the page and
+the admin view), and later sweeps ask again (the hub may allow it once the user logged in) with a
+WARNING that counts the refusals.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ class StopOutcome(Enum):
     STOPPED = "stopped"  # the hub stopped it
     GONE = "gone"  # the hub no longer had it: as good as stopped
     PENDING = "pending"  # accepted (202), still stopping: followed up by the next sweeps
-    FAILED = "error"  # the hub refused or could not be reached
+    REFUSED = "refused"  # the hub said no (403: the token may not, or the user must log in again)
+    FAILED = "error"  # the hub failed or could not be reached
 
     @property
     def done(self) -> bool:
@@ -47,7 +55,7 @@ class StopOutcome(Enum):
 
     @property
     def ok(self) -> bool:
-        return self is not StopOutcome.FAILED
+        return self not in (StopOutcome.FAILED, StopOutcome.REFUSED)
 
     @property
     def record_kind(self) -> str:
@@ -65,6 +73,7 @@ _MAP: dict[StopOutcome, tuple[str, str]] = {
     StopOutcome.STOPPED: ("stop", "stopped"),
     StopOutcome.GONE: ("stop", "gone"),
     StopOutcome.PENDING: ("stop-pending", "stop-pending"),
+    StopOutcome.REFUSED: ("stop-refused", "stop-refused"),
     StopOutcome.FAILED: ("stop-failed", "stop-failed"),
 }
 
@@ -102,6 +111,7 @@ class Stops:
         # Streamed stops' intents, group-committed (see groupcommit.py): stops are paced by the
         # hub, so a batch lingers 50 ms for company instead of one transaction per stop.
         self._intents: GroupWriter[tuple[RunKey, datetime]] = GroupWriter(self._write_intents, linger=0.05)
+        self._refusals: dict[RunKey | str, int] = {}  # refused stops per server run (this process)
 
     def _write_intents(self, items: Any) -> None:
         self.store.runs.mark_stops_requested([k for k, _ in items], max(t for _, t in items))
@@ -121,14 +131,31 @@ class Stops:
 
     async def ask(self, server: HubServer) -> Asked:
         result = await self.hub.stop(server.user, server.name)
-        return Asked(StopOutcome(result.outcome), result.detail, self.clock())
+        asked = Asked(StopOutcome(result.outcome), result.detail, self.clock())
+        if asked.outcome is StopOutcome.REFUSED:
+            self.refused(server, asked.detail)
+        return asked
+
+    def refused(self, server: HubServer, detail: str) -> int:
+        """Log one refused stop: the run's first as an ERROR, later ones as a WARNING with their
+        count. Returns how many times this run's stop was refused."""
+        key: RunKey | str = server.run_key() or server.label
+        n = self._refusals[key] = self._refusals.get(key, 0) + 1
+        if n == 1:
+            log.error("%s: stop REFUSED by the hub; the server keeps running and its job is left alone; "
+                      "asked again at the next sweeps: %s", server.label, detail)
+        else:
+            log.warning("%s: stop refused by the hub again (%d times for this server run): %s",
+                        server.label, n, detail)
+        return n
 
     async def record(self, records: list[StopRecord]) -> None:
         await self._db(self.store.runs.record_stops, records, self.clock())
 
     async def after(self, server: HubServer, outcome: StopOutcome) -> None:
-        """The batch guard's look after a stop (is the job gone? cancel it if not)."""
-        if self.guard is None:
+        """The batch guard's look after a stop (is the job gone? cancel it if not); none after a
+        refused stop (the server runs on, as the hub decided)."""
+        if self.guard is None or outcome is StopOutcome.REFUSED:
             return
         async with self._guard_slots:
             try:

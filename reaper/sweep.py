@@ -177,6 +177,9 @@ class SweepResult:
             self.stops_pending += 1
             row.outcome = "stop pending"
             log.info("%s stop pending at the hub (202); following up", label)
+        elif outcome is StopOutcome.REFUSED:  # logged by Stops.refused (once per run as an error)
+            self.stops_failed += 1
+            row.outcome = f"stop refused by the hub: {detail}"
         else:
             self.stops_failed += 1
             row.outcome = f"stop failed: {detail}"

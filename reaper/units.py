@@ -335,8 +335,10 @@ class Requested:
 # - stock batchspawner 1.3: user_options override the batch script's variables, named as its
 #   req_* traits without "req_" (nprocs, memory, runtime, partition, queue, ngpus, gres); sites'
 #   forms also send the trait names themselves (req_nprocs, req_memory, ...)
-# - slurmformspawner: nprocs (int), memory (int, MB), runtime (float, HOURS), gpus ("gpu:0",
-#   "gpu:a100:2"), partition, account, reservation, ui
+# - slurmformspawner 2.11: nprocs (int), memory (int, MB), gpus ("gpu:0", "gpu:a100:2"), partition,
+#   account, reservation, ui, constraint, modules; runtime: the hub's server model shows the
+#   spawner's converted options, an int of MINUTES (measured: tests/fixtures/sites/), while its form
+#   data says HOURS as a float (1.5): a float "runtime" is read as hours, an int as minutes
 # - the reaper's own records (orphan jobs, tests): cpus, mem, gpus
 _CPUS = ("cpus", "nprocs", "req_nprocs", "ncpus", "cores")
 _MEM = ("mem", "memory", "req_memory")

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything jupyterhub-reaper needs on a fresh Debian 12 machine (as root), idempotently.
 #   scripts/setup.sh            the demo set: Python venv, JupyterHub, configurable-http-proxy
-#   scripts/setup.sh --test     also what the test suite needs: Slurm + munge, PostgreSQL, Chromium
+#   scripts/setup.sh --test     also what the test suite needs: Slurm + munge, PostgreSQL, Chromium,
+#                               and a second venv with the newest JupyterHub 5.4.x ($REAPER_VENV54,
+#                               default /opt/jupyterhub-reaper/venv-hub54): the core-path tests
+#                               run against both hubs (tests/harness/hub.py HUB_VERSIONS)
 # The venv is made from Debian's /usr/bin/python3 in a world-readable place, because
 # single-user servers started as Slurm jobs run as the unix user and must import from it.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REAPER_VENV:-/opt/jupyterhub-reaper/venv}"
+VENV54="${REAPER_VENV54:-/opt/jupyterhub-reaper/venv-hub54}"
 NODE_PREFIX="${REAPER_NODE_PREFIX:-/opt/jupyterhub-reaper/node}"
 want_test=0
 [[ "${1:-}" == "--test" ]] && want_test=1
@@ -57,5 +61,21 @@ if [[ ! -x "$NODE_PREFIX/node_modules/.bin/configurable-http-proxy" ]]; then
   npm install --silent --no-audit --no-fund --prefix "$NODE_PREFIX" configurable-http-proxy@5 >/dev/null 2>&1
 fi
 ln -sf "$NODE_PREFIX/node_modules/.bin/configurable-http-proxy" "$VENV/bin/configurable-http-proxy"
+
+if (( want_test )); then
+  # The second hub: the newest jupyterhub 5.4.x with the project and the sites' spawners, for the
+  # tests that run on both hub versions. Everything a hub starts runs from its own venv.
+  if [[ ! -x "$VENV54/bin/python" ]]; then
+    log "creating venv $VENV54 (JupyterHub 5.4)"
+    mkdir -p "$(dirname "$VENV54")"
+    /usr/bin/python3 -m venv "$VENV54"
+  fi
+  log "pip install jupyterhub==5.4.* -e .[demo,singleuser,sites] into $VENV54"
+  "$VENV54/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || log "pip self-upgrade skipped"
+  "$VENV54/bin/pip" install -q "jupyterhub==5.4.*" -e "$here[demo,singleuser,sites]" 2>&1 \
+    | { grep -vE "^WARNING: Location|BuildBackendWarning|^ *!!|^ *\*+$|^ *corresp|^\s*$" || true; }
+  ln -sf "$NODE_PREFIX/node_modules/.bin/configurable-http-proxy" "$VENV54/bin/configurable-http-proxy"
+  chmod -R a+rX "$(dirname "$VENV54")"
+fi
 chmod -R a+rX "$(dirname "$VENV")"
 log "ready: $VENV"

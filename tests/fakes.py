@@ -24,7 +24,7 @@ class FakeHub:
     servers: dict[tuple[str, str], HubServer] = field(default_factory=dict)
     probes: dict[tuple[str, str], Probe] = field(default_factory=dict)
     fail_listing: bool = False
-    stop_outcome: str = "stopped"  # stopped | pending | error
+    stop_outcome: str = "stopped"  # stopped | pending | refused | error
     stops: list[tuple[str, str]] = field(default_factory=list)
     probe_calls: list[tuple[str, str]] = field(default_factory=list)  # full probes
     status_calls: list[tuple[str, str]] = field(default_factory=list)  # /api/status alone
@@ -100,6 +100,8 @@ class FakeHub:
             s = self.servers[(user, name)]
             self.servers[(user, name)] = replace(s, pending="stop")
             return StopResult("pending", 202, "stop pending")
+        if self.stop_outcome == "refused":
+            return StopResult("refused", 403, "HTTP 403 Missing or invalid credentials.")
         return StopResult("error", 500, "HTTP 500")
 
     # -- the page's login, as the hub answers it

@@ -83,7 +83,7 @@ class HubServer:
     groups: tuple[str, ...] = ()
     admin: bool = False
     target: str | None = None  # the server's own address, e.g. http://10.0.0.5:53211 (from /proxy or state)
-    display_name: str | None = None  # the hub's display_name of a named server (JupyterHub 5+), when set
+    display_name: str | None = None  # the hub's display_name of a named server (JupyterHub 6), when set
     # made once: a sweep keys several maps by it, and one object per server beats one per lookup
     _key: RunKey | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -97,8 +97,17 @@ class HubServer:
 
     @property
     def job_id(self) -> str | None:
-        job = self.state.get("job_id") if isinstance(self.state, dict) else None
-        return str(job) if job not in (None, "") else None
+        """The batch job id in the spawner state; a wrapper's (wrapspawner) nested ``child_state``
+        is followed (the hub adapter already unwraps it; state made elsewhere may not be)."""
+        state = self.state
+        for _ in range(8):
+            if not isinstance(state, dict):
+                return None
+            job = state.get("job_id")
+            if job not in (None, ""):
+                return str(job)
+            state = state.get("child_state")
+        return None
 
     def run_key(self) -> RunKey | None:
         return self._key

@@ -56,14 +56,14 @@ PAGE_CALLS = 2  # the page's own hub calls (keep, stop now: get_server, stop): c
 
 @dataclass(frozen=True)
 class StopResult:
-    outcome: Literal["stopped", "pending", "gone", "error"]
+    outcome: Literal["stopped", "pending", "gone", "refused", "error"]
     status: int | None
     detail: str
 
     @property
     def ok(self) -> bool:
         """True when the server is stopped, stopping, or already gone."""
-        return self.outcome != "error"
+        return self.outcome not in ("error", "refused")
 
 
 def open_transports(hub: HubOptions, probes: ProbeOptions) -> tuple[Transport, Transport]:
@@ -227,7 +227,14 @@ class HubClient:
         """Ask the hub to stop a server. Never raises: failures are ``StopResult("error", ...)``.
 
         204 -> stopped; 202 -> pending (the hub is still stopping it: re-check with get_server);
-        404, or 400 saying "not running" -> gone.
+        404, or 400 saying "not running" -> gone; 403 -> refused (the hub will not let this token
+        stop it; it does not change by asking again); anything else -> error.
+
+        ``Authenticator.refresh_pre_stop`` (JupyterHub 5.4 and 6.x, measured on both): when the
+        user's auth is stale, a service's or admin's stop goes ahead (204; the hub logs "Stopping
+        anyway"), the user's own token is refused (403; on 6.x only with
+        ``auth_refresh_strict``); when the authenticator's refresh itself fails (its identity
+        provider unreachable), every stop answers 500 until it works again.
         """
         label = f"{user}/{server_name}" if server_name else user
         what = f"stop {label}"
@@ -237,8 +244,12 @@ class HubClient:
             answer = await self.api.call("DELETE", self._server_path(user, server_name), what=what,
                                          seconds=self._stop_timeout, slots=self._stop_slots)
         except HubError as exc:
-            log.warning("%s failed: %s", what, exc)
-            return StopResult("error", exc.status, str(exc))
+            detail = str(exc)
+            if exc.status == 500:
+                detail += (" (a hub with Authenticator.refresh_pre_stop answers 500 while the user's auth "
+                           "cannot be refreshed: see the hub's log)")
+            log.warning("%s failed: %s", what, detail)
+            return StopResult("error", exc.status, detail)
         status = answer.status
         body = self.api.snippet(answer)
         if status == 204:
@@ -249,6 +260,12 @@ class HubClient:
             return StopResult("gone", status, f"no such server ({body})" if body else "no such server")
         if status == 400 and "not running" in body.lower():
             return StopResult("gone", status, body)
+        if status == 403:
+            detail = (f"{what}: the hub refused the stop (HTTP 403 {body}): the reaper's token may not stop "
+                      f"it (delete:servers), or the hub wants {user}'s login refreshed first "
+                      "(Authenticator.refresh_pre_stop)").replace("  ", " ")
+            log.warning("%s", detail)
+            return StopResult("refused", status, detail)
         detail = f"{what}: HTTP {status} {body}".rstrip()
         log.warning("%s", detail)
         return StopResult("error", status, detail)

@@ -2,6 +2,17 @@
 
 Malformed data raises (ValueError / TypeError / KeyError): a timestamp that cannot be read is never
 taken for "no activity".
+
+What differs between the hubs and spawners sites run (tests/fixtures/api-jupyterhub-*/):
+- JupyterHub 6.x adds ``display_name`` to a server model ("" for the default server; 5.4 has
+  none): None unless set, and people are shown the name then;
+  both put ``user_options`` at the server model's top level (6.x also takes them nested in a
+  spawn request's body, which changes nothing here).
+- wrapspawner's ProfilesSpawner nests the real spawner's state: ``{"profile", "child_conf":
+  {req_partition, ...}, "child_state": {"job_id", "job_status"}}``, and its user_options are only
+  ``{"profile": KEY}``. The server's ``state`` here is the innermost child's (job id, server
+  address), and the profile's resource settings (``req_*`` in ``child_conf``) are read as
+  user_options under what the user chose, so rules and notices see partition, GPUs and runtime.
 """
 
 from __future__ import annotations
@@ -38,6 +49,38 @@ def parse_time(value: Any) -> datetime | None:
     return None if value is None else parse_iso(value)
 
 
+# Spawner settings of a wrapped spawner's profile (child_conf) that say what its job asks for: the
+# names batchspawner gives them, read by reaper.units.read_user_options.
+_CHILD_RESOURCE_KEYS = frozenset(
+    {"req_partition", "req_queue", "req_runtime", "req_memory", "req_nprocs", "req_ngpus", "req_gres"}
+)
+_MAX_NESTING = 8  # a wrapper of a wrapper ...: more is malformed
+
+
+def spawner_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the innermost spawner's state, the wrapped profiles' resource settings) of a server's state.
+
+    A plain spawner's state is its own; wrapspawner's keeps the child's under ``child_state`` and
+    the profile's settings under ``child_conf`` (outer settings win over inner ones, as the outer
+    profile chose the inner spawner). Raises TypeError on a malformed nesting."""
+    conf: dict[str, Any] = {}
+    inner: Mapping[str, Any] = state
+    for _ in range(_MAX_NESTING):
+        child = inner.get("child_state")
+        if child is None:
+            return dict(inner), conf
+        if not isinstance(child, dict):
+            raise TypeError("child_state is not an object")
+        child_conf = inner.get("child_conf") or {}
+        if not isinstance(child_conf, dict):
+            raise TypeError("child_conf is not an object")
+        for k, v in child_conf.items():
+            if k in _CHILD_RESOURCE_KEYS:
+                conf.setdefault(k, v)
+        inner = child
+    raise TypeError(f"spawner state nested more than {_MAX_NESTING} levels")
+
+
 def server_from_model(user_model: Mapping[str, Any], name: str, model: Mapping[str, Any]) -> HubServer:
     """One hub server model (an entry of a user model's ``servers``) -> HubServer.
 
@@ -46,12 +89,16 @@ def server_from_model(user_model: Mapping[str, Any], name: str, model: Mapping[s
     user = user_model["name"]
     if not isinstance(user, str):
         raise TypeError(f"user name is not a string: {user!r}")
-    state = model.get("state") or {}
-    if not isinstance(state, dict):
+    raw_state = model.get("state") or {}
+    if not isinstance(raw_state, dict):
         raise TypeError(f"server state of {user}/{name} is not an object")
+    state, profile_conf = spawner_state(raw_state)
     user_options = model.get("user_options") or {}
     if not isinstance(user_options, dict):
         raise TypeError(f"user_options of {user}/{name} is not an object")
+    if profile_conf:
+        user_options = {**profile_conf, **user_options}
+    display_name = model.get("display_name")
     groups = user_model.get("groups") or []
     if not isinstance(groups, list):
         raise TypeError(f"groups of {user} is not a list")
@@ -60,10 +107,10 @@ def server_from_model(user_model: Mapping[str, Any], name: str, model: Mapping[s
     target = (
         server_url if isinstance(server_url, str) and server_url.startswith(("http://", "https://")) else None
     )
-    display_name = model.get("display_name")
+    server_name = str(model.get("name", name) or "")
     return HubServer(
         user=user,
-        name=str(model.get("name", name) or ""),
+        name=server_name,
         started=parse_time(model.get("started")),
         last_activity=parse_time(model.get("last_activity")),
         ready=bool(model.get("ready", False)),

@@ -364,8 +364,8 @@ class Runs:
                 if it.end_reason is not None:
                     ended.append((rid, it.end_reason))
             s.execute(ACTIONS.insert(), actions)
-            failed = [int(rows[key_of(it.run)].id) for it in items if it.kind == "stop-failed"]
-            if failed:  # the hub refused: nothing is pending, the next sweep may ask again
+            failed = [int(rows[key_of(it.run)].id) for it in items if it.kind in ("stop-failed", "stop-refused")]
+            if failed:  # the hub failed or refused: nothing is pending, the next sweep may ask again
                 s.execute(update(RUNS).where(RUNS.c.id.in_(failed)).values(stop_requested_at=None))
             by_reason: dict[str, list[int]] = {}
             for rid, reason in ended:

@@ -44,9 +44,14 @@ MESSAGES = {
     "stopped": "Done: the server was stopped.",
     "stop-pending": "The hub is stopping the server; it will disappear from the list shortly.",
     "stop-failed": "The hub could not stop the server. The reaper's admins were told in its log.",
+    "stop-refused": ("The hub refused to stop the server: it may want you to log in to the hub again first. "
+                     "The server keeps running; the reaper's admins were told in its log."),
     "gone": "That server was no longer running.",
 }
 STOP_KINDS = ("stop",)
+# The actions a stop leaves (reaper.stops.StopOutcome.record_kind): the latest one of a run tells
+# whether its last stop was refused.
+STOP_RECORDS = ("stop", "stop-pending", "stop-refused", "stop-failed")
 
 # --------------------------------------------------------------------------- pure helpers
 
@@ -252,11 +257,25 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         keys = [r.key for r in rows]
         hist: dict[RunKey, History] = await self.db(self.store.runs.histories, keys) if keys else {}
         now = self.ctx.now()
-        out = [self.server_view(r, hist, now) for r in rows]
+        refused = await self.refused_stops(set(keys), now) if keys else {}
+        out = [self.server_view(r, hist, now, refused.get(r.key)) for r in rows]
         out.sort(key=lambda v: (v["user"], v["server"]))
         return out
 
-    def server_view(self, r: RunRow, hist: dict[RunKey, History], now: datetime) -> dict[str, Any]:
+    async def refused_stops(self, keys: set[RunKey], now: datetime) -> dict[RunKey, ActionRow]:
+        """The runs (of `keys`) whose latest stop in the last 24 h the hub refused: that action."""
+        actions = await self.db(self.store.reports.recent_actions, now - timedelta(hours=24), 5000)
+        latest: dict[RunKey, ActionRow] = {}
+        for a in actions:  # newest first
+            if a.kind not in STOP_RECORDS or a.user is None or a.started is None:
+                continue
+            key = RunKey(a.user, a.server or "", a.started)
+            if key in keys and key not in latest:
+                latest[key] = a
+        return {k: a for k, a in latest.items() if a.kind == "stop-refused"}
+
+    def server_view(self, r: RunRow, hist: dict[RunKey, History], now: datetime,
+                    refused: ActionRow | None = None) -> dict[str, Any]:
         tz = self.tz()
         started = r.started
         h = hist.get(r.key)
@@ -297,6 +316,8 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             "stop_at": t(stop_at),
             "next_at": t(r.next_at),
             "kept_until": t(kept),
+            # the hub refused the latest stop (e.g. refresh_pre_stop): shown on the card
+            "stop_refused": {"at": t(refused.at), "detail": refused.detail} if refused is not None else None,
             "notices": [
                 {"kind": n.kind.value, "at": t(n.created_at), "delivered": n.delivered_at is not None,
                  "failed": n.failed}
@@ -371,7 +392,7 @@ class PageHandler(BaseHandler):
             mine=mine,
             others=others,
             message=msg,
-            error_text=KEEP_ERRORS.get(err, ""),
+            error_text=KEEP_ERRORS.get(err) or (MESSAGES.get(err, "") if err.startswith("stop-") else ""),
             keep=self.ctx.keep,
             fmt=format_duration,
             admin_view=admin_view,
@@ -490,8 +511,9 @@ class StopHandler(ActionHandler):
         outcome = await self.ctx.service.sweeper.stops.stop_now(user, name, actor=self.me)
         if outcome is not StopOutcome.GONE:
             self.ctx.metrics.count_stop(outcome.value)
+        # refused: the hub said no on purpose (409), not a failure to reach it or of it (502)
         self.done(outcome.page_code, {"user": user, "server": name, "outcome": outcome.value},
-                  status=200 if outcome.ok else 502)
+                  status=200 if outcome.ok else 409 if outcome is StopOutcome.REFUSED else 502)
 
 
 class ServersAPIHandler(BaseHandler):

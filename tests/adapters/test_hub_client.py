@@ -310,7 +310,10 @@ async def test_listing_with_a_malformed_timestamp_raises_instead_of_guessing(rou
         (httpx.Response(404, json={"status": 404, "message": "Not Found"}), "gone"),
         (httpx.Response(400, json={"status": 400, "message": "alice is not running"}), "gone"),
         (httpx.Response(400, json={"status": 400, "message": "Cannot stop a server while renamed"}), "error"),
-        (httpx.Response(403, json={"status": 403, "message": "Forbidden"}), "error"),
+        # what JupyterHub 5.4 answers the user's own token under Authenticator.refresh_pre_stop (and
+        # 6.x with auth_refresh_strict): tests/fixtures/stop_under_refresh_pre_stop.json
+        (httpx.Response(403, json={"status": 403, "message": "Missing or invalid credentials."}), "refused"),
+        (httpx.Response(403, json={"status": 403, "message": "Forbidden"}), "refused"),
     ],
 )
 async def test_stop_maps_hub_answers_to_outcomes(router, hub, response, outcome):
@@ -320,6 +323,9 @@ async def test_stop_maps_hub_answers_to_outcomes(router, hub, response, outcome)
     assert result.outcome == outcome
     assert result.status == response.status_code
     assert route.call_count == 1  # 2xx/4xx are never retried
+    assert result.ok is (outcome in ("stopped", "pending", "gone"))
+    if outcome == "refused":
+        assert "refresh_pre_stop" in result.detail and "delete:servers" in result.detail
 
 
 async def test_stop_of_a_named_server_uses_the_servers_path(router, hub):
@@ -334,8 +340,15 @@ async def test_stop_retries_5xx_then_reports_error(router, hub):
     result = await hub.stop("alice")
     assert result.outcome == "error" and result.status == 502
     assert route.call_count == 4
+    assert "refresh_pre_stop" not in result.detail  # a 502 is the proxy's, not the hub's
 
-    route.mock(side_effect=[httpx.Response(503), httpx.Response(202)])
+    route.mock(return_value=httpx.Response(500, json={"status": 500, "message": "Internal Server Error"}))
+    route.reset()
+    result = await hub.stop("alice")
+    assert result.outcome == "error" and result.status == 500
+    assert "refresh_pre_stop" in result.detail  # what the hub answers when the refresh fails
+
+    route.mock(return_value=None, side_effect=[httpx.Response(503), httpx.Response(202)])
     route.reset()
     assert (await hub.stop("alice")).outcome == "pending"
     assert route.call_count == 2

@@ -1,6 +1,7 @@
-"""A real JupyterHub 6 for tests: the shipped hub/jupyterhub_config.py run as a subprocess.
+"""A real JupyterHub (6.x, or 5.4.x) for tests: the shipped hub/jupyterhub_config.py run as a subprocess.
 
     hub = RealHub(tmp_path / "hub")          # managed reaper service OFF by default
+    hub = RealHub(tmp_path / "hub", version="5.4")   # the same, from the JupyterHub 5.4 venv
     hub.start()                               # ~2 s; waits until /hub/api/ answers 200 via the proxy
     hub.create_user("alice", groups=["gpu"])
     hub.start_server("alice")                 # waits until the server is ready
@@ -13,6 +14,11 @@
 Everything is synchronous (httpx.Client, websocket-client): the hub is another process, so a test
 may call these helpers from async code between awaits without harm.
 All servers bind 127.0.0.1 on free ports. The hub's log goes to `hub.log_path`.
+
+Versions: "6" is the venv running the tests (JupyterHub 6.x); "5.4" is the venv that
+`scripts/setup.sh --test` makes with the newest jupyterhub 5.4.x (REAPER_VENV54, default
+/opt/jupyterhub-reaper/venv-hub54). A hub runs everything (jupyterhub, the proxy, the single-user
+servers, a managed reaper) from its version's venv; `start()` checks the hub's answered version.
 """
 
 from __future__ import annotations
@@ -44,6 +50,20 @@ from reaper.units import parse_iso
 REPO = Path(__file__).resolve().parents[2]
 HUB_CONFIG = REPO / "hub" / "jupyterhub_config.py"
 BIN = Path(sys.executable).parent
+
+# The JupyterHub versions the core-path tests run against, and the default one.
+HUB_VERSIONS = ("5.4", "6")
+DEFAULT_VERSION = "6"
+VENV54_DEFAULT = "/opt/jupyterhub-reaper/venv-hub54"
+
+
+def hub_bin(version: str = DEFAULT_VERSION) -> Path:
+    """The bin/ folder of the venv that runs a hub of `version` ("6": this venv; "5.4": REAPER_VENV54)."""
+    if version == DEFAULT_VERSION:
+        return BIN
+    if version == "5.4":
+        return Path(os.environ.get("REAPER_VENV54") or VENV54_DEFAULT) / "bin"
+    raise ValueError(f"unknown hub version {version!r} (one of {HUB_VERSIONS})")
 
 PAGINATION_ACCEPT = "application/jupyterhub-pagination+json"
 
@@ -85,26 +105,29 @@ def parse_time(value: str | None) -> datetime | None:
     return parse_iso(value) if value else None
 
 
-def jupyterhub_executable() -> str | None:
-    cand = BIN / "jupyterhub"
+def jupyterhub_executable(version: str = DEFAULT_VERSION) -> str | None:
+    cand = hub_bin(version) / "jupyterhub"
     if cand.exists():
         return str(cand)
-    return shutil.which("jupyterhub")
+    return shutil.which("jupyterhub") if version == DEFAULT_VERSION else None
 
 
-def proxy_executable() -> str | None:
-    cand = BIN / "configurable-http-proxy"
+def proxy_executable(version: str = DEFAULT_VERSION) -> str | None:
+    cand = hub_bin(version) / "configurable-http-proxy"
     if cand.exists():
         return str(cand)
     return shutil.which("configurable-http-proxy")
 
 
-def missing_parts() -> list[str]:
-    """What a RealHub needs that this machine lacks (empty when it can start)."""
+def missing_parts(version: str = DEFAULT_VERSION) -> list[str]:
+    """What a RealHub of `version` needs that this machine lacks (empty when it can start)."""
     missing = []
-    if not jupyterhub_executable():
-        missing.append("jupyterhub")
-    if not proxy_executable():
+    if not jupyterhub_executable(version):
+        missing.append(
+            "jupyterhub" if version == DEFAULT_VERSION
+            else f"jupyterhub {version} (its venv {hub_bin(version).parent}: scripts/setup.sh --test)"
+        )
+    if not proxy_executable(version):
         missing.append("configurable-http-proxy")
     if not shutil.which("node"):
         missing.append("node (for configurable-http-proxy)")
@@ -302,8 +325,10 @@ class RealHub:
 
     managed: start the reaper as a managed hub service (REAPER_MANAGED=1); off by default,
         because most tests run sweeps in-process with `service_token`.
-    spawner: "local" (SimpleLocalProcessSpawner) or "slurm" (reaper.hubside.spawner.SlurmSpawner; pass
-        SLURM_CONF and the like in extra_env).
+    spawner: "local" (SimpleLocalProcessSpawner), "slurm" (reaper.hubside.spawner.SlurmSpawner),
+        "batchspawner", "slurmform" or "profiles" (hub/jupyterhub_config.py; pass SLURM_CONF and the
+        like in extra_env).
+    version: "6" (default) or "5.4": the JupyterHub version, i.e. the venv it runs from (hub_bin).
     activity_interval: the hub's last_activity_interval and the servers' JUPYTERHUB_ACTIVITY_INTERVAL.
     auth: the shipped config's REAPER_HUB_AUTH ("shared-password", or "google" with its
         REAPER_GOOGLE_* settings in extra_env).
@@ -326,7 +351,11 @@ class RealHub:
         config_file: Path = HUB_CONFIG,
         auth: str = "shared-password",
         companion: bool = True,
+        version: str = DEFAULT_VERSION,
     ) -> None:
+        self.version = version
+        self.bin = hub_bin(version)
+        self.hub_version: str | None = None  # what the hub answers at /hub/api/, once started
         self.workdir = Path(workdir).resolve()
         self.state_dir = self.workdir / "state"
         self.log_path = self.workdir / "jupyterhub.log"
@@ -356,7 +385,7 @@ class RealHub:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REAPER_")}
         env.update(
             {
-                "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+                "PATH": f"{self.bin}{os.pathsep}{env.get('PATH', '')}",
                 "REAPER_HUB_STATE": str(self.state_dir),
                 "REAPER_HUB_IP": "127.0.0.1",
                 "REAPER_HUB_PORT": str(self.public_port),
@@ -384,9 +413,9 @@ class RealHub:
         return env
 
     def start(self, timeout: float = 60) -> RealHub:
-        exe = jupyterhub_executable()
+        exe = jupyterhub_executable(self.version)
         if exe is None:
-            raise HubError("jupyterhub executable not found")
+            raise HubError(f"jupyterhub {self.version} executable not found ({self.bin})")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
@@ -405,7 +434,11 @@ class RealHub:
                 if self.proc.poll() is not None:
                     raise HubError(f"jupyterhub exited with {self.proc.returncode} while starting")
                 with contextlib.suppress(httpx.HTTPError):
-                    if self._client.get(f"{self.base_url}/hub/api/", timeout=2).status_code == 200:
+                    r = self._client.get(f"{self.base_url}/hub/api/", timeout=2)
+                    if r.status_code == 200:
+                        self.hub_version = str(r.json().get("version", ""))
+                        if not (self.hub_version + ".").startswith(self.version + "."):
+                            raise HubError(f"asked for JupyterHub {self.version}, it answers {self.hub_version}")
                         return self
                 if time.monotonic() > deadline:
                     raise HubError(f"/hub/api/ did not answer 200 through the proxy within {timeout}s")
@@ -559,21 +592,73 @@ class RealHub:
         self, user: str, name: str = "", user_options: Mapping[str, Any] | None = None, timeout: float = 90
     ) -> dict[str, Any]:
         """Start a server and wait until the hub calls it ready; returns its model."""
+        # JupyterHub 5.4 takes the body as the user_options; 6.x also reads {"user_options": ...,
+        # "display_name": ...} and keeps the old form when neither key is there: send the old form.
         r = self.api("POST", self._server_path(user, name), json=dict(user_options or {}))
         self._ok(r, 201, 202)
+        # after 201/202 the hub lists the server as ready or pending; neither means it failed
+        return self.wait_ready(user, name, timeout)
+
+    def wait_ready(self, user: str, name: str = "", timeout: float = 90) -> dict[str, Any]:
+        """Wait until the hub calls the server ready (after a spawn was asked); returns its model."""
         deadline = time.monotonic() + timeout
         while True:
             model = self.server_model(user, name)
             if model and model.get("ready"):
                 return model
             if model is None or not model.get("pending"):
-                # after 201/202 the hub lists the server as ready or pending; neither means it failed
                 raise HubError(f"server {user}/{name} failed to start\n--- hub log ---\n{self.log_tail(80)}")
             if time.monotonic() > deadline:
                 raise HubError(
                     f"server {user}/{name} not ready within {timeout}s\n--- hub log ---\n{self.log_tail(80)}"
                 )
             time.sleep(0.2)
+
+    def login(self, user: str, password: str | None = None) -> httpx.Client:
+        """A browser-like client logged in as `user` with the shared password (the hub's login
+        form, xsrf and cookies); close it when done."""
+        browser = httpx.Client(base_url=self.base_url, timeout=30)
+        try:
+            browser.get("/hub/login")
+            xsrf = browser.cookies.get("_xsrf", path="/hub/")
+            r = browser.post("/hub/login", follow_redirects=False,
+                             data={"username": user, "password": password or self.password, "_xsrf": xsrf or ""})
+            if r.status_code != 302:
+                raise HubError(f"login of {user} -> {r.status_code} {r.text[:300]}")
+        except BaseException:
+            browser.close()
+            raise
+        return browser
+
+    def spawn_form(self, user: str, name: str = "") -> str:
+        """The spawn form the hub shows `user` (the spawner's options_form, rendered), as HTML."""
+        path = f"/hub/spawn/{quote(user)}" + (f"/{quote(name)}" if name else "")
+        with contextlib.closing(self.login(user)) as browser:
+            r = browser.get(path, follow_redirects=False)
+            if r.status_code != 200:
+                raise HubError(f"GET {path} -> {r.status_code} {r.text[:300]}")
+            return r.text
+
+    def start_server_from_form(
+        self, user: str, fields: Mapping[str, str | list[str]], name: str = "", timeout: float = 90
+    ) -> dict[str, Any]:
+        """Start a server the way a person does: log in, open the spawn form, submit `fields`
+        (the form's inputs, as a browser sends them); wait until ready and return the model.
+        Spawners whose options come only from their form (slurmformspawner) are driven this way."""
+        path = f"/hub/spawn/{quote(user)}" + (f"/{quote(name)}" if name else "")
+        with contextlib.closing(self.login(user)) as browser:
+            r = browser.get(path, follow_redirects=False)
+            if r.status_code != 200:
+                raise HubError(f"GET {path} -> {r.status_code} {r.text[:300]}")
+            xsrf = browser.cookies.get("_xsrf", path="/hub/") or ""
+            data: dict[str, str | list[str]] = {"_xsrf": xsrf, **fields}
+            r = browser.post(path, data=data, follow_redirects=False)
+            if r.status_code not in (200, 302, 303):
+                raise HubError(f"POST {path} -> {r.status_code} {r.text[:500]}\n--- hub log ---\n{self.log_tail(60)}")
+            if r.status_code == 200 and self.server_model(user, name) is None:
+                # the hub shows the form again with the spawner's error
+                raise HubError(f"POST {path}: the form was refused: {r.text[:800]}")
+        return self.wait_ready(user, name, timeout)
 
     def stop_server(self, user: str, name: str = "", timeout: float = 60) -> None:
         """Stop a server and wait until the hub no longer lists it."""

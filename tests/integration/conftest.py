@@ -3,6 +3,8 @@
 - `real_hub` (session): one real JupyterHub 6 from hub/jupyterhub_config.py, local spawner,
   managed reaper service OFF (tests run sweeps in-process with `real_hub.service_token`),
   activity intervals of 2 s. Started once per session (~2 s).
+- `core_hub` (session, parametrized): the same hub once per JupyterHub version the core path is
+  proven on (HUB_VERSIONS: the newest 5.4.x and 6.x); the 6.x one is `real_hub` itself.
 - `hub_factory` (session): start more hubs, e.g. `hub_factory(managed=True, reaper_config=path)`
   for an end-to-end test with the reaper running as the hub's managed service; every hub it made
   is stopped at the end of the session.
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.harness import require_real_part
-from tests.harness.hub import RealHub, missing_parts
+from tests.harness.hub import DEFAULT_VERSION, HUB_VERSIONS, RealHub, missing_parts
 
 _LOG_OFFSET = "_real_hub_log_offsets"
 
@@ -59,7 +61,9 @@ class HubFactory:
         self.hubs: list[RealHub] = []
 
     def __call__(self, **kwargs: Any) -> RealHub:
-        require_real_part(not missing_parts(), f"a real JupyterHub ({', '.join(missing_parts())} missing)")
+        version = kwargs.get("version", DEFAULT_VERSION)
+        missing = missing_parts(version)
+        require_real_part(not missing, f"a real JupyterHub {version} ({', '.join(missing)} missing)")
         hub = RealHub(self.base / f"hub{len(self.hubs)}", **kwargs)
         self.hubs.append(hub)
         hub.start()
@@ -73,7 +77,7 @@ class HubFactory:
 @pytest.fixture(scope="session")
 def hub_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RealHub]]:
     """hub_factory(managed=False, spawner="local", activity_interval=2, reaper_config=None,
-    service_url=None, extra_env=None) -> a started RealHub."""
+    service_url=None, extra_env=None, version="6") -> a started RealHub."""
     factory = HubFactory(tmp_path_factory.mktemp("hubs"))
     try:
         yield factory
@@ -85,3 +89,13 @@ def hub_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
 def real_hub(hub_factory: HubFactory) -> RealHub:
     """The session's real JupyterHub: local spawner, managed reaper OFF, 2 s activity intervals."""
     return hub_factory(managed=False)
+
+
+@pytest.fixture(scope="session", params=HUB_VERSIONS, ids=lambda v: f"hub{v}")
+def core_hub(request: pytest.FixtureRequest, hub_factory: HubFactory) -> RealHub:
+    """The session's real JupyterHub of each version in HUB_VERSIONS (local spawner, managed reaper
+    OFF, 2 s activity intervals): a core-path test using it runs once per version."""
+    if request.param == DEFAULT_VERSION:
+        hub: RealHub = request.getfixturevalue("real_hub")
+        return hub
+    return hub_factory(managed=False, version=request.param)

@@ -23,7 +23,7 @@ import pytest
 
 from tests.adapters.smtp_sink import SmtpSink
 from tests.harness import require_real_part
-from tests.harness.hub import HUB_CONFIG, RealHub, free_ports, missing_parts
+from tests.harness.hub import HUB_CONFIG, HUB_VERSIONS, RealHub, free_ports, missing_parts
 
 pytestmark = pytest.mark.integration
 
@@ -90,8 +90,10 @@ def kept_until(db: Path, user: str) -> datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
-def test_user_keeps_then_stops_their_server_in_a_real_browser(tmp_path):
-    require_real_part(not missing_parts(), f"a real JupyterHub ({', '.join(missing_parts())} missing)")
+@pytest.mark.parametrize("hub_version", HUB_VERSIONS, ids=lambda v: f"hub{v}")
+def test_user_keeps_then_stops_their_server_in_a_real_browser(tmp_path, hub_version):
+    missing = missing_parts(hub_version)
+    require_real_part(not missing, f"a real JupyterHub {hub_version} ({', '.join(missing)} missing)")
     require_real_part(Path(CHROMIUM).exists(), "Debian's chromium (/usr/bin/chromium)")
     try:
         from playwright.sync_api import expect, sync_playwright
@@ -109,7 +111,7 @@ def test_user_keeps_then_stops_their_server_in_a_real_browser(tmp_path):
         hub = RealHub(tmp_path / "hub", managed=True, reaper_config=cfg,
                       service_url=f"http://127.0.0.1:{service_port}",
                       extra_env={"REAPER_HUB_ADMINS": admin, "REAPER_HUB_ADMIN_PASSWORD": admin_password},
-                      config_file=hub_config(tmp_path))
+                      config_file=hub_config(tmp_path), version=hub_version)
         cfg.write_text(CONFIG.format(db=db, public=hub.base_url, port=sink.port))
         hub.start()
         try:

@@ -1,8 +1,9 @@
-"""The reaper end to end on a real JupyterHub 6 with real jupyter_server kernels.
+"""The reaper end to end on a real JupyterHub with real jupyter_server kernels.
 
 Real parts started: JupyterHub (local process spawner), configurable-http-proxy (npm), single-user
 servers with ipykernel kernels; the reaper's own SQLite store. Sweeps run in-process with the
 reaper service's token (the managed-service test starts it as the hub's service instead).
+The core-path tests (`core_hub`) run once per JupyterHub version in HUB_VERSIONS (5.4.x and 6.x).
 """
 
 from __future__ import annotations
@@ -68,15 +69,15 @@ async def sweep_until(sweeper, user, predicate, timeout=40.0, interval=1.0):
     raise AssertionError(f"condition not reached for {user}; seen {seen}")
 
 
-async def test_attached_then_detached_then_warned_final_and_stopped_through_the_hub(real_hub, tmp_path):
+async def test_attached_then_detached_then_warned_final_and_stopped_through_the_hub(core_hub, tmp_path):
     user = "e2e-detach"
-    real_hub.create_user(user)
-    real_hub.start_server(user)
-    kid = real_hub.start_kernel(user)
-    sweeper, store, client = make_sweeper(real_hub, tmp_path)
+    core_hub.create_user(user)
+    core_hub.start_server(user)
+    kid = core_hub.start_kernel(user)
+    sweeper, store, client = make_sweeper(core_hub, tmp_path)
     try:
-        ws = real_hub.open_kernel_ws(user, kid)
-        real_hub.execute(ws, "x = 1")
+        ws = core_hub.open_kernel_ws(user, kid)
+        core_hub.execute(ws, "x = 1")
         row, _ = await sweep_until(sweeper, user, lambda r: r is not None and r.obs.state is State.ATTACHED)
         assert row.obs.browser_connected and row.decision.action is Action.OK
         assert row.obs.job_id is None  # local spawner: no batch job
@@ -87,7 +88,7 @@ async def test_attached_then_detached_then_warned_final_and_stopped_through_the_
         assert "no browser connected" in row.obs.detail
 
         row, seen = await sweep_until(sweeper, user, lambda r: r is None, timeout=60)
-        assert real_hub.server_model(user) is None, "the hub still lists the server"
+        assert core_hub.server_model(user) is None, "the hub still lists the server"
         actions = [a for _, a in seen]
         assert "warn" in actions and "final-warning" in actions and actions[-1] == "stop", seen
         acts = store.reports.recent_actions(sweeper.clock() - timedelta(hours=1))

@@ -532,15 +532,15 @@ def test_make_batch_system_reads_the_config_section() -> None:
 HUB_USER = "reaperhub1"
 
 
-@pytest.fixture(scope="module")
-def slurm_hub(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def make_slurm_hub(slurm: SlurmCluster, work: Path, version: str = "6") -> Any:
+    """A started real hub (JupyterHub `version`) with our SlurmSpawner and test settings."""
     from tests.harness.hub import HUB_CONFIG, RealHub
     from tests.harness.hub import missing_parts as hub_missing
 
-    missing = hub_missing()
-    require_real_part(not missing, f"a real JupyterHub ({', '.join(missing)} missing)")
+    missing = hub_missing(version)
+    require_real_part(not missing, f"a real JupyterHub {version} ({', '.join(missing)} missing)")
     create_unix_user(HUB_USER)
-    work = tmp_path_factory.mktemp("slurmhub")
+    work.mkdir(parents=True, exist_ok=True)
     wrapper = work / "jupyterhub_config.py"
     wrapper.write_text(
         f"load_subconfig({str(HUB_CONFIG)!r})\n"
@@ -555,10 +555,20 @@ def slurm_hub(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> 
         "c.SlurmSpawner.memory_choices = ['1G', '2G']\n"
         "c.SlurmSpawner.max_gpus = 2\n"
     )
-    hub = RealHub(work / "hub", spawner="slurm", extra_env=slurm.env, config_file=wrapper)
+    hub = RealHub(work / "hub", spawner="slurm", extra_env=slurm.env, config_file=wrapper, version=version)
     hub.start()
     try:
         hub.create_user(HUB_USER)
+    except BaseException:
+        hub.stop()
+        raise
+    return hub
+
+
+@pytest.fixture(scope="module")
+def slurm_hub(slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    hub = make_slurm_hub(slurm, tmp_path_factory.mktemp("slurmhub"))
+    try:
         yield hub
     finally:
         hub.stop()

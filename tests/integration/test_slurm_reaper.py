@@ -3,6 +3,8 @@
 Real parts started: a single-node Slurm (munge, slurmctld, slurmd; tests/harness/slurm.py), a real
 JupyterHub using our SlurmSpawner (servers are Slurm jobs of real unix users), the reaper's
 SQLite store. Sweeps run in-process with the reaper service's token and the Slurm batch adapter.
+The core path (a detached Slurm server stopped, its job gone) runs on each JupyterHub version in
+HUB_VERSIONS (`slurm_core_hub`).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from reaper.hub import HubClient, ProbeOptions
 from reaper.service import make_outbox, make_stop_hook
 from reaper.store import Store
 from reaper.sweep import Sweeper
+from tests.harness.hub import DEFAULT_VERSION, HUB_VERSIONS
 from tests.integration.test_slurm_batch import (  # noqa: F401  (fixtures)
     HUB_USER,
     OWNER,
     _no_jobs_left,
+    make_slurm_hub,
     slurm,
     slurm_hub,
 )
@@ -53,6 +57,19 @@ batch:
 slurm: {{cancel_grace: 5s, cancel_retries: 3, walltime_notice: 5h}}
 orphans: {{grace: 2s, cancel: {cancel}}}
 """
+
+
+@pytest.fixture(scope="module", params=HUB_VERSIONS, ids=lambda v: f"hub{v}")
+def slurm_core_hub(request: pytest.FixtureRequest, slurm: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:  # noqa: F811
+    """The Slurm hub of each JupyterHub version (the 6.x one is `slurm_hub` itself)."""
+    if request.param == DEFAULT_VERSION:
+        yield request.getfixturevalue("slurm_hub")
+        return
+    hub = make_slurm_hub(slurm, tmp_path_factory.mktemp(f"slurmhub{request.param}"), request.param)
+    try:
+        yield hub
+    finally:
+        hub.stop()
 
 
 def settings_for(slurm: Any, *, scancel: str = "scancel", cancel: bool = True) -> Any:
@@ -132,12 +149,12 @@ async def sweeps_until(sweeper: Sweeper, predicate: Any, timeout: float = 60) ->
     raise AssertionError(f"not reached; last rows: {[(r.obs.server.user, r.obs.state, r.decision.reason) for r in results[-1].rows]}")
 
 
-async def test_detached_slurm_server_is_stopped_and_its_job_is_gone(slurm, slurm_hub, tmp_path):
+async def test_detached_slurm_server_is_stopped_and_its_job_is_gone(slurm, slurm_core_hub, tmp_path):
     options = {"partition": "gpu", "gpus": 1, "runtime": "4:00:00", "memory": "1G"}
-    model = await asyncio.to_thread(slurm_hub.start_server, HUB_USER, "", options)
+    model = await asyncio.to_thread(slurm_core_hub.start_server, HUB_USER, "", options)
     job_id = model["state"]["job_id"]
     settings = settings_for(slurm)
-    sweeper, store, client = reaper(settings, slurm_hub, tmp_path)
+    sweeper, store, client = reaper(settings, slurm_core_hub, tmp_path)
     batch = make_batch_system(settings.batch)
     try:
         results = await sweeps_until(sweeper, lambda r: r.stops == 1)
@@ -146,7 +163,7 @@ async def test_detached_slurm_server_is_stopped_and_its_job_is_gone(slurm, slurm
         assert seen[0].obs.job_end is not None  # the walltime end, from squeue
         assert any(row.obs.state is State.DETACHED for row in seen)
         assert await job_ends(batch, job_id)
-        assert slurm_hub.server_model(HUB_USER) is None
+        assert slurm_core_hub.server_model(HUB_USER) is None
         kinds = {a.kind for a in store.reports.recent_actions(sweeper.clock() - timedelta(hours=1))}
         assert "stop" in kinds and ({"job-gone", "scancel"} & kinds)
         notices = [n.kind for n in store.reports.recent_notices(sweeper.clock() - timedelta(hours=1))]

@@ -115,6 +115,7 @@ SITES = [
     "tests/integration/test_browser.py",  # the real hub, chromium, playwright
     "tests/integration/test_lab_notice.py",  # the real hub, chromium, playwright (the notice in JupyterLab)
     "tests/integration/test_slurm_batch.py",  # Slurm, and the real hub on Slurm
+    "tests/integration/test_site_spawners.py",  # the sites' spawners: a hub of each version on Slurm
     "tests/integration/test_managed_service.py",  # the real hub (tests/integration/conftest.py)
     "tests/adapters/test_pbs.py",  # root, to run qdel as another user
 ]

@@ -327,6 +327,22 @@ async def test_pending_stop_is_recorded_and_not_repeated(store):
     assert r.rows[0].obs.state is State.PENDING and hub.stops == [("alice", "")]
 
 
+async def test_a_refused_stop_is_recorded_said_on_the_row_and_asked_again_not_taken_for_pending(store, caplog):
+    # the hub's 403 (refresh_pre_stop): not a stop in progress, not stopped; the next sweep asks again
+    hub, clock, srv, sw = await stop_due(store, FakeHub(stop_outcome="refused"))
+    with caplog.at_level("WARNING", logger="reaper.stops"):
+        r = await sw.run_once()
+        assert r.stops == 0 and r.stops_pending == 0 and r.stops_failed == 1
+        assert r.rows[0].outcome.startswith("stop refused by the hub: HTTP 403")
+        clock.advance(5 * M)
+        r = await sw.run_once()
+    assert r.rows[0].obs.state is not State.PENDING and r.rows[0].outcome.startswith("stop refused")
+    assert hub.stops == [("alice", ""), ("alice", "")]
+    kinds = [a.kind for a in store.reports.recent_actions(clock.now - 60 * M)]
+    assert kinds.count("stop-refused") == 2 and "stop" not in kinds
+    assert [rec.levelname for rec in caplog.records if "refused" in rec.getMessage().lower()] == ["ERROR", "WARNING"]
+
+
 async def test_quiet_hours_postpone_a_warning_but_never_a_final_notice(store):
     # 12:00 UTC is 07:00 in Montreal: quiet hours 22:00-08:00 local are still on
     extra = "\nhub: {timezone: America/Montreal}\nnotify: {quiet_hours: {start: '22:00', end: '08:00'}}\n"

@@ -370,9 +370,11 @@ def test_one_map_from_a_stops_outcome_to_its_record_kind_and_page_code():
         StopOutcome.STOPPED: ("stop", "stopped", True, True),
         StopOutcome.GONE: ("stop", "gone", True, True),
         StopOutcome.PENDING: ("stop-pending", "stop-pending", False, True),
+        StopOutcome.REFUSED: ("stop-refused", "stop-refused", False, False),
         StopOutcome.FAILED: ("stop-failed", "stop-failed", False, False),
     }
-    assert {o.value for o in StopOutcome} == {"stopped", "gone", "pending", "error"}  # the hub client's words
+    # the hub client's words
+    assert {o.value for o in StopOutcome} == {"stopped", "gone", "pending", "refused", "error"}
 
 
 def test_a_stop_record_ends_the_run_and_queues_the_notice_only_when_it_stopped():
@@ -421,6 +423,23 @@ async def test_stop_now_remembers_the_intent_before_the_hub_is_asked_then_record
     assert outcome is StopOutcome(hub_says)
     assert order == ["intent", "hub stop", f"record {outcome.record_kind} by carol"]
     assert guard.after == [("alice", hub_says)]
+
+
+async def test_a_refused_stop_is_recorded_logged_once_as_an_error_and_its_job_left_alone(caplog):
+    # the hub said no on purpose (refresh_pre_stop): cancelling the job would overrule it
+    order: list[str] = []
+    hub = FakeHub(stop_outcome="refused")
+    hub.add(srv(), idle(T0))
+    guard = JobsGuard()
+    stops = Stops(hub, OrderStore(order), guard, clock=Clock(T0), concurrency=2)
+    with caplog.at_level("WARNING", logger="reaper.stops"):
+        for _ in range(3):
+            assert await stops.stop_now("alice", "", actor="carol") is StopOutcome.REFUSED
+    assert order.count("record stop-refused by carol") == 3
+    assert guard.after == []
+    levels = [(r.levelname, "REFUSED" in r.getMessage()) for r in caplog.records]
+    assert levels == [("ERROR", True), ("WARNING", False), ("WARNING", False)], caplog.text
+    assert "3 times for this server run" in caplog.records[-1].getMessage()
 
 
 async def test_stop_now_of_a_server_the_hub_no_longer_has_asks_nothing():

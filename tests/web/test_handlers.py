@@ -220,6 +220,27 @@ async def test_a_failed_stop_is_said_as_such(web):
     assert r.status_code == 502 and r.json()["outcome"] == "error"
 
 
+async def test_a_refused_stop_is_a_state_on_the_page_and_the_admin_view_and_leaves_the_server(web):
+    # the hub's 403 (refresh_pre_stop: the user must log in again; tests/fixtures/stop_under_refresh_pre_stop.json)
+    web.hub.stop_outcome = "refused"
+    r = await web.post("stop", "alice", {"user": "alice", "server": ""}, headers={"Accept": "application/json"})
+    assert r.status_code == 409 and r.json()["result"] == "stop-refused" and r.json()["outcome"] == "refused"
+    r = await web.post("stop", "alice", {"user": "alice", "server": ""})
+    assert r.status_code == 303 and r.headers["location"] == PREFIX + "?error=stop-refused"
+    page = (await web.get("?error=stop-refused", "alice")).text
+    assert "The hub refused to stop the server" in page  # the result, said
+    assert "Stop refused" in page and 'name="user" value="alice"' in page  # the server's card, still there
+    admin = (await web.get("", "root")).text
+    assert "Stop refused" in admin and "<td>stop-refused</td>" in admin
+    kinds = [a.kind for a in web.store.reports.recent_actions(utcnow() - timedelta(hours=1))]
+    assert kinds.count("stop-refused") == 2 and "stop" not in kinds
+    assert key_of(web, "alice") in web.store.runs.open_runs()  # the run goes on
+    # once a stop goes through, the card no longer says refused
+    web.hub.stop_outcome = "pending"
+    await web.post("stop", "alice", {"user": "alice", "server": ""})
+    assert "Stop refused" not in (await web.get("", "alice")).text
+
+
 # --------------------------------------------------------------------------- admin views
 
 
