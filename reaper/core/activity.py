@@ -229,8 +229,13 @@ def continue_spell(obs: Observation, history: History) -> Observation:
 
 # --------------------------------------------------------------------------- work (a program running)
 
-# A rate measured over less than this is noise (sstat counts whole seconds): the last look's stands.
-MIN_SPAN = timedelta(seconds=60)
+# The resolution of a CPU figure, in seconds: Slurm's sstat counts whole seconds (and PBS's cput is
+# printed in seconds); the companion reads /proc, in clock ticks. A rate is told from a span only
+# when the figure's resolution cannot decide it: "used" needs the growth minus one resolution step
+# to reach the threshold, "not used" a span long enough for the threshold to exceed one step
+# (50 s for sstat at 2 %, half a second for the companion). Otherwise the last look's verdict stands.
+JOB_RESOLUTION = 1.0
+PROCESS_RESOLUTION = 0.01
 WORKING_CPU = 0.02  # the default probe.working_cpu: 2 % of a core
 PROTECT_IDLE = timedelta(hours=2)  # the default working.protect_idle
 
@@ -247,9 +252,16 @@ class Use:
     first: bool = False  # measured since its start (no earlier sample)
 
 
+def resolution(program: Program) -> float:
+    """How fine this program's CPU figure is, in seconds."""
+    return JOB_RESOLUTION if program.where is Where.JOB else PROCESS_RESOLUTION
+
+
 def measure(program: Program, prev: CpuSample | None, now: datetime, working_cpu: float) -> Use:
     """What one program did since its last sample (first look: since it started, which can only
-    make it look busier: over-protect, never under-)."""
+    make it look busier: over-protect, never under-). A span too short for the figure's resolution
+    to tell leaves the last look's verdict standing (and its sample, so the next look measures from
+    there)."""
     since = program.started if program.started is not None and program.started <= now else None
     if since is None:
         since = prev.since if prev is not None else now
@@ -258,14 +270,17 @@ def measure(program: Program, prev: CpuSample | None, now: datetime, working_cpu
         return Use(program, CpuSample(program.key, 0.0, now, since, prev.used_at if prev else None), used=False)
     if prev is not None and cpu >= prev.cpu_seconds and prev.at < now:
         span, used_cpu, first = now - prev.at, cpu - prev.cpu_seconds, False
-        if span < MIN_SPAN:  # too short to tell: the last look's verdict stands
-            used = prev.used_at is not None and prev.used_at >= prev.at
-            return Use(program, prev, used=used)
     else:  # no sample, or the counter went back (a restarted program): since its start
         span, used_cpu, first = now - since, cpu, True
-        if span < MIN_SPAN:
-            return Use(program, CpuSample(program.key, cpu, now, since, prev.used_at if prev else None), used=False)
-    used = used_cpu >= working_cpu * span.total_seconds()
+    seconds, step = span.total_seconds(), resolution(program)
+    if seconds > 0 and used_cpu - step >= working_cpu * seconds:
+        used = True
+    elif seconds > 0 and working_cpu * seconds >= step:
+        used = False
+    else:  # too short to tell: the last look's verdict stands
+        if first or prev is None:
+            return Use(program, CpuSample(program.key, cpu, now, since, None), used=False)
+        return Use(program, prev, used=prev.used_at is not None and prev.used_at >= prev.at)
     used_at = now if used else (prev.used_at if prev is not None else None)
     return Use(program, CpuSample(program.key, cpu, now, since, used_at), used=used, cpu=used_cpu, span=span,
                first=first)

@@ -328,12 +328,31 @@ def test_a_restarted_program_whose_counter_went_back_is_measured_since_its_start
     assert obs.state is State.WORKING and "since it started 30m ago" in obs.detail
 
 
-def test_a_rate_over_less_than_a_minute_is_not_measured_the_last_looks_verdict_stands():
-    p = terminal_program(cpu=10.0, fg=False)
-    busy = History(samples=(CpuSample(p.key, 10.0, NOW - 20 * timedelta(seconds=1), ts(60), used_at=NOW - 20 * timedelta(seconds=1)),))
-    assert classify_work(detached(), companion(p), busy, NOW).state is State.WORKING
-    quiet = History(samples=(CpuSample(p.key, 9.0, NOW - 20 * timedelta(seconds=1), ts(60)),))
-    assert classify_work(detached(), companion(p), quiet, NOW).state is State.DETACHED
+def test_a_span_too_short_for_the_figures_resolution_leaves_the_last_looks_verdict_standing():
+    """sstat counts whole seconds: at 2 % no growth over 20 s cannot be told from 0.4 s used, so
+    the last look's verdict stands; the companion's figures (clock ticks) tell it in 20 s."""
+    s20 = NOW - 20 * timedelta(seconds=1)
+    job = Program(name="job", where=Where.JOB, source="42", cpu_seconds=30.0, started=ts(600))
+    busy = History(samples=(CpuSample(job.key, 30.0, s20, ts(600), used_at=s20),))
+    assert classify_work(detached(), Work(programs=(job,), companion="absent", batch="ok"), busy,
+                         NOW).state is State.WORKING
+    quiet = History(samples=(CpuSample(job.key, 30.0, s20, ts(600)),))
+    assert classify_work(detached(), Work(programs=(job,), companion="absent", batch="ok"), quiet,
+                         NOW).state is State.DETACHED
+    p = terminal_program(cpu=10.0, fg=False)  # the companion's: no growth in 20 s is told at once
+    was_busy = History(samples=(CpuSample(p.key, 10.0, s20, ts(60), used_at=s20),))
+    assert classify_work(detached(), companion(p), was_busy, NOW).state is State.DETACHED
+    grew = History(samples=(CpuSample(p.key, 9.0, s20, ts(60)),))  # 1 s in 20 s: 5 % of a core
+    assert classify_work(detached(), companion(p), grew, NOW).state is State.WORKING
+
+
+def test_a_program_seconds_old_using_cpu_is_working_at_its_first_look():
+    """A loop started a few seconds before the look (sweeps every few seconds in tests, or a
+    program started just before a sweep) is told from its own figure: no minute-long wait."""
+    p = replace(terminal_program(cpu=2.0, fg=False), started=NOW - 5 * timedelta(seconds=1))
+    assert classify_work(detached(), companion(p), History(), NOW).state is State.WORKING
+    idle = replace(p, cpu_seconds=0.0)
+    assert classify_work(detached(), companion(idle), History(), NOW).state is State.DETACHED
 
 
 def test_no_source_answering_keeps_a_server_working_at_its_last_look_for_at_most_protect_idle():
