@@ -118,7 +118,20 @@ SITES = [
     "tests/integration/test_site_spawners.py",  # the sites' spawners: a hub of each version on Slurm
     "tests/integration/test_managed_service.py",  # the real hub (tests/integration/conftest.py)
     "tests/adapters/test_pbs.py",  # root, to run qdel as another user
+    "tests/integration/test_google_login.py",  # the real hub with GoogleOAuthenticator
 ]
+
+
+def test_every_file_that_calls_the_skip_rule_is_a_site_here() -> None:
+    """A new real-part site is checked by the two tests below only if it is listed in SITES."""
+    callers = {
+        str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("*.py")
+        if "require_real_part(" in p.read_text(encoding="utf-8")
+    } - {"tests/harness/__init__.py", "tests/unit/test_skip_rule.py"}
+    # a conftest's fixture is reached through a test file that uses it
+    callers = {"tests/integration/test_managed_service.py" if c == "tests/integration/conftest.py" else c
+               for c in callers}
+    assert callers <= set(SITES), sorted(callers - set(SITES))
 
 
 def _sites_run(ci: bool) -> tuple[subprocess.CompletedProcess[str], set[str], set[str]]:
