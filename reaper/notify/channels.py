@@ -77,6 +77,7 @@ def template_context(kind: NoticeKind | str, notice: NoticeContext, settings: Se
         hub_name=settings.hub.name,
         keep_url=notice_keep_url(k, notice, settings, now, secret=secret, notice_id=notice_id, started=started),
         keep_for=format_duration(one_click(settings.web.keep.policy())),
+        page_url=keep_url(settings, notice.user, notice.server),
         admin_contact=settings.notify.admin_contact,
         notice_number=number,
     )

@@ -83,6 +83,7 @@ class TemplateContext:
     ``keep_url``          the one-click "keep running" link: a signed link to the confirm page on the
                           reaper's service (``/services/reaper/keep-link?t=...``), or None
     ``keep_for``          how long one click keeps it running (``2h``, within ``web.keep``)
+    ``page_url``          the reaper's page, this server's card (all your servers, why, longer keeps)
     ``state``             what we saw: ``detached`` (window closed), ``attached``, ``computing``
     ``idle_since``        aware datetime: when the idle spell started (show with ``|localtime``)
     ``idle_for``          how long it has been idle, human (``3h10m``)
@@ -131,6 +132,7 @@ class TemplateContext:
     control_panel_url: str = ""
     keep_url: str | None = None
     keep_for: str = "2h"
+    page_url: str = ""
     display_name: str | None = None
     state: str = "detached"
     idle_since: datetime | None = None
@@ -253,6 +255,7 @@ def context_from(
     hub_name: str = "JupyterHub",
     keep_url: str | None = None,
     keep_for: str = "2h",
+    page_url: str = "",
     admin_contact: str = "",
     notice_number: int = 1,
 ) -> TemplateContext:
@@ -288,6 +291,7 @@ def context_from(
         control_panel_url=f"{base}/hub/home",
         keep_url=keep_url,
         keep_for=keep_for,
+        page_url=page_url,
         display_name=notice.display_name,
         state=notice.state,
         idle_since=idle_since,
@@ -589,6 +593,7 @@ def sample_context(now: datetime | None = None) -> TemplateContext:
         control_panel_url=f"{hub}/hub/home",
         keep_url=f"{hub}/services/reaper/keep-link?t=SAMPLE.TOKEN",
         keep_for="2h",
+        page_url=f"{hub}/services/reaper/#server-alice-gpu1",
         display_name=None,
         state="detached",
         idle_since=now - timedelta(hours=3, minutes=13),
