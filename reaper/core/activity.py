@@ -286,6 +286,16 @@ def measure(program: Program, prev: CpuSample | None, now: datetime, working_cpu
                first=first)
 
 
+def baseline_only(u: Use, work: Work) -> Use:
+    """The job's first figure averages over the whole job, the server's start-up and any past use
+    included: where the companion answered (it sees each program's own CPU), that figure is only
+    the baseline for the next look, so an idle shell or a ``sleep`` is not protected by the job's
+    past. Without the companion it stands (over-protect, never under-)."""
+    if u.program.where is Where.JOB and u.first and u.used and work.companion == "ok":
+        return replace(u, used=False, sample=replace(u.sample, used_at=None))
+    return u
+
+
 def _source_of(key: str) -> Where:
     """The source a sample came from: the batch accounting (JOB) or the companion (OTHER)."""
     return Where.JOB if key.startswith("job:") else Where.OTHER
@@ -317,7 +327,7 @@ def classify_work(
     ``protect_idle`` after the last look that saw it working). A busy kernel (computing) and a
     pending server keep their state; their programs' samples are kept for the next look."""
     old = {s.key: s for s in history.samples}
-    uses = [measure(p, old.get(p.key), now, working_cpu) for p in work.programs]
+    uses = [baseline_only(measure(p, old.get(p.key), now, working_cpu), work) for p in work.programs]
     answered = work.sources_ok()
     kept = [s for s in history.samples if _source_of(s.key) not in answered]  # a failed source's: for next time
     samples = tuple(sorted({u.sample.key: u.sample for u in uses}.values(), key=lambda s: s.key)) + tuple(kept)

@@ -346,6 +346,23 @@ def test_a_span_too_short_for_the_figures_resolution_leaves_the_last_looks_verdi
     assert classify_work(detached(), companion(p), grew, NOW).state is State.WORKING
 
 
+def test_the_jobs_first_figure_is_a_baseline_where_the_companion_answered():
+    """The job's CPU since its start includes the server's start-up: with the companion's own
+    figures at hand, it protects nothing at its first look; without them it does."""
+    job = Program(name="job", where=Where.JOB, source="42", cpu_seconds=5.0, started=NOW - 30 * timedelta(seconds=1))
+    with_companion = classify_work(detached(), Work(programs=(job,), companion="ok", batch="ok"), History(), NOW)
+    assert with_companion.state is State.DETACHED
+    assert with_companion.memory is not None and with_companion.memory.samples[0].cpu_seconds == 5.0  # the baseline
+    alone = classify_work(detached(), Work(programs=(job,), companion="absent", batch="ok"), History(), NOW)
+    assert alone.state is State.WORKING
+    # at the next look the job's growth counts, companion or not
+    later = NOW + 2 * M
+    grown = replace(job, cpu_seconds=20.0)
+    hist = History(samples=with_companion.memory.samples)
+    assert classify_work(replace(detached(), at=later), Work(programs=(grown,), companion="ok", batch="ok"),
+                         hist, later).state is State.WORKING
+
+
 def test_a_program_seconds_old_using_cpu_is_working_at_its_first_look():
     """A loop started a few seconds before the look (sweeps every few seconds in tests, or a
     program started just before a sweep) is told from its own figure: no minute-long wait."""
