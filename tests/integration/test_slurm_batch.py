@@ -532,8 +532,9 @@ def test_make_batch_system_reads_the_config_section() -> None:
 HUB_USER = "reaperhub1"
 
 
-def make_slurm_hub(slurm: SlurmCluster, work: Path, version: str = "6") -> Any:
-    """A started real hub (JupyterHub `version`) with our SlurmSpawner and test settings."""
+def make_slurm_hub(slurm: SlurmCluster, work: Path, version: str = "6", **hub_args: Any) -> Any:
+    """A started real hub (JupyterHub `version`) with our SlurmSpawner and test settings (``hub_args``
+    go to RealHub, e.g. ``companion=False``)."""
     from tests.harness.hub import HUB_CONFIG, RealHub
     from tests.harness.hub import missing_parts as hub_missing
 
@@ -555,7 +556,8 @@ def make_slurm_hub(slurm: SlurmCluster, work: Path, version: str = "6") -> Any:
         "c.SlurmSpawner.memory_choices = ['1G', '2G']\n"
         "c.SlurmSpawner.max_gpus = 2\n"
     )
-    hub = RealHub(work / "hub", spawner="slurm", extra_env=slurm.env, config_file=wrapper, version=version)
+    hub = RealHub(work / "hub", spawner="slurm", extra_env=slurm.env, config_file=wrapper, version=version,
+                  **hub_args)
     hub.start()
     try:
         hub.create_user(HUB_USER)
