@@ -136,15 +136,17 @@ def test_from_the_sweep_to_jupyterlab_keep_keep_link_and_stop(tmp_path):
                                                 port=sink.port, web_port=web_port),
                                   env={"REAPER_E2E_TOKEN": hub.service_token})
         svc = ReaperService(None, settings)
-        hub.start()
         try:
-            loop.run(start_reaper(svc))
+            loop.run(start_reaper(svc))  # its page first: the hub waits for an external service's URL
+            hub.start()
+            mark("hub")
             assert svc.store is not None and svc.sweeper is not None
             t0 = datetime.now(UTC) - timedelta(minutes=1)
             service = {"Authorization": f"token {hub.service_token}"}
             hub.create_user(user)
             starting = pool.submit(hub.start_server, user, MAILED)  # ready by step 3
             hub.start_server(user)
+            mark("server")
             own = hub.direct_url(user)
             r = httpx.put(own + "api/contents/idle.ipynb", headers=service,
                           json={"type": "notebook", "format": "json", "content": NOTEBOOK})
