@@ -6,8 +6,9 @@ the service's token, through the hub client's probe path (the server's own addre
 the proxy itself records these requests as activity, as it does the probes). JupyterLab's extension
 (labextension/) shows it with Keep running / Stop now and a countdown.
 
-When the spell the notice belongs to ends (the reaper's look sees activity: a new spell), the sweep calls
-:meth:`LabChannel.spells_ended`, which DELETEs the notice; the answer says whether the user pressed Keep
+When the spell the notice belongs to ends (the reaper's look sees activity: a new spell), or the user kept
+the server from the reaper's page or a notice's keep link (``kept_until``: the warning's stop no longer
+holds), the sweep calls :meth:`LabChannel.spells_ended`, which DELETEs the notice; the answer says whether the user pressed Keep
 running in JupyterLab (``kept_at``), which is recorded as the action "keep" by the user, "kept from
 JupyterLab". A stopped or gone server needs no clear: its companion went with it.
 
@@ -59,16 +60,24 @@ def server_of(run: RunKey, url: str = "", state: Mapping[str, Any] | None = None
                      url=url or "", state=dict(state or {}))
 
 
-def ended_spell(obs: Any, history: Any) -> datetime | None:
-    """The spell of this run's last shown notice, if that spell has ended at this look; else None.
-    In doubt (the server unreachable or pending) nothing has ended."""
+def notice_to_clear(obs: Any, history: Any, now: datetime | None = None) -> Any:
+    """This run's last shown notice (a SentNotice), if JupyterLab should no longer show it: its spell
+    has ended at this look, or (``now`` given) the run is kept running (``kept_until``, from the page or
+    a keep link) and it is a warning, reminder or final notice, whose stop the keep has cancelled (a
+    walltime notice stays: a keep does not move the job's end). None otherwise, and in doubt (the server
+    unreachable or pending)."""
     if history is None or obs.state in (State.UNREACHABLE, State.PENDING):
         return None
     spells = [n for n in history.notices if n.kind in SHOWN and n.spell is not None]
     if not spells:
         return None
     last = max(spells, key=lambda n: n.created_at)
-    return last.spell if obs.idle_since != last.spell else None
+    if obs.idle_since != last.spell:
+        return last
+    kept = history.kept_until
+    if now is not None and kept is not None and now < kept and last.kind is not NoticeKind.WALLTIME:
+        return last
+    return None
 
 
 class LabChannel:
@@ -79,7 +88,7 @@ class LabChannel:
         self.hub = hub
         self.store = store
         self._absent: set[RunKey] = set()  # runs whose server has no companion (said once)
-        self._cleared: set[tuple[RunKey, datetime]] = set()  # (run, spell) whose notice is cleared
+        self._cleared: set[tuple[RunKey, datetime]] = set()  # (run, notice created_at) cleared
 
     async def deliver(self, delivery: Any) -> None:
         kind = NoticeKind(delivery.kind)
@@ -106,15 +115,16 @@ class LabChannel:
         raise DeliveryError(f"lab: {run.label}: {'HTTP ' + str(status) if status else answer}"[:300])
 
     async def spells_ended(self, rows: list[Any], histories: Mapping[RunKey, Any], now: datetime) -> None:
-        """The sweep's hook after a batch is recorded: clear the notice of every spell that ended."""
+        """The sweep's hook after a batch is recorded: clear the notice of every spell that ended, and of
+        every run kept running since it was shown."""
         todo = []
         for r in rows:
             key = r.obs.server.run_key()
             if key is None or key in self._absent or self.name not in (r.rule.channels or ()):
                 continue
-            spell = ended_spell(r.obs, histories.get(key))
-            if spell is not None and (key, spell) not in self._cleared:
-                self._cleared.add((key, spell))
+            last = notice_to_clear(r.obs, histories.get(key), now)
+            if last is not None and (key, last.created_at) not in self._cleared:
+                self._cleared.add((key, last.created_at))
                 todo.append((key, r.obs.server))
         if not todo or self.hub is None:
             return

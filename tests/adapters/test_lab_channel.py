@@ -223,3 +223,40 @@ async def test_a_dry_run_and_an_unreachable_look_clear_nothing(site, hub, store)
     clock.advance(5 * M)
     await sw.run_once()
     assert [r[0] for r in site.requests] == ["PUT"]
+
+
+async def test_a_keep_from_the_page_or_a_keep_link_clears_the_notice_in_jupyterlab_once(site, hub, store):
+    """The spell goes on (nobody touched the server), but the warning's stop no longer holds."""
+    settings = parse_settings(POLICY, env={})
+    fake, clock = FakeHub(), Clock(T0)
+    srv = HubServer(user="alice", name="", started=STARTED, last_activity=T0 - 70 * M, url="/user/alice/")
+    fake.add(srv, detached(T0 - 70 * M))
+    sw = Sweeper(settings, fake, store, notifier=Outbox(store, build_channels(settings, store=store, hub=hub)),
+                 clock=clock)
+    await sw.run_once()
+    assert [r[0] for r in site.requests] == ["PUT"]
+    run = srv.run_key()
+    assert run is not None
+    store.runs.set_kept_until(run, T0 + timedelta(hours=3), by="alice (keep link)", now=T0 + M)
+    clock.advance(5 * M)
+    await sw.run_once()
+    assert [r[0] for r in site.requests] == ["PUT", "DELETE"] and "alice" not in site.notices
+    clock.advance(5 * M)
+    await sw.run_once()  # still kept: cleared once only
+    assert [r[0] for r in site.requests] == ["PUT", "DELETE"]
+
+
+def test_a_keep_leaves_a_walltime_notice_shown():
+    from reaper.core.model import History, Observation, SentNotice, State
+    from reaper.notify.lab import notice_to_clear
+
+    srv = HubServer(user="alice", name="", started=STARTED, last_activity=T0 - 70 * M, url="/user/alice/")
+    obs = Observation(server=srv, state=State.DETACHED, at=T0, last_activity=T0 - 70 * M,
+                      detached_since=T0 - 70 * M)
+    spell = T0 - 70 * M
+    kept = T0 + timedelta(hours=2)
+    wall = History(notices=(SentNotice(NoticeKind.WALLTIME, spell, T0 - M),), kept_until=kept)
+    warn = History(notices=(SentNotice(NoticeKind.WARNING, spell, T0 - M),), kept_until=kept)
+    assert notice_to_clear(obs, wall, T0) is None
+    assert notice_to_clear(obs, warn, T0) is not None
+    assert notice_to_clear(obs, warn, kept + M) is None  # the keep is over: the notice stands

@@ -15,7 +15,6 @@ Screenshots for the README: docs/lab-notification.png, docs/lab-countdown.png.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import time
@@ -27,75 +26,41 @@ import httpx
 import pytest
 
 from tests.harness import require_real_part
-from tests.harness.hub import HUB_CONFIG, RealHub, missing_parts
+from tests.harness.hub import RealHub, missing_parts
+from tests.harness.lab import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    iso,
+    lab_hub_config,
+    login,
+    open_lab,
+    require_browser,
+    set_hidden,
+    still,
+    wait,
+)
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 TZ = "Asia/Tokyo"
 REFUSED = "refused"  # a named server whose token the hub does not let stop its server
 
-WRAPPER = """
-c = get_config()  # noqa: F821
-load_subconfig({shipped!r})  # noqa: F821
-c.Spawner.environment.update({{"JUPYTER_PATH": {share!r}, "PYTHONPATH": {root!r}}})
+REFUSE_STOP = """
 _shipped_scopes = list(c.Spawner.server_token_scopes)
 c.Spawner.server_token_scopes = lambda spawner: (
     [s for s in _shipped_scopes if not s.startswith("delete:")] if spawner.name == {refused!r} else _shipped_scopes)
 """
 
 
-def built_labextension() -> Path:
-    """labextension/prebuilt, built by setup.py's own step when missing or stale."""
-    spec = importlib.util.spec_from_file_location("reaper_setup", ROOT / "setup.py")
-    assert spec is not None and spec.loader is not None
-    setup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(setup)
-    if setup.stale():
-        require_real_part(shutil.which("npm") is not None, "Node.js and npm (to build labextension/)")
-        setup.build_labextension()
-    return setup.OUT
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def still(page) -> None:
-    """No notification sliding in or out (for the screenshots)."""
-    page.wait_for_function("() => !document.querySelector('.Toastify--animate, .Toastify__slide-exit--bottom-right')")
-    page.wait_for_timeout(300)
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def test_the_notice_in_jupyterlab_keep_stop_countdown_and_privacy(tmp_path):
     require_real_part(not missing_parts(), f"a real JupyterHub ({', '.join(missing_parts())} missing)")
-    require_real_part(Path(CHROMIUM).exists(), "Debian's chromium (/usr/bin/chromium)")
-    try:
-        from playwright.sync_api import expect, sync_playwright
-    except ImportError:
-        require_real_part(False, "playwright for Python")
-        raise
+    require_browser()
+    from playwright.sync_api import expect, sync_playwright
 
-    share = tmp_path / "share"
-    (share / "labextensions").mkdir(parents=True)
-    (share / "labextensions" / "jupyterhub-reaper").symlink_to(built_labextension())
-    wrapper = tmp_path / "jupyterhub_config.py"
-    wrapper.write_text(WRAPPER.format(shipped=str(HUB_CONFIG), share=str(share), root=str(ROOT), refused=REFUSED))
+    wrapper = lab_hub_config(tmp_path, REFUSE_STOP.format(refused=REFUSED))
     ARTIFACTS.mkdir(exist_ok=True)
     user, other = "labuser", "otheruser"
     hub = RealHub(tmp_path / "hub", config_file=wrapper, extra_env={"PYTHONPATH": str(ROOT)})
@@ -143,16 +108,8 @@ def test_the_notice_in_jupyterlab_keep_stop_countdown_and_privacy(tmp_path):
             try:
                 ctx = browser.new_context(timezone_id=TZ, locale="en-GB", viewport={"width": 1280, "height": 800})
                 page = ctx.new_page()
-                page.goto(f"{hub.base_url}/hub/login")
-                page.fill("input[name=username]", user)
-                page.fill("input[name=password]", hub.password)
-                page.click("input[type=submit], button[type=submit]")
-                page.wait_for_url(re.compile(r".*/user/.*"))
-                page.goto(hub.server_url(user) + "lab")
-                expect(page.locator("#jp-main-statusbar")).to_be_visible(timeout=60_000)
-                news = page.locator(".Toastify__toast").filter(has_text="official Jupyter news")
-                news.get_by_role("button", name="No", exact=True).click(timeout=30_000)  # JupyterLab's own question
-                expect(news).to_have_count(0)
+                login(page, hub, user)
+                open_lab(page, hub, user)
 
                 # 1. a warning PUT by the reaper's token: the notification, in local time, and the countdown
                 put(own, id="n1", kind="warning", stop_at=iso(stop_at), walltime_end=None, hub="Test Hub",
@@ -196,19 +153,11 @@ def test_the_notice_in_jupyterlab_keep_stop_countdown_and_privacy(tmp_path):
                 # 4. a hidden tab asks nothing (a forgotten background tab must still become idle)
                 asked: list[str] = []
                 page.on("request", lambda req: asked.append(req.url) if "api/reaper/notice" in req.url else None)
-                page.evaluate("""() => {
-                    Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'hidden'});
-                    Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
-                    document.dispatchEvent(new Event('visibilitychange'));
-                }""")
+                set_hidden(page, True)
                 asked.clear()
                 time.sleep(25)  # more than two of the extension's poll periods (10 s)
                 assert asked == []
-                page.evaluate("""() => {
-                    Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'visible'});
-                    Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});
-                    document.dispatchEvent(new Event('visibilitychange'));
-                }""")
+                set_hidden(page, False)
                 wait(lambda: asked, 10, "a poll once the tab is visible again")
                 assert all("no_track_activity=1" in u for u in asked)
 
