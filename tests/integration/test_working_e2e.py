@@ -26,6 +26,7 @@ import websocket
 from reaper.config import parse_settings
 from reaper.core.model import Action, State
 from reaper.notify.channels import render_delivery
+from reaper.store.context import NoticeContext
 from reaper.store.models import NOTICES, RUNS
 from tests.harness.hub import KernelChannel
 from tests.integration.test_slurm_batch import (  # noqa: F401  (fixtures)
@@ -208,7 +209,8 @@ async def test_programs_keep_their_servers_and_an_idle_shell_or_a_sleep_does_not
         assert time.monotonic() - started >= PROTECT_IDLE
         (kind, ctx), *_ = notices_of(store, "sleep")
         assert kind == "warning"
-        text = render_delivery(SimpleNamespace(kind=kind, context=ctx, seq=ctx["_seq"]), settings,
+        seq = ctx.pop("_seq")
+        text = render_delivery(SimpleNamespace(kind=kind, context=NoticeContext.from_json(ctx), seq=seq), settings,
                                datetime.now(UTC)).text
         assert "sleep in terminal" in text, text
         for name in ("shell", "sleep"):

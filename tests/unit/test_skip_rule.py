@@ -119,6 +119,7 @@ SITES = [
     "tests/integration/test_managed_service.py",  # the real hub (tests/integration/conftest.py)
     "tests/adapters/test_pbs.py",  # root, to run qdel as another user
     "tests/integration/test_google_login.py",  # the real hub with GoogleOAuthenticator
+    "tests/integration/test_lab_e2e.py",  # the real hub, chromium, playwright (the whole #15 path)
 ]
 
 
@@ -127,7 +128,8 @@ def test_every_file_that_calls_the_skip_rule_is_a_site_here() -> None:
     callers = {
         str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("*.py")
         if "require_real_part(" in p.read_text(encoding="utf-8")
-    } - {"tests/harness/__init__.py", "tests/unit/test_skip_rule.py"}
+    } - {"tests/harness/__init__.py", "tests/unit/test_skip_rule.py",
+         "tests/harness/lab.py"}  # (the Lab helpers' check, reached through test_lab_notice/test_lab_e2e)
     # a conftest's fixture is reached through a test file that uses it
     callers = {"tests/integration/test_managed_service.py" if c == "tests/integration/conftest.py" else c
                for c in callers}
